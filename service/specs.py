@@ -1,0 +1,372 @@
+"""The job spec: one frozen, torch-free object that says what to attack and how.
+
+The CLI builds one from flags or YAML, the API receives one as JSON, the queue carries only its
+id and the worker hands it to the one runner. Artifacts are referred to by string references
+(a local path for the CLI, an upload id for the service); the runner resolves them.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.errors import KnowledgeError, SpecError
+
+MAX_IMAGE_SIDE = 512
+JsonScalar = str | int | float | bool | None
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Knowledge(IntEnum):
+    """The SoK's assumption levels: each level grants everything below it."""
+
+    BASIC = 0  # architecture, weights, the shared update
+    PRIORS = 1  # natural-image priors (total variation, boxed pixels)
+    DATA_DISTRIBUTION = 2  # the client's data distribution (dataset statistics)
+    TRAINING_DETAILS = 3  # the client's lr, local epochs, batch size, sample count
+    BN_STATISTICS = 4  # the batch-norm statistics of the client's batch
+    MALICIOUS_SERVER = 5  # the server may modify the model it sends
+
+    @property
+    def describe(self) -> str:
+        return _KNOWLEDGE_TEXT[self]
+
+
+_KNOWLEDGE_TEXT = {
+    Knowledge.BASIC: "basic information (architecture, weights, the update)",
+    Knowledge.PRIORS: "image priors",
+    Knowledge.DATA_DISTRIBUTION: "the client's data distribution",
+    Knowledge.TRAINING_DETAILS: "the client's training details (lr, local epochs, batch size, number of samples)",
+    Knowledge.BN_STATISTICS: "the batch-norm statistics of the client's data",
+    Knowledge.MALICIOUS_SERVER: "a malicious server that may modify the model",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# model, update, data
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelSpec(Frozen):
+    arch: str = Field(description="registered architecture name, see the catalog")
+    knobs: dict[str, JsonScalar | list[int]] = Field(
+        default_factory=dict, description="constructor knobs of the architecture"
+    )
+    weights: str | None = Field(
+        default=None,
+        description="safetensors artifact with the weights the server sent; none: a fresh "
+        "initialisation seeded by init_seed (an untrained model)",
+    )
+    init_seed: int = 0
+
+
+class ClientTraining(Frozen):
+    """What the client did locally. Every field may be unknown (None): that is a legitimate value."""
+
+    protocol: Literal["fedsgd", "fedavg"] | None = None
+    lr: Annotated[float, Field(gt=0)] | None = None
+    local_epochs: Annotated[int, Field(ge=1, le=1000)] | None = None
+    batch_size: Annotated[int, Field(ge=1)] | None = None
+    num_samples: Annotated[int, Field(ge=1)] | None = None
+    optimizer: Literal["sgd"] | None = None
+    momentum: Annotated[float, Field(ge=0, lt=1)] | None = None
+    bn_mode: Literal["train", "eval"] | None = None
+    shuffle_seed: int | None = None
+
+    def known(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class SimulatedClient(Frozen):
+    """A victim gradleak simulates: it trains on these images and shares the update."""
+
+    source: Literal["photos", "folder", "cifar10", "cifar100"] = "photos"
+    images: list[str] = Field(
+        default_factory=lambda: ["astronaut"],
+        description="photo names for source=photos; indices for cifar; file names for folder",
+        min_length=1,
+        max_length=256,
+    )
+    labels: list[int] | None = Field(default=None, description="one label per image; default 0, 1, ...")
+    path: str | None = Field(default=None, description="dataset directory for folder/cifar sources")
+    training: ClientTraining = Field(default_factory=lambda: ClientTraining(protocol="fedsgd"))
+
+    @model_validator(mode="after")
+    def _check(self) -> SimulatedClient:
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
+        if self.source != "photos" and self.path is None:
+            raise ValueError(f"source {self.source!r} needs a dataset path")
+        return self
+
+
+class UpdateSpec(Frozen):
+    kind: Literal["gradient", "delta", "weights"] = Field(
+        default="gradient",
+        description="gradient (FedSGD), delta = w_new - w_old, or weights = w_new",
+    )
+    artifact: str | None = Field(default=None, description="safetensors file of the shared update")
+    simulate: SimulatedClient | None = Field(
+        default=None, description="simulate a client instead of reading an uploaded update"
+    )
+    client: ClientTraining = Field(default_factory=ClientTraining)
+
+    @model_validator(mode="after")
+    def _check(self) -> UpdateSpec:
+        if (self.artifact is None) == (self.simulate is None):
+            raise ValueError("give exactly one of update.artifact and update.simulate")
+        return self
+
+
+class Normalization(Frozen):
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(s <= 0 for s in v):
+            raise ValueError("std must be positive")
+        return v
+
+
+NORMALIZATIONS: dict[str, Normalization] = {
+    "cifar10": Normalization(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": Normalization(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    "imagenet": Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "none": Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+}
+
+
+class DataSpec(Frozen):
+    shape: tuple[int, int, int] = Field(default=(3, 32, 32), description="C, H, W of one image")
+    num_classes: Annotated[int, Field(ge=2, le=100_000)] = 10
+    normalization: Literal["cifar10", "cifar100", "imagenet", "none"] | Normalization = "cifar10"
+    num_images: Annotated[int, Field(ge=1, le=256)] | None = Field(
+        default=None, description="how many images the update covers; unknown: inferred"
+    )
+    labels: list[int] | None = Field(default=None, description="the client's labels, if the server knows them")
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        c, h, w = v
+        if c not in (1, 3):
+            raise ValueError("images have 1 or 3 channels")
+        if not (8 <= h <= MAX_IMAGE_SIDE and 8 <= w <= MAX_IMAGE_SIDE):
+            raise ValueError(f"image sides must lie in 8..{MAX_IMAGE_SIDE}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        if self.labels is not None:
+            bad = [y for y in self.labels if not 0 <= y < self.num_classes]
+            if bad:
+                raise ValueError(f"labels {bad[:5]} outside 0..{self.num_classes - 1}")
+            if self.num_images is not None and len(self.labels) != self.num_images:
+                raise ValueError(f"{len(self.labels)} labels for num_images={self.num_images}")
+        return self
+
+    def resolved_normalization(self) -> Normalization:
+        n = self.normalization
+        n = NORMALIZATIONS[n] if isinstance(n, str) else n
+        c = self.shape[0]
+        if len(n.mean) == c:
+            return n
+        if c == 1:
+            return Normalization(mean=(sum(n.mean) / len(n.mean),), std=(sum(n.std) / len(n.std),))
+        raise ValueError(f"normalization has {len(n.mean)} channels, images have {c}")
+
+
+# ---------------------------------------------------------------------------------------------
+# attacks: a discriminated union on `name`; each declares the knowledge it needs
+# ---------------------------------------------------------------------------------------------
+
+
+class AttackParams(Frozen):
+    required_knowledge: ClassVar[Knowledge] = Knowledge.BASIC
+    label_strategy: Literal["auto", "known", "infer", "joint"] = Field(
+        default="auto",
+        description="auto: the server's labels if given, else inferred from the last layer",
+    )
+
+
+class DLGParams(AttackParams):
+    """Deep Leakage from Gradients: L2 gradient matching with L-BFGS."""
+
+    name: Literal["dlg"] = "dlg"
+    lr: Annotated[float, Field(gt=0)] = 1.0
+    history_size: Annotated[int, Field(ge=1, le=1000)] = 100
+    max_eval: Annotated[int, Field(ge=1, le=1000)] = 20
+    init_scale: Annotated[float, Field(gt=0)] = 1.0
+
+
+class InvertingGradientsParams(AttackParams):
+    """Inverting Gradients (Geiping et al.): cosine matching, TV prior, Adam with step decay."""
+
+    required_knowledge: ClassVar[Knowledge] = Knowledge.PRIORS
+    name: Literal["inverting_gradients"] = "inverting_gradients"
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    tv_weight: Annotated[float, Field(ge=0)] = 1e-2
+    signed: bool = True
+    boxed: bool = True
+    cost: Literal["cosine", "cosine_global", "l2"] = "cosine"
+    layer_weights: Literal["uniform", "linear", "exp"] = "uniform"
+    init: Literal["randn", "rand", "zeros"] = "randn"
+    warmup_iterations: Annotated[int, Field(ge=0)] = 0
+
+
+class GradInversionParams(InvertingGradientsParams):
+    """GradInversion (Yin et al.): Inverting Gradients plus the client's BN statistics and group consistency."""
+
+    required_knowledge: ClassVar[Knowledge] = Knowledge.BN_STATISTICS
+    name: Literal["gradinversion"] = "gradinversion"  # type: ignore[assignment]
+    bn_weight: Annotated[float, Field(ge=0)] = 1e-3
+    group_size: Annotated[int, Field(ge=1, le=16)] = 1
+    group_weight: Annotated[float, Field(ge=0)] = 1e-2
+
+
+class FedAvgParams(InvertingGradientsParams):
+    """The FedAvg-aware attack: unrolls the client's local training differentiably."""
+
+    required_knowledge: ClassVar[Knowledge] = Knowledge.TRAINING_DETAILS
+    name: Literal["fedavg_unroll"] = "fedavg_unroll"  # type: ignore[assignment]
+    tv_weight: Annotated[float, Field(ge=0)] = 1e-4
+
+
+AttackSpec = Annotated[
+    DLGParams | InvertingGradientsParams | GradInversionParams | FedAvgParams,
+    Field(discriminator="name"),
+]
+ATTACK_PARAMS: dict[str, type[AttackParams]] = {
+    p.model_fields["name"].default: p
+    for p in (DLGParams, InvertingGradientsParams, GradInversionParams, FedAvgParams)
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# defenses: post-processing the client applies before sharing ("what-if")
+# ---------------------------------------------------------------------------------------------
+
+
+class QuantizeDefense(Frozen):
+    name: Literal["quantize"] = "quantize"
+    bits: Annotated[int, Field(ge=1, le=16)] = 8
+    stochastic: bool = True
+
+
+class TopKDefense(Frozen):
+    name: Literal["topk"] = "topk"
+    ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+
+class ClipDefense(Frozen):
+    name: Literal["clip"] = "clip"
+    max_norm: Annotated[float, Field(gt=0)] = 1.0
+
+
+class NoiseDefense(Frozen):
+    name: Literal["noise"] = "noise"
+    distribution: Literal["gaussian", "laplace"] = "gaussian"
+    scale: Annotated[float, Field(ge=0)] = 1e-3
+
+
+class SignDefense(Frozen):
+    name: Literal["sign"] = "sign"
+
+
+DefenseSpec = Annotated[
+    QuantizeDefense | TopKDefense | ClipDefense | NoiseDefense | SignDefense,
+    Field(discriminator="name"),
+]
+
+
+class Budget(Frozen):
+    iterations: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    restarts: Annotated[int, Field(ge=1, le=64)] = 1
+    time_limit_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the job spec
+# ---------------------------------------------------------------------------------------------
+
+
+class JobSpec(Frozen):
+    model: ModelSpec
+    update: UpdateSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    knowledge: Knowledge = Knowledge.PRIORS
+    attack: AttackSpec = Field(default_factory=InvertingGradientsParams)
+    defenses: list[DefenseSpec] = Field(default_factory=list, max_length=8)
+    budget: Budget = Field(default_factory=Budget)
+    seed: int = 0
+    ground_truth: str | None = Field(
+        default=None, description="safetensors with the client's images and labels, for scoring only"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> JobSpec:
+        sim = self.update.simulate
+        if sim is not None:
+            n = len(sim.images)
+            if self.data.num_images is not None and self.data.num_images != n:
+                raise ValueError(f"data.num_images={self.data.num_images} but {n} simulated images")
+            if sim.labels is not None and any(not 0 <= y < self.data.num_classes for y in sim.labels):
+                raise ValueError(f"simulated labels outside 0..{self.data.num_classes - 1}")
+        return self
+
+    def client_training(self) -> ClientTraining:
+        """What the client did, as far as the spec states it."""
+        sim = self.update.simulate
+        return sim.training if sim is not None else self.update.client
+
+    def check_knowledge(self) -> None:
+        """Refuse a spec whose attack needs knowledge not granted, naming what is missing."""
+        check_knowledge(self.attack, self.knowledge)
+
+    # --- serialisation ------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_defaults=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(self.to_json()), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> JobSpec:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SpecError(f"not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise SpecError("a job spec is a mapping")
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> JobSpec:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise SpecError(f"cannot read spec {p}: {e.strerror}") from None
+        return cls.from_yaml(text)  # JSON is YAML
+
+
+def check_knowledge(attack: AttackParams, granted: Knowledge) -> None:
+    need = attack.required_knowledge
+    if granted < need:
+        missing = [k for k in Knowledge if granted < k <= need]
+        raise KnowledgeError(
+            f"attack {attack.name!r} needs knowledge level {int(need)} ({need.describe}); "  # type: ignore[attr-defined]
+            f"the spec grants level {int(granted)}. Missing: "
+            + "; ".join(f"level {int(k)}: {k.describe}" for k in missing)
+        )
