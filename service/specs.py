@@ -44,7 +44,7 @@ _KNOWLEDGE_TEXT = {
     Knowledge.BASIC: "basic information (architecture, weights, the update)",
     Knowledge.PRIORS: "image priors",
     Knowledge.DATA_DISTRIBUTION: "the client's data distribution",
-    Knowledge.TRAINING_DETAILS: "the client's training details (lr, local epochs, batch size, number of samples)",
+    Knowledge.TRAINING_DETAILS: "the client's training details (lr, epochs, batch size, sample count)",
     Knowledge.BN_STATISTICS: "the batch-norm statistics of the client's data",
     Knowledge.MALICIOUS_SERVER: "a malicious server that may modify the model",
 }
@@ -153,7 +153,7 @@ class DataSpec(Frozen):
     num_images: Annotated[int, Field(ge=1, le=256)] | None = Field(
         default=None, description="how many images the update covers; unknown: inferred"
     )
-    labels: list[int] | None = Field(default=None, description="the client's labels, if the server knows them")
+    labels: list[int] | None = Field(default=None, description="the client's labels, if the server has them")
 
     @field_validator("shape")
     @classmethod
@@ -225,7 +225,7 @@ class InvertingGradientsParams(AttackParams):
 
 
 class GradInversionParams(InvertingGradientsParams):
-    """GradInversion (Yin et al.): Inverting Gradients plus the client's BN statistics and group consistency."""
+    """GradInversion (Yin et al.): Inverting Gradients + the client's BN statistics + group consistency."""
 
     required_knowledge: ClassVar[Knowledge] = Knowledge.BN_STATISTICS
     name: Literal["gradinversion"] = "gradinversion"  # type: ignore[assignment]

@@ -1,0 +1,60 @@
+"""Typed settings from the environment (prefix GRADLEAK_), built once by `get_settings()` and
+injected; nothing reads the environment at import time."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRADLEAK_", extra="ignore", frozen=True)
+
+    # where the embedded default keeps job state (SQLite) and artifacts
+    data_dir: Path = Field(default=Path(".gradleak"))
+
+    # production queue: arq on Redis; unset -> in-process worker with SQLite job state
+    redis_url: str | None = None
+    redis_prefix: str = "gradleak"
+    queue_name: str = "gradleak:queue"
+
+    # artifacts on S3/MinIO; unset endpoint -> local directory under data_dir
+    s3_endpoint: str | None = None
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_bucket: str = "gradleak"
+    s3_region: str | None = None
+    s3_secure: bool = True
+
+    # HTTP server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # None: keys required unless the server is bound to a loopback address
+    auth_required: bool | None = None
+
+    # limits on what a tenant may ask for
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_batch_size: int = 64
+    max_iterations: int = 20_000
+    max_restarts: int = 16
+    max_time_limit_s: float = 6 * 3600.0
+    default_time_limit_s: float = 3600.0
+
+    # privacy: uploads, reconstructions and reports are private data
+    retention_hours: float = 7 * 24.0
+    presign_minutes: int = 10
+
+    # engine
+    device: str | None = None  # "cuda", "cpu"; None picks cuda when available
+    lpips_weights_dir: Path | None = None
+    worker_concurrency: int = 1
+
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
