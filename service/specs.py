@@ -117,7 +117,9 @@ class UpdateSpec(Frozen):
     simulate: SimulatedClient | None = Field(
         default=None, description="simulate a client instead of reading an uploaded update"
     )
-    client: ClientTraining = Field(default_factory=ClientTraining)
+    client: ClientTraining = Field(
+        default_factory=ClientTraining, description="what the server was told the client did"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> UpdateSpec:
@@ -325,9 +327,9 @@ class JobSpec(Frozen):
         return self
 
     def client_training(self) -> ClientTraining:
-        """What the client did, as far as the spec states it."""
-        sim = self.update.simulate
-        return sim.training if sim is not None else self.update.client
+        """What the server was told the client did (for a simulated client, the simulation's
+        `training` is what it really did; `update.client` is what the attacker may be told)."""
+        return self.update.client
 
     def check_knowledge(self) -> None:
         """Refuse a spec whose attack needs knowledge not granted, naming what is missing."""

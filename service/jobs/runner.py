@@ -1,2 +1,418 @@
 """The one runner: JobSpec -> result manifest + artifacts. The CLI, the in-process worker and the
 arq worker all call `run_job`; there is no second code path."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from service import __version__
+from service.attacks import ATTACKS, AttackProblem, AttackResult, Control
+from service.attacks.labels import idlg_label, infer_label_counts, last_layer_grads
+from service.data import load_images, normalize
+from service.defenses import apply_defenses
+from service.errors import ArtifactError, SpecError
+from service.fl import batch_bn_statistics_from_update, delta_to_pseudo_gradient, simulate_client
+from service.jobs.report import render_grid_png, render_report_html
+from service.jobs.types import (
+    CONTENT_TYPES,
+    GRID_PNG,
+    METRICS_JSON,
+    RECONSTRUCTION,
+    REPORT_HTML,
+    JobContext,
+    JobResult,
+    Progress,
+)
+from service.metrics import score
+from service.models import build_model
+from service.specs import ClientTraining, JobSpec, Knowledge
+from service.tensorio import load_safetensors, match_state, save_safetensors
+
+PROGRESS_INTERVAL_S = 0.25
+
+
+@dataclass
+class Victim:
+    """What the client shared, and (for scoring only) what it trained on."""
+
+    update: dict[str, torch.Tensor]  # parameter part, in the spec's update kind
+    buffers: dict[str, torch.Tensor]  # float buffers the update carried (BN running statistics)
+    truth_images: torch.Tensor | None  # (N, C, H, W) in [0, 1]
+    truth_labels: torch.Tensor | None
+    client_bn_stats: list[tuple[torch.Tensor, torch.Tensor]] | None  # measured on the client's batch
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise SpecError(f"device {requested!r} requested but CUDA is not available here")
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_job(spec: JobSpec, ctx: JobContext) -> JobResult:
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    emit = _Emitter(ctx, started)
+    spec.check_knowledge()
+    emit(Progress(stage="setup", message="building the model and the client's update"))
+
+    device = pick_device(ctx.device)
+    generator = torch.Generator().manual_seed(spec.seed)
+    model = build_model(spec.model, spec.data, resolve=ctx.resolve).to(device)
+    victim = _victim(spec, model, ctx, generator, device)
+    update = victim.update
+    if spec.defenses:
+        update = apply_defenses(_as_delta_or_gradient(spec, model, update), list(spec.defenses), generator)
+    problem = _problem(spec, model, update, victim, device)
+    timings["setup_s"] = time.monotonic() - started
+
+    attack = ATTACKS.get(spec.attack.name)
+    control = Control(spec.budget, progress=emit.attack_progress, should_stop=ctx.should_stop)
+    t = time.monotonic()
+    result = attack.run(problem, spec.attack, control, generator)
+    timings["attack_s"] = time.monotonic() - t
+    timings["iterations_per_s"] = result.iterations / max(timings["attack_s"], 1e-9)
+
+    emit(Progress(stage="scoring", iteration=result.iterations, total=spec.budget.iterations))
+    t = time.monotonic()
+    metrics, unavailable = None, "no ground truth was given"
+    if victim.truth_images is not None:
+        metrics = score(
+            result.images.cpu(),
+            victim.truth_images.cpu(),
+            recon_labels=result.labels.cpu(),
+            true_labels=None if victim.truth_labels is None else victim.truth_labels.cpu(),
+            lpips_weights_dir=ctx.lpips_weights_dir,
+            device=device,
+        )
+        unavailable = None
+    timings["scoring_s"] = time.monotonic() - t
+
+    artifacts = _write_artifacts(spec, ctx, result, victim, metrics)
+    timings["total_s"] = time.monotonic() - started
+    status = "cancelled" if result.stop_reason == "stopped" else "succeeded"
+    manifest = {
+        "job_id": ctx.job_id,
+        "status": status,
+        "spec": json.loads(spec.to_json()),
+        "seed": spec.seed,
+        "versions": versions(),
+        "device": device_info(device),
+        "timings": timings,
+        "attack": {
+            "name": spec.attack.name,
+            "iterations": result.iterations,
+            "stop_reason": result.stop_reason,
+            "best_loss": _finite(result.best_loss),
+            "restart_losses": [_finite(v) for v in result.restart_losses],
+            "num_images": problem.num_images,
+            "num_images_source": problem.num_images_source,
+            "labels": result.labels.tolist(),
+            "label_source": problem.label_source,
+            "bn_mode": problem.bn_mode,
+            "target_kind": problem.target_kind,
+            "defenses": [d.model_dump() for d in spec.defenses],
+            "details": result.details,
+        },
+        "metrics": metrics,
+        "metrics_unavailable": unavailable,
+        "artifacts": artifacts,
+    }
+    key = f"{ctx.prefix}/{METRICS_JSON}"
+    ctx.store.put_bytes(key, json.dumps(manifest, indent=2).encode(), CONTENT_TYPES[METRICS_JSON])
+    artifacts[METRICS_JSON] = key
+    emit(Progress(stage="done", iteration=result.iterations, total=spec.budget.iterations))
+    return JobResult(status=status, manifest=manifest, artifacts=artifacts)
+
+
+# --------------------------------------------------------------------------------------------
+# the victim: a simulated client, or an uploaded update
+# --------------------------------------------------------------------------------------------
+
+
+def _victim(
+    spec: JobSpec, model: nn.Module, ctx: JobContext, generator: torch.Generator, device: torch.device
+) -> Victim:
+    sim = spec.update.simulate
+    norm = spec.data.resolved_normalization()
+    if sim is not None:
+        c, h, w = spec.data.shape
+        if h != w:
+            raise SpecError("simulated clients use square images")
+        images, dataset_labels = load_images(sim.source, sim.images, size=h, channels=c, path=sim.path)
+        if sim.labels is not None:
+            labels = torch.tensor(sim.labels, dtype=torch.long)
+        elif dataset_labels is not None:
+            labels = torch.as_tensor(dataset_labels, dtype=torch.long) % spec.data.num_classes
+        else:
+            labels = torch.arange(len(sim.images)) % spec.data.num_classes
+        images, labels = images.to(device), labels.to(device)
+        x = normalize(images, norm)
+        training = sim.training
+        bn_stats = _client_bn_stats(model, x) if training.bn_mode != "eval" else None
+        shared = simulate_client(copy.deepcopy(model), x, labels, training, spec.update.kind)
+        params, buffers = _split(model, shared, spec.update.kind)
+        return Victim(params, buffers, images, labels, bn_stats)
+
+    assert spec.update.artifact is not None
+    tensors = load_safetensors(ctx.resolve(spec.update.artifact))
+    matched = match_state(model, tensors, what=spec.update.kind)
+    params, buffers = _split(model, {k: v.to(device) for k, v in matched.items()}, spec.update.kind)
+    truth_images = truth_labels = None
+    if spec.ground_truth is not None:
+        truth = load_safetensors(
+            ctx.resolve(spec.ground_truth), allowed_dtypes=("F16", "BF16", "F32", "F64", "I64", "I32")
+        )
+        truth_images, truth_labels = _ground_truth(truth, spec)
+    return Victim(params, buffers, truth_images, truth_labels, None)
+
+
+def _split(
+    model: nn.Module, shared: dict[str, torch.Tensor], kind: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: shared[n].float() for n in names}
+    buffers = {n: v.float() for n, v in shared.items() if n not in params and v.is_floating_point()}
+    return params, buffers
+
+
+def _ground_truth(truth: dict[str, torch.Tensor], spec: JobSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if "images" not in truth:
+        raise ArtifactError("ground truth needs a tensor named 'images' (N, C, H, W) with values in [0, 1]")
+    images = truth["images"].float()
+    if images.dim() != 4 or tuple(images.shape[1:]) != spec.data.shape:
+        raise ArtifactError(
+            f"ground-truth images have shape {list(images.shape)}; "
+            f"expected [N, {', '.join(map(str, spec.data.shape))}]"
+        )
+    if images.min() < 0 or images.max() > 1:
+        raise ArtifactError("ground-truth images must have values in [0, 1] (before normalisation)")
+    labels = truth.get("labels")
+    if labels is not None:
+        labels = labels.long().flatten()
+        if len(labels) != len(images):
+            raise ArtifactError(f"{len(labels)} ground-truth labels for {len(images)} images")
+    return images, labels
+
+
+def _client_bn_stats(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The batch-norm statistics of the client's batch (level 4 knowledge in a simulation)."""
+    probe = copy.deepcopy(model).train()
+    layers = [m for m in probe.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return None
+    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        t = inputs[0]
+        dims = [0, *range(2, t.dim())]
+        stats.append((t.mean(dims), t.var(dims, unbiased=False)))
+
+    for m in layers:
+        m.register_forward_hook(hook)
+    with torch.no_grad():
+        probe(x)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# the problem as the attacker sees it
+# --------------------------------------------------------------------------------------------
+
+
+def _as_delta_or_gradient(
+    spec: JobSpec, model: nn.Module, update: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Post-processing acts on what is shared: a gradient, or a weight change (for w_new: w_new - w_old)."""
+    if spec.update.kind != "weights":
+        return update
+    return {n: update[n] - p.detach() for n, p in model.named_parameters() if n in update}
+
+
+def _problem(
+    spec: JobSpec, model: nn.Module, update: dict[str, torch.Tensor], victim: Victim, device: torch.device
+) -> AttackProblem:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    kind = spec.update.kind
+    if kind == "weights" and not spec.defenses:
+        update = _as_delta_or_gradient(spec, model, update)
+    delta_like = kind != "gradient"
+    client = spec.client_training() if spec.knowledge >= Knowledge.TRAINING_DETAILS else ClientTraining()
+
+    if spec.attack.name == "fedavg_unroll":
+        target, target_kind = [update[n] for n in names], "delta"
+    elif delta_like:
+        steps = None
+        if client.local_epochs and client.batch_size and client.num_samples:
+            steps = client.local_epochs * math.ceil(client.num_samples / client.batch_size)
+        pseudo = delta_to_pseudo_gradient(update, client.lr, steps)
+        target, target_kind = [pseudo[n] for n in names], "gradient"
+    else:
+        target, target_kind = [update[n] for n in names], "gradient"
+    grad_view = {n: (-update[n] if delta_like else update[n]) for n in names}  # gradient direction
+
+    labels, label_source, num_images, num_source = _labels(spec, model, grad_view, client)
+    bn_targets, bn_source = None, None
+    if spec.knowledge >= Knowledge.BN_STATISTICS:
+        bn_targets, bn_source = _bn_targets(model, victim)
+    return AttackProblem(
+        model=copy.deepcopy(model),
+        target=[t.detach().to(device) for t in target],
+        target_kind=target_kind,
+        param_names=names,
+        num_images=num_images,
+        image_shape=spec.data.shape,
+        num_classes=spec.data.num_classes,
+        normalization=spec.data.resolved_normalization(),
+        knowledge=spec.knowledge,
+        labels=labels,
+        label_source=label_source,
+        num_images_source=num_source,
+        client=client,
+        bn_mode=client.bn_mode or "train",
+        bn_targets=bn_targets,
+        bn_source=bn_source,
+    )
+
+
+def _labels(
+    spec: JobSpec, model: nn.Module, grads: dict[str, torch.Tensor], client: ClientTraining
+) -> tuple[torch.Tensor | None, str, int, str]:
+    """Labels and image count as the attacker can know them: given, inferred, or optimised."""
+    data, strategy = spec.data, spec.attack.label_strategy
+    num_images, num_source = data.num_images, "given"
+    if num_images is None and data.labels is not None:
+        num_images = len(data.labels)
+    if num_images is None and client.num_samples is not None and client.protocol == "fedsgd":
+        num_images, num_source = client.num_samples, "client training details"
+
+    if strategy in ("auto", "known") and data.labels is not None:
+        return torch.tensor(data.labels, dtype=torch.long), "given", len(data.labels), num_source
+    if strategy == "known":
+        raise SpecError("label_strategy 'known' needs data.labels")
+
+    weight_grad, bias_grad = last_layer_grads(grads, model)
+    if strategy == "joint":
+        if num_images is None:
+            _, num_images = infer_label_counts(weight_grad, bias_grad, None, model=model)
+            num_source = "estimated from the last layer's gradient"
+        return None, "joint optimisation", num_images, num_source
+    if num_images == 1:
+        return torch.tensor([idlg_label(weight_grad)]), "inferred (iDLG)", 1, num_source
+    inferred, estimated = infer_label_counts(weight_grad, bias_grad, num_images, model=model)
+    if num_images is None:
+        num_images, num_source = estimated, "estimated from the last layer's gradient"
+    return torch.tensor(inferred, dtype=torch.long), "inferred (label counts)", num_images, num_source
+
+
+def _bn_targets(
+    model: nn.Module, victim: Victim
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, str | None]:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return None, None
+    if victim.client_bn_stats is not None:
+        return victim.client_bn_stats, "the client's batch (simulated client)"
+    if victim.buffers:
+        old = {f"{n}.{b}": getattr(m, b) for n, m in layers for b in ("running_mean", "running_var")}
+        recovered = batch_bn_statistics_from_update(old, victim.buffers)
+        if recovered:
+            return recovered, "recovered from the running statistics in the update"
+    return [
+        (m.running_mean.detach().clone(), m.running_var.detach().clone())  # type: ignore[union-attr]
+        for _, m in layers
+    ], "the model's running statistics"
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------------
+
+
+def _write_artifacts(
+    spec: JobSpec, ctx: JobContext, result: AttackResult, victim: Victim, metrics: dict | None
+) -> dict[str, str]:
+    images = result.images.detach().float().cpu().contiguous()
+    tensors = {
+        "images": images,
+        "labels": result.labels.cpu().long().contiguous(),
+        "loss_history": torch.tensor(result.loss_history, dtype=torch.float32),
+    }
+    order = None if metrics is None else metrics.get("assignment")
+    truth = None if victim.truth_images is None else victim.truth_images.detach().float().cpu()
+    outputs = {
+        RECONSTRUCTION: save_safetensors(tensors, {"job_id": ctx.job_id, "attack": spec.attack.name}),
+        GRID_PNG: render_grid_png(images, truth, order),
+    }
+    outputs[REPORT_HTML] = render_report_html(spec, result, metrics, outputs[GRID_PNG]).encode()
+    keys = {}
+    for name, data in outputs.items():
+        key = f"{ctx.prefix}/{name}"
+        ctx.store.put_bytes(key, data, CONTENT_TYPES[name])
+        keys[name] = key
+    return keys
+
+
+class _Emitter:
+    """Forwards progress to the context, throttled so a fast attack does not flood listeners."""
+
+    def __init__(self, ctx: JobContext, started: float) -> None:
+        self.ctx, self.started, self.last = ctx, started, -math.inf
+
+    def __call__(self, p: Progress) -> None:
+        if self.ctx.progress is not None:
+            self.ctx.progress(p)
+
+    def attack_progress(self, iteration: int, total: int, loss: float, restart: int | None) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_INTERVAL_S and iteration < total:
+            return
+        self.last = now
+        self(Progress("attack", iteration, total, _finite(loss), now - self.started, restart))
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    out = {
+        "gradleak": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import torchvision
+
+        out["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def device_info(device: torch.device) -> dict[str, str | int]:
+    info: dict[str, str | int] = {"type": device.type, "machine": platform.machine()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    else:
+        info["threads"] = torch.get_num_threads()
+        info["processor"] = platform.processor() or platform.machine()
+    return info

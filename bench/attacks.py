@@ -1,0 +1,267 @@
+"""Attack benchmark: speed, memory and reconstruction quality at fixed wall-clock budgets.
+
+Cases (the foundation issue's): 32x32 images from the shipped photos, CIFAR-10 normalisation,
+untrained models seeded 0, FedSGD, labels known (1, 3, 5, 8 of 10 classes).
+
+  python bench/attacks.py speed            # s/iteration of each configuration, per case
+  python bench/attacks.py quality          # the default attack at 60/120/300 s budgets
+  python bench/attacks.py all              # both; writes bench/results/attacks-cpu.json
+
+Every measurement runs in its own subprocess (`one`), so peak memory (max RSS) is that run's.
+The baseline run in the same process is `naive`: the same Inverting Gradients step written the
+plain way (autograd.grad with create_graph, a Python loop over layers for the cosine), which is
+how research code such as breaching computes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
+LABELS = [1, 3, 5, 8]
+CASES: dict[str, dict[str, Any]] = {
+    "convnet_b1": {"arch": "convnet", "knobs": {"width": 64}, "n": 1},
+    "resnet18_b1": {"arch": "resnet18", "knobs": {"stem": "cifar"}, "n": 1},
+    "resnet18_b4": {"arch": "resnet18", "knobs": {"stem": "cifar"}, "n": 4},
+    "lenet_b1": {"arch": "lenet", "knobs": {}, "n": 1},
+}
+# The peer's configurations (same attack, same settings) and gradleak's default.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "ig_tv5e-4": {"name": "inverting_gradients", "tv_weight": 5e-4, "lr": 0.1, "cost": "cosine_global"},
+    "ig_tv0.2": {"name": "inverting_gradients", "tv_weight": 0.2, "lr": 0.1, "cost": "cosine_global"},
+    "dlg": {"name": "dlg"},
+    "default": {"name": "inverting_gradients"},
+}
+# breaching (commit 8bd99d5) on a 2-core machine, 2 threads, from the foundation issue; these
+# are quoted reference figures from another run, not measured here.
+BREACHING_S_PER_IT = {
+    ("convnet_b1", "ig_tv5e-4"): 0.118,
+    ("resnet18_b1", "ig_tv5e-4"): 0.130,
+    ("resnet18_b4", "ig_tv0.2"): 0.198,
+    ("convnet_b1", "dlg"): 2.30,
+    ("resnet18_b1", "dlg"): 2.68,
+}
+SPEED_PLAN = [
+    ("convnet_b1", "ig_tv5e-4"),
+    ("resnet18_b1", "ig_tv5e-4"),
+    ("resnet18_b4", "ig_tv0.2"),
+    ("lenet_b1", "ig_tv5e-4"),
+    ("convnet_b1", "dlg"),
+    ("resnet18_b1", "dlg"),
+]
+
+
+def spec_for(case: str, attack: dict[str, Any], iterations: int, time_limit: float | None, seed: int = 0):
+    from service.specs import JobSpec
+
+    c = CASES[case]
+    n = c["n"]
+    return JobSpec.model_validate(
+        {
+            "model": {"arch": c["arch"], "knobs": c["knobs"], "init_seed": 0},
+            "update": {"simulate": {"images": PHOTOS[:n], "labels": LABELS[:n]}},
+            "data": {
+                "shape": [3, 32, 32],
+                "num_classes": 10,
+                "normalization": "cifar10",
+                "labels": LABELS[:n],
+            },
+            "knowledge": 1,
+            "attack": attack,
+            "budget": {"iterations": iterations, "restarts": 1, "time_limit_s": time_limit},
+            "seed": seed,
+        }
+    )
+
+
+def run_one(case: str, config: str, iterations: int, time_limit: float | None, naive: bool) -> dict[str, Any]:
+    import torch
+
+    from service.jobs.runner import run_job
+    from service.jobs.types import JobContext
+    from service.storage import LocalStore
+
+    stamps: list[float] = []
+    spec = spec_for(case, CONFIGS[config], iterations, time_limit)
+    if naive:
+        return naive_speed(spec, iterations)
+    store = LocalStore(Path(os.environ.get("TMPDIR", "/tmp")) / "gradleak-bench")
+
+    def progress(p: Any) -> None:
+        if p.stage == "attack":
+            stamps.append(time.perf_counter())
+
+    ctx = JobContext(
+        job_id="bench", store=store, prefix=f"bench/{case}-{config}", resolve=bytes, progress=progress
+    )
+    import service.jobs.runner as runner
+
+    runner.PROGRESS_INTERVAL_S = 0.0  # every iteration stamps its time
+    manifest = run_job(spec, ctx).manifest
+    steps = [b - a for a, b in itertools.pairwise(stamps)][2:]  # skip warm-up
+    m = manifest["metrics"]
+    return {
+        "case": case,
+        "config": config,
+        "attack": manifest["spec"]["attack"],
+        "iterations": manifest["attack"]["iterations"],
+        "attack_s": manifest["timings"]["attack_s"],
+        "s_per_iteration_median": statistics.median(steps) if steps else None,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "psnr_mean": m["mean"]["psnr"],
+        "psnr_worst_case": m["worst_case"]["psnr"],
+        "ssim_mean": m["mean"]["ssim"],
+        "ssim_worst_case": m["worst_case"]["ssim"],
+        "label_accuracy": m.get("label_accuracy"),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def naive_speed(spec: Any, iterations: int) -> dict[str, Any]:
+    """The plain-PyTorch Inverting Gradients step, timed per iteration."""
+    import torch
+    import torch.nn.functional as F
+
+    from service.data import load_images, normalize
+    from service.models import build_model
+
+    model = build_model(spec.model, spec.data).eval()
+    sim = spec.update.simulate
+    x_true, _ = load_images("photos", sim.images, size=32, channels=3, path=None)
+    x_true = normalize(x_true, spec.data.resolved_normalization())
+    y = torch.tensor(sim.labels)
+    params = [p for p in model.parameters() if p.requires_grad]
+    target = torch.autograd.grad(F.cross_entropy(model(x_true), y), params)
+    x = torch.randn_like(x_true, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=0.1)
+    tv = spec.attack.tv_weight
+    times = []
+    for _ in range(min(iterations, 40)):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+        dot = sum((g * t).sum() for g, t in zip(grads, target, strict=True))
+        gn = sum(g.pow(2).sum() for g in grads)
+        tn = sum(t.pow(2).sum() for t in target)
+        loss = 1 - dot / (gn.sqrt() * tn.sqrt())
+        dx = (x[:, :, :, :-1] - x[:, :, :, 1:]).abs().mean() + (x[:, :, :-1, :] - x[:, :, 1:, :]).abs().mean()
+        loss = loss + tv * dx
+        (gx,) = torch.autograd.grad(loss, x)
+        x.grad = gx.sign()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {
+        "case": "",
+        "config": "naive",
+        "s_per_iteration_median": statistics.median(times[2:]),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def subprocess_run(
+    case: str, config: str, iterations: int, time_limit: float | None, naive: bool = False
+) -> dict:
+    cmd = [sys.executable, __file__, "one", case, config, str(iterations), str(time_limit or 0)]
+    if naive:
+        cmd.append("--naive")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["case"], result["config"] = case, config if not naive else "naive"
+    return result
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": None,
+    }
+
+
+def speed(iterations: int) -> list[dict]:
+    rows = []
+    for case, config in SPEED_PLAN:
+        its = iterations if config != "dlg" else max(4, iterations // 10)
+        r = subprocess_run(case, config, its, None)
+        ref = BREACHING_S_PER_IT.get((case, config))
+        if ref and r["s_per_iteration_median"]:
+            r["breaching_s_per_iteration"] = ref
+            r["speedup_vs_breaching"] = ref / r["s_per_iteration_median"]
+        if config.startswith("ig"):
+            naive = subprocess_run(case, config, its, None, naive=True)
+            r["naive_s_per_iteration"] = naive["s_per_iteration_median"]
+            r["speedup_vs_naive"] = naive["s_per_iteration_median"] / r["s_per_iteration_median"]
+            r["naive_peak_rss_gib"] = naive["peak_rss_gib"]
+        print(json.dumps(r), file=sys.stderr)
+        rows.append(r)
+    return rows
+
+
+def quality(budgets: list[float], cases: list[str]) -> list[dict]:
+    rows = []
+    for case in cases:
+        for budget in budgets:
+            r = subprocess_run(case, "default", 1_000_000, budget)
+            r["budget_s"] = budget
+            print(json.dumps(r), file=sys.stderr)
+            rows.append(r)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["speed", "quality", "all", "one"])
+    ap.add_argument("args", nargs="*")
+    ap.add_argument("--naive", action="store_true")
+    ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument("--budgets", default="60,120,300")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu.json")
+    a = ap.parse_args()
+    if a.mode == "one":
+        case, config, its, limit = a.args
+        print(json.dumps(run_one(case, config, int(its), float(limit) or None, a.naive)))
+        return
+    report: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    if a.out.exists():
+        report = {**json.loads(a.out.read_text()), **report}
+    if a.mode in ("speed", "all"):
+        report["speed"] = speed(a.iterations)
+    if a.mode in ("quality", "all"):
+        report["quality"] = quality([float(b) for b in a.budgets.split(",")], a.cases.split(","))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The attack protocol and what every attack shares: the problem as the attacker sees it, the
+result, and the budget/stop/progress bookkeeping.
+
+An attack sees only what the spec grants: the model the server sent, the client's update turned
+into its target form, and the facts of `AttackProblem`. It never sees the ground truth; the best
+iterate is chosen by the attack's own objective.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from service.specs import AttackParams, Budget, ClientTraining, Knowledge, Normalization
+
+
+@dataclass
+class AttackProblem:
+    model: nn.Module  # the server's model (weights loaded), on the attack device
+    target: list[torch.Tensor]  # one tensor per trainable parameter, in named_parameters order
+    target_kind: str  # "gradient" (FedSGD or a pseudo-gradient) or "delta" (FedAvg, unrolled)
+    param_names: list[str]
+    num_images: int
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    normalization: Normalization
+    knowledge: Knowledge
+    labels: torch.Tensor | None = None  # known or inferred labels, one per image
+    label_source: str = "unknown"
+    num_images_source: str = "given"
+    client: ClientTraining = field(default_factory=ClientTraining)  # only what the attacker was granted
+    bn_mode: str = "train"
+    bn_targets: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per BN layer (mean, var)
+    bn_source: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.target[0].device
+
+    def pixel_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds of valid pixels in the normalised space, shaped (C, 1, 1)."""
+        mean = torch.tensor(self.normalization.mean, device=self.device).view(-1, 1, 1)
+        std = torch.tensor(self.normalization.std, device=self.device).view(-1, 1, 1)
+        return (0 - mean) / std, (1 - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.normalization.mean, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.normalization.std, device=x.device).view(-1, 1, 1)
+        return (x * std + mean).clamp(0, 1)
+
+
+@dataclass
+class AttackResult:
+    images: torch.Tensor  # (N, C, H, W) in [0, 1]
+    labels: torch.Tensor  # (N,)
+    loss_history: list[float]  # best restart's objective per iteration
+    best_loss: float
+    iterations: int
+    restart_losses: list[float]
+    stopped_early: bool
+    stop_reason: str
+    details: dict[str, object] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[int, int, float, int | None], None]  # iteration, total, loss, restart
+
+
+@dataclass
+class Control:
+    """Budget, stop requests and progress reporting for one attack run."""
+
+    budget: Budget
+    progress: ProgressFn | None = None
+    should_stop: Callable[[], bool] | None = None
+    started: float = field(default_factory=time.monotonic)
+    stop_reason: str = ""
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def fraction(self, iteration: int) -> float:
+        """How much of the budget is spent: iterations or wall-clock, whichever is further.
+
+        Schedules (step decay) follow this, so a time-limited run still anneals before the
+        clock runs out instead of being cut off at a high learning rate.
+        """
+        frac = iteration / self.budget.iterations
+        if self.budget.time_limit_s is not None:
+            frac = max(frac, self.elapsed / self.budget.time_limit_s)
+        return min(frac, 1.0)
+
+    def stop(self, iteration: int) -> bool:
+        if iteration >= self.budget.iterations:
+            self.stop_reason = "iterations"
+        elif self.budget.time_limit_s is not None and self.elapsed >= self.budget.time_limit_s:
+            self.stop_reason = "time_limit"
+        elif self.should_stop is not None and self.should_stop():
+            self.stop_reason = "stopped"
+        return bool(self.stop_reason)
+
+    def report(self, iteration: int, loss: float, restart: int | None = None) -> None:
+        if self.progress is not None:
+            self.progress(iteration, self.budget.iterations, loss, restart)
+
+
+class Attack(Protocol):
+    name: ClassVar[str]
+    required_knowledge: ClassVar[Knowledge]
+    description: ClassVar[str]
+
+    def run(
+        self, problem: AttackProblem, params: AttackParams, control: Control, generator: torch.Generator
+    ) -> AttackResult: ...
+
+
+def layer_weights(kind: str, count: int) -> list[float] | None:
+    """Per-tensor weights of the matching loss: uniform, or favouring the first layers."""
+    if kind == "uniform":
+        return None
+    if kind == "linear":
+        return [(count - i) / count for i in range(count)]
+    if kind == "exp":
+        return [math.exp(-4.0 * i / max(count - 1, 1)) for i in range(count)]
+    raise ValueError(f"unknown layer weighting {kind!r}")
+
+
+def step_decay(fraction: float) -> float:
+    """Inverting Gradients' schedule: x0.1 at 3/8, 5/8 and 7/8 of the budget."""
+    return 0.1 ** sum(fraction >= m for m in (3 / 8, 5 / 8, 7 / 8))
+
+
+def random_images(
+    shape: tuple[int, ...], init: str, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    if init == "randn":
+        x = torch.randn(shape, generator=generator)
+    elif init == "rand":
+        x = torch.rand(shape, generator=generator) * 2 - 1
+    elif init == "zeros":
+        x = torch.zeros(shape)
+    else:
+        raise ValueError(f"unknown initialisation {init!r}")
+    return x.to(device)

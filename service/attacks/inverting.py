@@ -1,0 +1,161 @@
+"""Inverting Gradients (Geiping et al., 2020) and GradInversion (Yin et al., 2021).
+
+Inverting Gradients: cosine gradient matching + total variation, Adam on signed gradients with
+step decay, pixels boxed to the valid range, several restarts. GradInversion adds a prior that
+pulls the batch-norm statistics of the reconstruction to the client's (level 4 knowledge) and a
+group-consistency term across restarts.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+
+from kernels import gradient_matching_loss, pack_targets, total_variation
+from service.attacks.base import AttackProblem, AttackResult, Control, layer_weights
+from service.attacks.optimize import Objective, optimise
+from service.errors import SpecError
+from service.specs import GradInversionParams, InvertingGradientsParams, Knowledge
+
+
+def attack_model(problem: AttackProblem) -> nn.Module:
+    """The model as the attacker runs it: BN in the client's mode, dropout off.
+
+    BN in train mode uses batch statistics without tracking running ones, which is what the
+    client's forward pass computed and what torch.func.vmap can batch.
+    """
+    model = problem.model
+    model.eval()
+    if problem.bn_mode == "train":
+        torch.func.replace_all_batch_norm_modules_(model)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    return model
+
+
+def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with int labels, or with label logits optimised jointly (DLG)."""
+    if labels.dtype.is_floating_point:
+        return torch.sum(-F.softmax(labels, -1) * F.log_softmax(logits, -1), -1).mean()
+    return F.cross_entropy(logits, labels)
+
+
+class BNStatsRecorder:
+    """Collects (mean, var) of every BN layer's input during one forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for m in self.layers:
+            m.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = inputs[0]
+        dims = [0, *range(2, x.dim())]
+        self.stats.append((x.mean(dims), x.var(dims, unbiased=False)))
+
+
+def matching_objective(
+    problem: AttackProblem,
+    model: nn.Module,
+    *,
+    cost: str,
+    weighting: str = "uniform",
+    tv_weight: float = 0.0,
+    bn_weight: float = 0.0,
+    group_weight: float = 0.0,
+) -> Objective:
+    """The attack objective of one restart: gradient matching plus the chosen priors."""
+    names = problem.param_names
+    model_params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    packed = pack_targets(problem.target)
+    weights = layer_weights(weighting, len(names))
+    recorder = BNStatsRecorder(model) if bn_weight > 0 else None
+    bn_targets = problem.bn_targets or []
+
+    def client_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+        if recorder is not None:
+            recorder.stats.clear()
+        out = functional_call(model, (p, buffers), (x,))
+        loss = soft_cross_entropy(out, y)
+        bn = x.new_zeros(())
+        if recorder is not None:
+            for (mu, var), (t_mu, t_var) in zip(recorder.stats, bn_targets, strict=True):
+                bn = bn + torch.linalg.vector_norm(mu - t_mu) + torch.linalg.vector_norm(var - t_var)
+        return loss, bn
+
+    def objective(x: torch.Tensor, y: torch.Tensor, consensus: torch.Tensor) -> torch.Tensor:
+        g, bn = grad(client_loss, has_aux=True)(model_params, x, y)
+        loss = gradient_matching_loss([g[n] for n in names], packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
+        if tv_weight > 0:
+            loss = loss + tv_weight * total_variation(x)
+        if bn_weight > 0:
+            loss = loss + bn_weight * bn
+        if group_weight > 0:
+            loss = loss + group_weight * (x - consensus).pow(2).mean()
+        return loss
+
+    return objective
+
+
+class InvertingGradients:
+    name: ClassVar[str] = "inverting_gradients"
+    required_knowledge: ClassVar[Knowledge] = InvertingGradientsParams.required_knowledge
+    description: ClassVar[str] = (
+        "Inverting Gradients (Geiping et al. 2020): cosine gradient matching, total variation, "
+        "signed Adam with step decay, boxed pixels, batched restarts"
+    )
+
+    def run(
+        self,
+        problem: AttackProblem,
+        params: InvertingGradientsParams,  # type: ignore[override]
+        control: Control,
+        generator: torch.Generator,
+    ) -> AttackResult:
+        model = attack_model(problem)
+        objective = matching_objective(
+            problem, model, cost=params.cost, weighting=params.layer_weights, tv_weight=params.tv_weight
+        )
+        return optimise(problem, params, control, generator, objective)
+
+
+class GradInversion:
+    name: ClassVar[str] = "gradinversion"
+    required_knowledge: ClassVar[Knowledge] = GradInversionParams.required_knowledge
+    description: ClassVar[str] = (
+        "GradInversion (Yin et al. 2021): Inverting Gradients plus the client's batch-norm "
+        "statistics as a prior and group consistency across restarts"
+    )
+
+    def run(
+        self,
+        problem: AttackProblem,
+        params: GradInversionParams,  # type: ignore[override]
+        control: Control,
+        generator: torch.Generator,
+    ) -> AttackResult:
+        model = attack_model(problem)
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if not has_bn or not problem.bn_targets:
+            raise SpecError(
+                "gradinversion needs a model with batch-norm layers and the client's BN statistics"
+            )
+        objective = matching_objective(
+            problem,
+            model,
+            cost=params.cost,
+            weighting=params.layer_weights,
+            tv_weight=params.tv_weight,
+            bn_weight=params.bn_weight,
+            group_weight=params.group_weight,
+        )
+        result = optimise(problem, params, control, generator, objective, group_size=params.group_size)
+        result.details["bn_statistics"] = problem.bn_source
+        return result

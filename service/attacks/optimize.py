@@ -1,0 +1,133 @@
+"""The optimisation loop shared by the first-order attacks (Inverting Gradients, GradInversion,
+the FedAvg-aware attack).
+
+Restarts run as one batched computation: the images of all restarts are stacked, a per-restart
+objective is vectorised with torch.func.vmap and differentiated with torch.func.grad, and one
+Adam over the stacked tensor is exactly R independent Adams (Adam is elementwise). The best
+iterate of each restart is kept by its own objective, never by the ground truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.func import grad_and_value, vmap
+
+from service.attacks.base import AttackProblem, AttackResult, Control, random_images, step_decay
+from service.specs import InvertingGradientsParams
+
+# objective(images (N,C,H,W), label_logits_or_labels, aux (per restart)) -> scalar loss
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class OptimState:
+    images: torch.Tensor  # (R, N, C, H, W), normalised space
+    labels: torch.Tensor  # (R, N) int labels, or (R, N, K) label logits when optimised jointly
+    joint_labels: bool
+
+
+def initial_state(
+    problem: AttackProblem, params: InvertingGradientsParams, restarts: int, generator: torch.Generator
+) -> OptimState:
+    n, (c, h, w) = problem.num_images, problem.image_shape
+    images = random_images((restarts, n, c, h, w), params.init, generator, problem.device)
+    if problem.labels is not None:
+        labels = problem.labels.to(problem.device).expand(restarts, n).clone()
+        return OptimState(images, labels, joint_labels=False)
+    logits = torch.randn((restarts, n, problem.num_classes), generator=generator).to(problem.device)
+    return OptimState(images, logits, joint_labels=True)
+
+
+def optimise(
+    problem: AttackProblem,
+    params: InvertingGradientsParams,
+    control: Control,
+    generator: torch.Generator,
+    objective: Objective,
+    group_size: int = 1,
+    init: OptimState | None = None,
+) -> AttackResult:
+    restarts = control.budget.restarts
+    state = init if init is not None else initial_state(problem, params, restarts, generator)
+    lo, hi = problem.pixel_bounds()
+    variables = [state.images.requires_grad_(False)]
+    if state.joint_labels:
+        variables.append(state.labels)
+    opt = torch.optim.Adam(variables, lr=params.lr)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+
+    argnums = (0, 1) if state.joint_labels else 0
+    step_fn = vmap(grad_and_value(objective, argnums=argnums))
+
+    best_loss = torch.full((restarts,), float("inf"), device=problem.device)
+    best_images = state.images.detach().clone()
+    best_labels = state.labels.detach().clone()
+    history: list[float] = []
+    iteration = 0
+    while not control.stop(iteration):
+        frac = control.fraction(iteration)
+        warm = 1.0
+        if params.warmup_iterations and iteration < params.warmup_iterations:
+            warm = (iteration + 1) / params.warmup_iterations
+        for g, base in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = base * step_decay(frac) * warm
+
+        aux = _group_consensus(state.images, group_size)
+        grads, losses = step_fn(state.images, state.labels, aux)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        losses = losses.detach()
+        if not torch.isfinite(losses).all():
+            # a diverged restart restarts from its best iterate rather than poisoning the batch
+            bad = ~torch.isfinite(losses)
+            state.images.data[bad] = best_images[bad]
+            losses = torch.where(bad, torch.full_like(losses, float("inf")), losses)
+            grads = tuple(torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads)
+
+        improved = losses < best_loss
+        if improved.any():
+            best_loss = torch.where(improved, losses, best_loss)
+            best_images[improved] = state.images.detach()[improved]
+            best_labels[improved] = state.labels.detach()[improved]
+
+        for var, g in zip(variables, grads, strict=True):
+            var.grad = g.sign() if (params.signed and var is state.images) else g
+        opt.step()
+        if params.boxed:
+            with torch.no_grad():
+                state.images.data = torch.maximum(torch.minimum(state.images, hi), lo)
+
+        iteration += 1
+        best = float(best_loss.min())
+        history.append(best)
+        control.report(iteration, best)
+
+    winner = int(torch.argmin(best_loss))
+    labels = best_labels[winner]
+    if state.joint_labels:
+        labels = labels.argmax(-1)
+    return AttackResult(
+        images=problem.denormalize(best_images[winner]),
+        labels=labels.long(),
+        loss_history=history,
+        best_loss=float(best_loss[winner]),
+        iterations=iteration,
+        restart_losses=[float(v) for v in best_loss],
+        stopped_early=control.stop_reason == "stopped",
+        stop_reason=control.stop_reason,
+        details={"best_restart": winner, "joint_labels": state.joint_labels},
+    )
+
+
+def _group_consensus(images: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GradInversion's group consistency target: the mean image of each group of restarts."""
+    if group_size <= 1:
+        return torch.zeros(images.shape[0], device=images.device)
+    r = images.shape[0]
+    consensus = torch.empty_like(images)
+    for start in range(0, r, group_size):
+        block = images[start : start + group_size].detach()
+        consensus[start : start + group_size] = block.mean(0, keepdim=True)
+    return consensus

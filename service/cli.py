@@ -1,0 +1,369 @@
+"""`gradleak`: run an attack locally, and (with the service installed) serve, work and manage keys.
+
+`gradleak attack` builds a JobSpec from a spec file or from flags and runs it through the same
+runner the service uses. Bad flags and bad files end with one clear line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import TypeAdapter, ValidationError
+
+from service.errors import GradleakError
+from service.specs import (
+    ATTACK_PARAMS,
+    Budget,
+    ClientTraining,
+    DataSpec,
+    DefenseSpec,
+    JobSpec,
+    Knowledge,
+    ModelSpec,
+    SimulatedClient,
+)
+
+app = typer.Typer(
+    name="gradleak",
+    help="Audit federated-learning client updates for training-data leakage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str) -> typer.Exit:
+    typer.echo(f"gradleak: error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def parse_value(text: str) -> Any:
+    """`key=value` values: JSON when it parses (numbers, booleans, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        return text
+
+
+def parse_pairs(items: list[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        for part in item.split(","):
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not key:
+                raise fail(f"{what} {part!r}: expected key=value")
+            out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def parse_defense(text: str) -> Any:
+    """`quantize:bits=4`, `topk:ratio=0.01`, `clip:max_norm=1`, `noise:scale=0.01`, `sign`."""
+    name, _, rest = text.partition(":")
+    fields = {"name": name.strip(), **parse_pairs([rest] if rest else [], "defense parameter")}
+    return TypeAdapter(DefenseSpec).validate_python(fields)
+
+
+def csv_list(text: str | None) -> list[str] | None:
+    return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
+
+
+def local_resolve(ref: str) -> bytes:
+    path = Path(ref).expanduser()
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise GradleakError(f"file not found: {path}") from None
+    except OSError as e:
+        raise GradleakError(f"cannot read {path}: {e.strerror}") from None
+
+
+@app.command()
+def attack(
+    spec_file: Annotated[
+        Path | None, typer.Option("--spec", help="YAML or JSON job spec; flags below override it")
+    ] = None,
+    arch: Annotated[str | None, typer.Option(help="architecture name (see `gradleak catalog`)")] = None,
+    knob: Annotated[list[str] | None, typer.Option("--knob", help="architecture knob key=value")] = None,
+    weights: Annotated[Path | None, typer.Option(help="model weights (safetensors)")] = None,
+    init_seed: Annotated[int, typer.Option(help="seed of the initialisation when no weights are given")] = 0,
+    update: Annotated[Path | None, typer.Option(help="the client's update (safetensors)")] = None,
+    update_kind: Annotated[str | None, typer.Option(help="gradient, delta or weights")] = None,
+    ground_truth: Annotated[
+        Path | None, typer.Option(help="safetensors with 'images' and 'labels', for scoring")
+    ] = None,
+    images: Annotated[
+        str | None, typer.Option(help="simulate a client on these images, e.g. astronaut,coffee")
+    ] = None,
+    source: Annotated[str, typer.Option(help="photos, folder, cifar10 or cifar100")] = "photos",
+    dataset_path: Annotated[
+        str | None, typer.Option(help="dataset directory for folder/cifar sources")
+    ] = None,
+    labels: Annotated[str | None, typer.Option(help="the client's labels, e.g. 1,3,5,8")] = None,
+    labels_known: Annotated[bool, typer.Option(help="the server knows the labels")] = False,
+    size: Annotated[int | None, typer.Option(help="image side in pixels")] = None,
+    channels: Annotated[int | None, typer.Option(help="1 or 3")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="number of classes")] = None,
+    normalization: Annotated[str | None, typer.Option(help="cifar10, cifar100, imagenet or none")] = None,
+    num_images: Annotated[int | None, typer.Option(help="how many images the update covers")] = None,
+    protocol: Annotated[str | None, typer.Option(help="fedsgd or fedavg")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="client's local epochs")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="client's batch size")] = None,
+    lr: Annotated[float | None, typer.Option(help="client's learning rate")] = None,
+    momentum: Annotated[float | None, typer.Option(help="client's SGD momentum")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="client's number of samples")] = None,
+    bn_mode: Annotated[str | None, typer.Option(help="client's batch-norm mode: train or eval")] = None,
+    attack_name: Annotated[
+        str | None, typer.Option("--attack", help="attack name (see `gradleak catalog`)")
+    ] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="attack parameter key=value")] = None,
+    knowledge: Annotated[int | None, typer.Option(min=0, max=5, help="attacker knowledge level 0-5")] = None,
+    defense: Annotated[
+        list[str] | None, typer.Option("--defense", help="e.g. quantize:bits=4 (repeatable)")
+    ] = None,
+    iterations: Annotated[int | None, typer.Option(help="attack iterations")] = None,
+    restarts: Annotated[int | None, typer.Option(help="random restarts")] = None,
+    time_limit: Annotated[float | None, typer.Option(help="wall-clock limit in seconds")] = None,
+    seed: Annotated[int | None, typer.Option(help="job seed")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when available")] = None,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("runs"),
+    save_spec: Annotated[Path | None, typer.Option(help="also write the resolved spec as YAML")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the metrics JSON on stdout")] = False,
+) -> None:
+    """Run one gradient inversion attack locally and write its report."""
+    try:
+        spec = build_spec(
+            **{k: v for k, v in locals().items() if k not in ("out", "save_spec", "as_json", "device")}
+        )
+        if save_spec is not None:
+            save_spec.write_text(spec.to_yaml())
+        spec.check_knowledge()
+        run_local(spec, out, device, as_json)
+    except ValidationError as e:
+        raise fail(_validation_message(e)) from None
+    except GradleakError as e:
+        raise fail(str(e)) from None
+
+
+def _validation_message(e: ValidationError) -> str:
+    first = e.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"invalid spec: {loc}: {first['msg']}{more}" if loc else f"invalid spec: {first['msg']}{more}"
+
+
+def build_spec(**o: Any) -> JobSpec:
+    """A JobSpec from an optional spec file with flags layered on top."""
+    base: dict[str, Any] = {}
+    if o["spec_file"] is not None:
+        base = json.loads(JobSpec.from_file(o["spec_file"]).to_json())
+    elif o["arch"] is None:
+        raise fail("give --spec FILE or at least --arch")
+
+    def put(path: str, value: Any) -> None:
+        if value is None:
+            return
+        node = base
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+
+    base.setdefault("model", ModelSpec(arch=o["arch"] or "").model_dump())
+    put("model.arch", o["arch"])
+    if o["knob"]:
+        base["model"]["knobs"] = {**base["model"].get("knobs", {}), **parse_pairs(o["knob"], "knob")}
+    put("model.weights", str(o["weights"]) if o["weights"] else None)
+    if o["init_seed"]:
+        put("model.init_seed", o["init_seed"])
+
+    facts = {
+        "protocol": o["protocol"],
+        "lr": o["lr"],
+        "local_epochs": o["local_epochs"],
+        "batch_size": o["batch_size"],
+        "momentum": o["momentum"],
+        "num_samples": o["num_samples"],
+        "bn_mode": o["bn_mode"],
+    }
+    facts = {k: v for k, v in facts.items() if v is not None}
+    upd = base.setdefault("update", {})
+    if o["update"] is not None and o["images"] is not None:
+        raise fail("give either --update (a real client's update) or --images (a simulated client), not both")
+    if o["images"] is not None:
+        names = csv_list(o["images"]) or []
+        sim_labels = [int(v) for v in csv_list(o["labels"]) or []] or None
+        if facts.get("protocol") == "fedavg":
+            facts.setdefault("num_samples", len(names))
+        training = ClientTraining(**{"protocol": "fedsgd", **facts})
+        upd.pop("artifact", None)
+        upd["simulate"] = SimulatedClient(
+            source=o["source"], images=names, labels=sim_labels, path=o["dataset_path"], training=training
+        ).model_dump()
+        upd["client"] = training.model_dump()  # the server is told what the client did
+        upd.setdefault("kind", "delta" if training.protocol == "fedavg" else "gradient")
+        base.setdefault("data", {}).setdefault("num_images", len(names))
+        if o["labels_known"]:
+            if sim_labels is None:
+                raise fail("--labels-known needs --labels")
+            base["data"]["labels"] = sim_labels
+    elif o["update"] is not None:
+        upd.pop("simulate", None)
+        upd["artifact"] = str(o["update"])
+        upd["client"] = {**upd.get("client", {}), **facts}
+        if o["labels"] is not None:
+            base.setdefault("data", {})["labels"] = [int(v) for v in csv_list(o["labels"]) or []]
+    elif "artifact" not in upd and "simulate" not in upd:
+        raise fail("give --update FILE or --images NAMES (or a spec file with an update)")
+    put("update.kind", o["update_kind"])
+    put("ground_truth", str(o["ground_truth"]) if o["ground_truth"] else None)
+
+    data = base.setdefault("data", {})
+    if o["size"] is not None or o["channels"] is not None:
+        c, h, _ = data.get("shape", DataSpec().shape)
+        side = o["size"] or h
+        data["shape"] = [o["channels"] or c, side, side]
+    put("data.num_classes", o["num_classes"])
+    put("data.normalization", o["normalization"])
+    put("data.num_images", o["num_images"])
+
+    if o["attack_name"] is not None or o["param"]:
+        name = o["attack_name"] or base.get("attack", {}).get("name", "inverting_gradients")
+        if name not in ATTACK_PARAMS:
+            raise fail(f"unknown attack {name!r}; valid: {', '.join(sorted(ATTACK_PARAMS))}")
+        previous = base.get("attack", {}) if base.get("attack", {}).get("name") == name else {}
+        base["attack"] = {**previous, "name": name, **parse_pairs(o["param"], "attack parameter")}
+    if o["knowledge"] is not None:
+        base["knowledge"] = Knowledge(o["knowledge"])
+    if o["defense"]:
+        base["defenses"] = [parse_defense(d).model_dump() for d in o["defense"]]
+    budget = base.setdefault("budget", Budget().model_dump())
+    for key, value in (
+        ("iterations", o["iterations"]),
+        ("restarts", o["restarts"]),
+        ("time_limit_s", o["time_limit"]),
+    ):
+        if value is not None:
+            budget[key] = value
+    put("seed", o["seed"])
+    return JobSpec.model_validate(base)
+
+
+def run_local(spec: JobSpec, out: Path, device: str | None, as_json: bool) -> None:
+    from service.jobs.runner import run_job
+    from service.jobs.types import JobContext, Progress
+    from service.settings import get_settings
+    from service.storage import LocalStore
+
+    job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{spec.attack.name}-{secrets.token_hex(3)}"
+    store = LocalStore(out)
+    settings = get_settings()
+    show_bar = sys.stderr.isatty() and not as_json
+
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bar
+
+    bar = Bar(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} it  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        disable=not show_bar,
+        transient=False,
+    )
+    with bar:
+        task = bar.add_task(spec.attack.name, total=spec.budget.iterations, loss="-")
+
+        def on_progress(p: Progress) -> None:
+            if p.stage == "attack":
+                loss = "-" if p.loss is None else f"{p.loss:.4g}"
+                bar.update(task, completed=p.iteration, total=p.total, loss=loss)
+            elif not show_bar and not as_json:
+                typer.echo(f"[{p.stage}] {p.message}".rstrip(), err=True)
+
+        ctx = JobContext(
+            job_id=job_id,
+            store=store,
+            prefix=job_id,
+            resolve=local_resolve,
+            progress=on_progress,
+            device=device or settings.device,
+            lpips_weights_dir=str(settings.lpips_weights_dir) if settings.lpips_weights_dir else None,
+        )
+        result = run_job(spec, ctx)
+    if as_json:
+        typer.echo(json.dumps(result.manifest, indent=2))
+        return
+    summarize(result.manifest, {name: store.path(key) for name, key in result.artifacts.items()})
+
+
+def summarize(manifest: dict[str, Any], paths: dict[str, Path]) -> None:
+    a = manifest["attack"]
+    typer.echo(
+        f"{a['name']}: {a['iterations']} iterations in {manifest['timings']['attack_s']:.1f} s "
+        f"({a['stop_reason']}), labels {a['labels']} ({a['label_source']})"
+    )
+    m = manifest.get("metrics")
+    if m:
+        mean, worst = m["mean"], m["worst_case"]
+        lp = "n/a" if mean.get("lpips") is None else f"{mean['lpips']:.3f}"
+        typer.echo(
+            f"PSNR mean {mean['psnr']:.2f} dB, worst case {worst['psnr']:.2f} dB; "
+            f"SSIM mean {mean['ssim']:.3f}, worst case {worst['ssim']:.3f}; LPIPS mean {lp}"
+        )
+        if m.get("label_accuracy") is not None:
+            typer.echo(f"label accuracy {m['label_accuracy']:.2f}")
+        if m.get("lpips_unavailable"):
+            typer.echo(f"LPIPS unavailable: {m['lpips_unavailable']}")
+    else:
+        typer.echo(f"no metrics: {manifest.get('metrics_unavailable')}")
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command()
+def catalog(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List attacks (with the knowledge each needs), architectures, defenses and metrics."""
+    from service.catalog import full_catalog
+
+    cat = full_catalog()
+    if as_json:
+        typer.echo(json.dumps(cat, indent=2))
+        return
+    typer.echo("attacks:")
+    for a in cat["attacks"]:
+        typer.echo(f"  {a['name']:<22} level {a['required_knowledge']}  {a['description']}")
+    typer.echo("architectures:")
+    for m in cat["architectures"]:
+        typer.echo(f"  {m['name']:<22} {m.get('description', '')}")
+    typer.echo("defenses: " + ", ".join(d["name"] for d in cat["defenses"]))
+    typer.echo("metrics: " + ", ".join(m["name"] for m in cat["metrics"]))
+
+
+def _register_service_commands() -> None:
+    try:
+        from service import cli_service
+    except ImportError:  # the service commands ship with the API package
+        return
+    cli_service.register(app)
+
+
+_register_service_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The attack engine end to end through the one runner, on small real problems."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from service.attacks import ATTACKS
+from service.attacks.base import AttackProblem, Control
+from service.attacks.fedavg import unroll_objective
+from service.attacks.inverting import attack_model, matching_objective
+from service.attacks.optimize import OptimState, optimise
+from service.jobs.runner import run_job
+from service.jobs.types import GRID_PNG, METRICS_JSON, RECONSTRUCTION, REPORT_HTML, JobContext
+from service.specs import (
+    NORMALIZATIONS,
+    Budget,
+    ClientTraining,
+    FedAvgParams,
+    InvertingGradientsParams,
+    JobSpec,
+    Knowledge,
+)
+from service.storage import LocalStore
+
+
+def job(tmp_path, **spec) -> tuple[dict, LocalStore]:
+    store = LocalStore(tmp_path / "store")
+    ctx = JobContext(job_id="t", store=store, prefix="jobs/t", resolve=lambda ref: Path(ref).read_bytes())
+    result = run_job(JobSpec.model_validate(spec), ctx)
+    return result.manifest, store
+
+
+def test_dlg_recovers_lenet_image(tmp_path):
+    """DLG's own setting: sigmoid LeNet, one 32x32 image, FedSGD; iDLG infers the label."""
+    manifest, store = job(
+        tmp_path,
+        model={"arch": "lenet"},
+        update={"simulate": {"images": ["astronaut"], "labels": [3]}},
+        data={"shape": [3, 32, 32], "num_classes": 10, "num_images": 1},
+        knowledge=0,
+        attack={"name": "dlg"},
+        budget={"iterations": 60},
+    )
+    assert manifest["attack"]["label_source"] == "inferred (iDLG)"
+    assert manifest["attack"]["labels"] == [3]
+    assert manifest["metrics"]["mean"]["psnr"] >= 30.0, manifest["metrics"]
+    keys = set(store.list("jobs/t"))
+    assert {f"jobs/t/{n}" for n in (METRICS_JSON, RECONSTRUCTION, GRID_PNG, REPORT_HTML)} <= keys
+
+
+def test_inverting_gradients_improves_on_its_start_and_reports_provenance(tmp_path):
+    manifest, _ = job(
+        tmp_path,
+        model={"arch": "convnet", "knobs": {"width": 16}},
+        update={"simulate": {"images": ["astronaut", "coffee"], "labels": [1, 3]}},
+        data={"shape": [3, 16, 16], "num_images": 2, "labels": [1, 3]},
+        attack={"name": "inverting_gradients", "tv_weight": 1e-3},
+        budget={"iterations": 40, "restarts": 2},
+        seed=5,
+    )
+    a = manifest["attack"]
+    assert a["iterations"] == 40 and len(a["restart_losses"]) == 2
+    assert a["best_loss"] == min(v for v in a["restart_losses"] if v is not None)
+    assert a["label_source"] == "given"
+    assert manifest["seed"] == 5 and manifest["versions"]["torch"] == torch.__version__
+    assert manifest["spec"]["attack"]["name"] == "inverting_gradients"
+    assert {"setup_s", "attack_s", "total_s"} <= set(manifest["timings"])
+    assert manifest["metrics"]["worst_case"]["psnr"] >= manifest["metrics"]["mean"]["psnr"]
+
+
+def test_stop_request_returns_best_so_far(tmp_path):
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    store = LocalStore(tmp_path)
+    spec = JobSpec.model_validate(
+        {
+            "model": {"arch": "lenet"},
+            "update": {"simulate": {"images": ["coffee"]}},
+            "data": {"shape": [3, 16, 16], "num_images": 1},
+            "budget": {"iterations": 1000},
+        }
+    )
+    ctx = JobContext(job_id="s", store=store, prefix="s", resolve=bytes, should_stop=should_stop)
+    result = run_job(spec, ctx)
+    assert result.status == "cancelled"
+    assert result.manifest["attack"]["stop_reason"] == "stopped"
+    assert result.manifest["attack"]["iterations"] < 10
+    assert store.exists("s/metrics.json")
+
+
+def _problem(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> AttackProblem:
+    loss = nn.functional.cross_entropy(model(x), y)
+    names = [n for n, _ in model.named_parameters()]
+    target = [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
+    return AttackProblem(
+        model=model,
+        target=target,
+        target_kind="gradient",
+        param_names=names,
+        num_images=x.shape[0],
+        image_shape=tuple(x.shape[1:]),
+        num_classes=10,
+        normalization=NORMALIZATIONS["none"],
+        knowledge=Knowledge.PRIORS,
+        labels=y,
+        **kw,
+    )
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
+    ).eval()
+
+
+def test_batched_restarts_equal_sequential_restarts():
+    model = _small_model()
+    x, y = torch.rand(2, 3, 8, 8), torch.tensor([1, 4])
+    params = InvertingGradientsParams(tv_weight=1e-2, lr=0.05)
+    start = torch.randn(3, 2, 3, 8, 8)
+
+    def run(init: torch.Tensor):
+        problem = _problem(model, x, y)
+        objective = matching_objective(problem, attack_model(problem), cost="cosine", tv_weight=1e-2)
+        state = OptimState(init.clone(), y.expand(init.shape[0], 2).clone(), joint_labels=False)
+        control = Control(Budget(iterations=15, restarts=init.shape[0]))
+        return optimise(problem, params, control, torch.Generator(), objective, init=state)
+
+    batched = run(start)
+    sequential = [run(start[r : r + 1]) for r in range(3)]
+    for r, seq in enumerate(sequential):
+        assert math.isclose(batched.restart_losses[r], seq.restart_losses[0], rel_tol=1e-4, abs_tol=1e-6)
+    best = min(range(3), key=lambda r: sequential[r].best_loss)
+    assert torch.allclose(batched.images, sequential[best].images, atol=1e-5)
+
+
+def test_fedavg_unroll_matches_client_training_at_the_true_images():
+    """The unrolled objective is ~0 at the client's own images: it replays local training exactly."""
+    from service.fl import simulate_client
+
+    model = _small_model()
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([1, 4, 4, 7])
+    facts = ClientTraining(
+        protocol="fedavg", lr=0.1, local_epochs=2, batch_size=2, num_samples=4, shuffle_seed=3
+    )
+    delta = simulate_client(model, x, y, facts, "delta")
+    names = [n for n, _ in model.named_parameters()]
+    problem = AttackProblem(
+        model=model,
+        target=[delta[n] for n in names],
+        target_kind="delta",
+        param_names=names,
+        num_images=4,
+        image_shape=(3, 8, 8),
+        num_classes=10,
+        normalization=NORMALIZATIONS["none"],
+        knowledge=Knowledge.TRAINING_DETAILS,
+        labels=y,
+        client=facts,
+        bn_mode="eval",
+    )
+    objective = unroll_objective(problem, FedAvgParams(cost="cosine", tv_weight=0.0))
+    at_truth = float(objective(x, y, torch.zeros(())))
+    at_noise = float(objective(torch.rand_like(x), y, torch.zeros(())))
+    assert at_truth < 1e-5 < at_noise
+
+
+@pytest.mark.parametrize(
+    ("told", "case"),
+    [
+        ({"protocol": "fedavg", "lr": 0.05, "local_epochs": 1, "batch_size": 1}, "case1_unrolled"),
+        ({"protocol": "fedavg", "lr": 0.05, "local_epochs": 1}, "case2_single_step"),
+    ],
+)
+def test_fedavg_attack_unrolls_when_it_can_and_falls_back_without_batch_size(tmp_path, told, case):
+    training = {"protocol": "fedavg", "lr": 0.05, "local_epochs": 1, "batch_size": 1}
+    manifest, _ = job(
+        tmp_path,
+        model={"arch": "convnet", "knobs": {"width": 8}},
+        update={
+            "kind": "delta",
+            "simulate": {"images": ["astronaut", "coffee"], "labels": [0, 1], "training": training},
+            "client": told,
+        },
+        data={"shape": [3, 16, 16], "labels": [0, 1]},
+        knowledge=3,
+        attack={"name": "fedavg_unroll"},
+        budget={"iterations": 3},
+    )
+    assert manifest["attack"]["details"]["fedavg_case"] == case
+
+
+def test_registry_lists_every_attack_with_its_knowledge():
+    assert {"dlg", "inverting_gradients", "gradinversion", "fedavg_unroll"} <= set(ATTACKS.names())
+    assert int(ATTACKS.get("gradinversion").required_knowledge) == 4
+
+
+@pytest.mark.parametrize("strategy", ["joint"])
+def test_dlg_joint_labels_run(tmp_path, strategy):
+    manifest, _ = job(
+        tmp_path,
+        model={"arch": "lenet"},
+        update={"simulate": {"images": ["chelsea"], "labels": [2]}},
+        data={"shape": [3, 16, 16], "num_images": 1},
+        knowledge=0,
+        attack={"name": "dlg", "label_strategy": strategy},
+        budget={"iterations": 3},
+    )
+    assert manifest["attack"]["label_source"] == "joint optimisation"
+    assert len(manifest["attack"]["labels"]) == 1

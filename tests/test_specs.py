@@ -1,0 +1,102 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from service.errors import KnowledgeError, SpecError
+from service.specs import (
+    DataSpec,
+    FedAvgParams,
+    GradInversionParams,
+    JobSpec,
+    Knowledge,
+    ModelSpec,
+    SimulatedClient,
+    UpdateSpec,
+)
+
+
+def spec(**kw) -> JobSpec:
+    base = dict(
+        model=ModelSpec(arch="lenet"), update=UpdateSpec(simulate=SimulatedClient(images=["astronaut"]))
+    )
+    return JobSpec(**{**base, **kw})
+
+
+def test_yaml_and_json_round_trip():
+    s = spec(
+        attack={"name": "gradinversion", "bn_weight": 0.01},
+        knowledge=5,
+        defenses=[{"name": "quantize", "bits": 4}, {"name": "noise", "scale": 0.1}],
+        budget={"iterations": 7, "restarts": 2, "time_limit_s": 3.5},
+    )
+    assert JobSpec.from_yaml(s.to_yaml()) == s
+    assert JobSpec.model_validate_json(s.to_json()) == s
+    assert isinstance(s.attack, GradInversionParams)
+    assert s.knowledge is Knowledge.MALICIOUS_SERVER
+
+
+def test_refuses_attack_needing_ungranted_knowledge_and_names_it():
+    s = spec(attack=GradInversionParams(), knowledge=Knowledge.TRAINING_DETAILS)
+    with pytest.raises(KnowledgeError) as e:
+        s.check_knowledge()
+    msg = str(e.value)
+    assert "level 4" in msg and "batch-norm statistics" in msg and "grants level 3" in msg
+    spec(attack=GradInversionParams(), knowledge=4).check_knowledge()
+
+
+def test_fedavg_attack_needs_training_details():
+    with pytest.raises(KnowledgeError, match="training details"):
+        spec(attack=FedAvgParams(), knowledge=1).check_knowledge()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"extra_field": 1},
+        {"attack": {"name": "no_such_attack"}},
+        {"defenses": [{"name": "quantize", "bits": 0}]},
+        {"data": {"shape": [3, 1024, 1024]}},
+        {"data": {"shape": [2, 32, 32]}},
+        {"data": {"num_classes": 10, "labels": [3, 12]}},
+        {"budget": {"iterations": 0}},
+        {"knowledge": 6},
+    ],
+)
+def test_invalid_specs_are_refused(bad):
+    base = json.loads(spec().to_json())
+    with pytest.raises(ValidationError):
+        JobSpec.model_validate({**base, **bad})
+
+
+def test_update_needs_exactly_one_source():
+    with pytest.raises(ValidationError, match="exactly one"):
+        UpdateSpec()
+    with pytest.raises(ValidationError, match="exactly one"):
+        UpdateSpec(artifact="u.safetensors", simulate=SimulatedClient())
+
+
+def test_simulated_labels_must_fit_classes():
+    with pytest.raises(ValidationError, match="outside"):
+        spec(update=UpdateSpec(simulate=SimulatedClient(images=["astronaut"], labels=[12])))
+
+
+def test_grayscale_normalisation_is_derived():
+    n = DataSpec(shape=(1, 16, 16), normalization="cifar10").resolved_normalization()
+    assert len(n.mean) == 1 and len(n.std) == 1
+
+
+def test_unreadable_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="cannot read"):
+        JobSpec.from_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(SpecError, match="YAML"):
+        JobSpec.from_file(bad)
+
+
+def test_specs_do_not_import_torch():
+    code = "import sys, service.specs; assert 'torch' not in sys.modules, 'specs imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
