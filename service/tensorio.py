@@ -1,0 +1,350 @@
+"""Safe tensor I/O: the only way gradleak reads weights and updates.
+
+Uploads are untrusted, so they are read as safetensors only, and the header is parsed and checked
+here before a single tensor is allocated: a hostile header cannot make gradleak allocate more
+than the file holds, and nothing is ever unpickled. Files in other formats (pickle, torch.save
+archives, numpy, HDF5, ONNX) are recognised and refused with a message that says what to send.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from service.errors import ArtifactError, ShapeMismatchError, UnsupportedFormatError
+
+DEFAULT_MAX_HEADER_BYTES = 16 * 2**20
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# A full state dict: floats plus the int64 num_batches_tracked of batch-norm layers.
+STATE_DTYPES = (*FLOAT_DTYPES, "I64")
+
+# The safetensors dtype names gradleak can turn into torch tensors.
+_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+_SAVE_HINT = "gradleak reads only safetensors (see safetensors.torch.save_file)"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# Protobuf tags (field number << 3 | wire type) of the fields an ONNX ModelProto starts with
+# after ir_version: producer_name, producer_version, domain, model_version, doc_string, graph,
+# opset_import.
+_ONNX_SECOND_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42})
+
+UpdateKind = Literal["weights", "gradient", "delta"]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_safetensors(
+    data: bytes,
+    *,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    allowed_dtypes: Collection[str] = FLOAT_DTYPES,
+    check_finite: bool = True,
+    name: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Parse untrusted safetensors bytes into tensors of their stored dtype, in header order.
+
+    Raises UnsupportedFormatError for files in another format and ArtifactError for corrupt
+    files, dtypes outside `allowed_dtypes` and (with `check_finite`) NaN or Inf values. `name`
+    (e.g. "model.weights") prefixes every message so that the user knows which file is meant.
+    """
+    unknown = sorted(set(allowed_dtypes) - set(_DTYPES))
+    if unknown:
+        raise ValueError(f"unknown safetensors dtypes {unknown}; known: {', '.join(_DTYPES)}")
+    prefix = f"{name}: " if name else ""
+    try:
+        header_len, entries = _parse_header(data, max_header_bytes, allowed_dtypes)
+    except ArtifactError as e:
+        raise type(e)(prefix + str(e)) from None
+
+    start = 8 + header_len
+    tensors: dict[str, torch.Tensor] = {}
+    for key, (dtype, shape, begin, end) in entries.items():
+        if begin == end:
+            tensor = torch.empty(shape, dtype=dtype)
+        else:
+            # bytearray: a writable private copy, so the tensor owns its memory.
+            buffer = bytearray(data[start + begin : start + end])
+            tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        if check_finite and tensor.is_floating_point():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                bad = int(finite.numel() - finite.sum())
+                raise ArtifactError(
+                    f"{prefix}tensor {key!r} contains NaN or Inf values ({bad} of {tensor.numel()})"
+                )
+        tensors[key] = tensor
+    return tensors
+
+
+def load_safetensors_file(
+    path: str | Path,
+    *,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    allowed_dtypes: Collection[str] = FLOAT_DTYPES,
+    check_finite: bool = True,
+) -> dict[str, torch.Tensor]:
+    """`load_safetensors` on a local file; messages name the file."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"no such file: {p}") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read {p}: {e.strerror or e}") from None
+    return load_safetensors(
+        data,
+        max_header_bytes=max_header_bytes,
+        allowed_dtypes=allowed_dtypes,
+        check_finite=check_finite,
+        name=str(p),
+    )
+
+
+def _parse_header(
+    data: bytes, max_header_bytes: int, allowed_dtypes: Collection[str]
+) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
+    """Check the header and the layout of the data section; return the header length and, per
+    tensor, (dtype, shape, begin, end) with offsets relative to the data section."""
+    size = len(data)
+    if size == 0:
+        raise ArtifactError("the file is empty; expected a safetensors file")
+    header_len = int.from_bytes(data[:8], "little") if size >= 8 else 0
+    plausible = size >= 8 and 2 <= header_len <= size - 8 and data[8] == ord("{")
+    if not plausible:
+        # Only now look for other formats: a valid safetensors file may start with any bytes.
+        foreign = _sniff_foreign(data)
+        if foreign is not None:
+            what, hint = foreign
+            raise UnsupportedFormatError(f"this is {what}; {hint}")
+    if size < 8:
+        raise ArtifactError(
+            f"not a safetensors file: {size} bytes, shorter than the 8-byte header length it starts with"
+        )
+    if header_len > max_header_bytes:
+        raise ArtifactError(
+            f"not a valid safetensors file: header length {header_len} bytes exceeds the limit of "
+            f"{max_header_bytes} bytes"
+        )
+    if header_len > size - 8:
+        raise ArtifactError(
+            f"not a valid safetensors file: header length {header_len} bytes runs past the end of the "
+            f"file ({size} bytes); truncated?"
+        )
+    if not plausible:
+        raise ArtifactError("not a valid safetensors file: the header is not a JSON object")
+
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]).decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ArtifactError(f"not a valid safetensors file: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError("not a valid safetensors file: the header is not a JSON object")
+
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ArtifactError("not a valid safetensors file: __metadata__ must map strings to strings")
+
+    entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+    for key, info in header.items():
+        entries[key] = _check_entry(key, info, allowed_dtypes)
+
+    data_len = size - 8 - header_len
+    end_so_far, previous = 0, None
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < end_so_far:
+            raise ArtifactError(
+                f"not a valid safetensors file: tensors {previous!r} and {key!r} overlap in the data section"
+            )
+        if begin > end_so_far:
+            raise ArtifactError(
+                f"not a valid safetensors file: {begin - end_so_far} unused bytes before tensor {key!r}"
+            )
+        end_so_far, previous = end, key
+    if end_so_far != data_len:
+        raise ArtifactError(
+            f"not a valid safetensors file: the tensors cover {end_so_far} bytes but the data section "
+            f"has {data_len} bytes"
+        )
+    return header_len, entries
+
+
+def _check_entry(
+    key: str, info: Any, allowed_dtypes: Collection[str]
+) -> tuple[torch.dtype, list[int], int, int]:
+    bad = f"not a valid safetensors file: tensor {key!r}"
+    if not key:
+        raise ArtifactError("not a valid safetensors file: a tensor has an empty name")
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ArtifactError(f"{bad} must have exactly dtype, shape and data_offsets")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype_name, str):
+        raise ArtifactError(f"{bad} has a dtype that is not a string")
+    if dtype_name not in allowed_dtypes:
+        raise ArtifactError(
+            f"tensor {key!r} has dtype {dtype_name}; allowed here: {', '.join(allowed_dtypes)}"
+        )
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise ArtifactError(f"{bad} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+        raise ArtifactError(f"{bad} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    dtype = _DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected:
+        raise ArtifactError(
+            f"{bad}: data_offsets {offsets} span {end - begin} bytes, but a {dtype_name} tensor of "
+            f"shape {shape} needs {expected}"
+        )
+    return dtype, shape, begin, end
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _sniff_foreign(data: bytes) -> tuple[str, str] | None:
+    """Recognise the formats people send instead of safetensors: (what it is, what to do)."""
+    head = bytes(data[:16])
+    # Pickle protocol 2-5 starts with PROTO n; byte 0 is never a valid opcode, which tells a
+    # pickle from a safetensors header length that happens to start with the same two bytes.
+    if len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] != 0:
+        return "a pickle file", _SAVE_HINT
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        if _zip_starts_with_npy(data):
+            return "a numpy .npz archive", "gradleak reads only safetensors (see safetensors.numpy.save_file)"
+        return "a torch.save/zip archive", _SAVE_HINT
+    if head.startswith(b"\x93NUMPY"):
+        return "a numpy .npy file", "gradleak reads only safetensors (see safetensors.numpy.save_file)"
+    if head.startswith(_HDF5_MAGIC):
+        return "an HDF5 file (Keras .h5 weights?)", _SAVE_HINT
+    if len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F and head[2] in _ONNX_SECOND_TAGS:
+        return "an ONNX model", _SAVE_HINT
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip-compressed file", "decompress it first; " + _SAVE_HINT
+    return None
+
+
+def _zip_starts_with_npy(data: bytes) -> bool:
+    """Whether the first entry of a zip archive is a .npy file, as in everything numpy.savez writes."""
+    # Local file header: 30 fixed bytes, the name length at offset 26, then the name.
+    if len(data) < 30:
+        return False
+    name_len = int.from_bytes(data[26:28], "little")
+    return bytes(data[30 : 30 + name_len]).endswith(b".npy")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise tensors (any device, views and shared storage allowed) to safetensors bytes."""
+    return safetensors.torch.save(_prepare(tensors), metadata=metadata)
+
+
+def save_safetensors_file(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write `save_safetensors(tensors, metadata)` to `path`, creating parent directories."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(save_safetensors(tensors, metadata))
+
+
+def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory (tied weights, views); give those their own.
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        t = value.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.nbytes:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# matching tensors to a model
+# ---------------------------------------------------------------------------------------------
+
+_MAX_LISTED = 10
+
+
+def match_state(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], *, what: UpdateKind
+) -> dict[str, torch.Tensor]:
+    """Check names, shapes and dtype kinds of `tensors` against `model`; return them in the
+    model's order (dtypes unchanged: callers cast).
+
+    weights: every floating-point entry of the state dict (parameters and float buffers such as
+    BN running statistics); integer buffers (num_batches_tracked) may be present or absent.
+    gradient: exactly the parameters that require grad.
+    delta: the parameters that require grad; every other state-dict entry may be present.
+    Raises ShapeMismatchError listing the first mismatches.
+    """
+    state = model.state_dict()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected: dict[str, tuple[torch.Tensor, bool]] = {}  # name -> (reference, required)
+    if what == "gradient":
+        params = dict(model.named_parameters())
+        expected = {n: (params[n], True) for n in params if n in trainable}
+    elif what == "weights":
+        expected = {n: (t, t.is_floating_point()) for n, t in state.items()}
+    elif what == "delta":
+        expected = {n: (t, n in trainable) for n, t in state.items()}
+    else:
+        raise ValueError(f"unknown update kind {what!r}")
+
+    mismatches: list[str] = []
+    for n, (ref, required) in expected.items():
+        got = tensors.get(n)
+        if got is None:
+            if required:
+                mismatches.append(f"missing: {n}")
+            continue
+        if list(got.shape) != list(ref.shape):
+            mismatches.append(f"shape of {n}: expected {list(ref.shape)}, got {list(got.shape)}")
+        elif got.is_floating_point() != ref.is_floating_point():
+            kind = "floating point" if ref.is_floating_point() else "integer"
+            mismatches.append(f"dtype of {n}: expected {kind}, got {str(got.dtype).removeprefix('torch.')}")
+    mismatches += [f"unexpected: {n}" for n in tensors if n not in expected]
+    if mismatches:
+        shown = mismatches[:_MAX_LISTED]
+        more = f" (first {_MAX_LISTED} of {len(mismatches)})" if len(mismatches) > _MAX_LISTED else ""
+        raise ShapeMismatchError(
+            f"the {what} tensors do not match the model ({type(model).__name__}){more}: " + "; ".join(shown),
+            shown,
+        )
+    return {n: tensors[n] for n in expected if n in tensors}
