@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch.func import grad_and_value
 
 from service.attacks.base import AttackProblem, AttackResult, Control
 from service.attacks.inverting import attack_model, matching_objective
@@ -34,11 +33,9 @@ class DLG:
         generator: torch.Generator,
     ) -> AttackResult:
         model = attack_model(problem)
-        objective = matching_objective(problem, model, cost="l2")
+        objective = matching_objective(problem, model, functional=False, cost="l2")
         n, (c, h, w) = problem.num_images, problem.image_shape
         joint = problem.labels is None
-        argnums = (0, 1) if joint else 0
-        step = grad_and_value(objective, argnums=argnums)
         no_aux = torch.zeros((), device=problem.device)
 
         best: tuple[float, torch.Tensor, torch.Tensor] | None = None
@@ -66,11 +63,11 @@ class DLG:
             def closure(
                 x: torch.Tensor = x, y: torch.Tensor = y, variables: list[torch.Tensor] = variables
             ) -> torch.Tensor:
-                grads, loss = step(x, y, no_aux)
-                grads = grads if isinstance(grads, tuple) else (grads,)
-                for var, g in zip(variables, grads, strict=False):
+                inputs = [v.detach().requires_grad_() for v in variables]
+                loss = objective(inputs[0], inputs[1] if joint else y, no_aux)
+                for var, g in zip(variables, torch.autograd.grad(loss, inputs), strict=True):
                     var.grad = g
-                return loss
+                return loss.detach()
 
             done_here = 0
             while done_here < per_restart and not control.stop(iteration):

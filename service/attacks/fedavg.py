@@ -11,39 +11,48 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch.func import functional_call, grad
+from torch.func import functional_call
 
 from kernels import gradient_matching_loss, pack_targets, total_variation
 from service.attacks.base import AttackProblem, AttackResult, Control, layer_weights
-from service.attacks.inverting import attack_model, matching_objective, soft_cross_entropy
-from service.attacks.optimize import Objective, optimise
+from service.attacks.inverting import (
+    attack_model,
+    attack_parameters,
+    matching_objective,
+    parameter_gradients,
+    soft_cross_entropy,
+)
+from service.attacks.optimize import Objective, batched, optimise
 from service.errors import SpecError
 from service.fl import minibatch_indices
 from service.specs import FedAvgParams, Knowledge
 
 
-def unroll_objective(problem: AttackProblem, params: FedAvgParams) -> Objective:
+def unroll_objective(problem: AttackProblem, params: FedAvgParams, functional: bool) -> Objective:
     client = problem.client
     assert client.lr is not None and client.local_epochs is not None and client.batch_size is not None
     lr, epochs, batch = client.lr, client.local_epochs, client.batch_size
     momentum = client.momentum or 0.0
     model = attack_model(problem)
     names = problem.param_names
-    start = {n: p.detach() for n, p in model.named_parameters()}
+    start = attack_parameters(model, functional)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     packed = pack_targets(problem.target)
     weights = layer_weights(params.layer_weights, len(names))
     # the shuffling seed is a training detail: with it, the attacker replays the client's exact order
     batches = minibatch_indices(problem.num_images, batch, epochs, client.shuffle_seed)
 
-    def batch_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return soft_cross_entropy(functional_call(model, (p, buffers), (x,)), y)
+    def batch_loss(
+        p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = soft_cross_entropy(functional_call(model, (p, buffers), (x,)), y)
+        return loss, loss.detach()
 
     def objective(x: torch.Tensor, y: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
         p = dict(start)
         velocity: dict[str, torch.Tensor] = {}
         for idx in batches:
-            g = grad(batch_loss)(p, x[idx], y[idx])
+            g, _ = parameter_gradients(batch_loss, p, x[idx], y[idx], functional=functional)
             if momentum:
                 velocity = {k: momentum * velocity[k] + g[k] if k in velocity else g[k] for k in names}
                 g = velocity
@@ -76,14 +85,19 @@ class FedAvgUnroll:
             raise SpecError("fedavg_unroll attacks a FedAvg update: give a delta or weights update")
         c = problem.client
         if c.lr is not None and c.local_epochs is not None and c.batch_size is not None:
-            objective = unroll_objective(problem, params)
+            objective = unroll_objective(problem, params, batched(control))
             case = "case1_unrolled"
         else:
             # Case 2: one step on the whole batch; -delta is proportional to the gradient
             problem.target = [-t for t in problem.target]
             model = attack_model(problem)
             objective = matching_objective(
-                problem, model, cost=params.cost, weighting=params.layer_weights, tv_weight=params.tv_weight
+                problem,
+                model,
+                functional=batched(control),
+                cost=params.cost,
+                weighting=params.layer_weights,
+                tv_weight=params.tv_weight,
             )
             case = "case2_single_step"
         result = optimise(problem, params, control, generator, objective)

@@ -8,6 +8,7 @@ group-consistency term across restarts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -17,7 +18,7 @@ from torch.func import functional_call, grad
 
 from kernels import gradient_matching_loss, pack_targets, total_variation
 from service.attacks.base import AttackProblem, AttackResult, Control, layer_weights
-from service.attacks.optimize import Objective, optimise
+from service.attacks.optimize import Objective, batched, optimise
 from service.errors import SpecError
 from service.specs import GradInversionParams, InvertingGradientsParams, Knowledge
 
@@ -57,13 +58,38 @@ class BNStatsRecorder:
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0]
         dims = [0, *range(2, x.dim())]
-        self.stats.append((x.mean(dims), x.var(dims, unbiased=False)))
+        self.stats.append((x.mean(dims), x.var(dims)))  # unbiased, as running_var keeps it
+
+
+def parameter_gradients(
+    loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    params: dict[str, torch.Tensor],
+    *args: torch.Tensor,
+    functional: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """d loss / d params, differentiable w.r.t. `args`; `loss_fn` returns (loss, aux).
+
+    `functional` uses torch.func.grad, which composes with vmap (batched restarts); otherwise
+    plain autograd with create_graph, which is faster for a single restart. In plain mode
+    `params` must be leaves that require grad.
+    """
+    if functional:
+        return grad(loss_fn, has_aux=True)(params, *args)  # type: ignore[no-any-return]
+    loss, aux = loss_fn(params, *args)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    return dict(zip(params, grads, strict=True)), aux
+
+
+def attack_parameters(model: nn.Module, functional: bool) -> dict[str, torch.Tensor]:
+    """The server's weights as the inputs of the client's loss (leaves with grad in plain mode)."""
+    return {n: p.detach().requires_grad_(not functional) for n, p in model.named_parameters()}
 
 
 def matching_objective(
     problem: AttackProblem,
     model: nn.Module,
     *,
+    functional: bool,
     cost: str,
     weighting: str = "uniform",
     tv_weight: float = 0.0,
@@ -72,7 +98,7 @@ def matching_objective(
 ) -> Objective:
     """The attack objective of one restart: gradient matching plus the chosen priors."""
     names = problem.param_names
-    model_params = {n: p.detach() for n, p in model.named_parameters()}
+    model_params = attack_parameters(model, functional)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     packed = pack_targets(problem.target)
     weights = layer_weights(weighting, len(names))
@@ -91,7 +117,7 @@ def matching_objective(
         return loss, bn
 
     def objective(x: torch.Tensor, y: torch.Tensor, consensus: torch.Tensor) -> torch.Tensor:
-        g, bn = grad(client_loss, has_aux=True)(model_params, x, y)
+        g, bn = parameter_gradients(client_loss, model_params, x, y, functional=functional)
         loss = gradient_matching_loss([g[n] for n in names], packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
         if tv_weight > 0:
             loss = loss + tv_weight * total_variation(x)
@@ -121,7 +147,12 @@ class InvertingGradients:
     ) -> AttackResult:
         model = attack_model(problem)
         objective = matching_objective(
-            problem, model, cost=params.cost, weighting=params.layer_weights, tv_weight=params.tv_weight
+            problem,
+            model,
+            functional=batched(control),
+            cost=params.cost,
+            weighting=params.layer_weights,
+            tv_weight=params.tv_weight,
         )
         return optimise(problem, params, control, generator, objective)
 
@@ -150,6 +181,7 @@ class GradInversion:
         objective = matching_objective(
             problem,
             model,
+            functional=batched(control),
             cost=params.cost,
             weighting=params.layer_weights,
             tv_weight=params.tv_weight,

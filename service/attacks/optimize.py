@@ -59,8 +59,7 @@ def optimise(
     opt = torch.optim.Adam(variables, lr=params.lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
 
-    argnums = (0, 1) if state.joint_labels else 0
-    step_fn = vmap(grad_and_value(objective, argnums=argnums))
+    step_fn = _batched_step(objective, state.joint_labels) if batched(control) else _single_step(objective)
 
     best_loss = torch.full((restarts,), float("inf"), device=problem.device)
     best_images = state.images.detach().clone()
@@ -77,7 +76,6 @@ def optimise(
 
         aux = _group_consensus(state.images, group_size)
         grads, losses = step_fn(state.images, state.labels, aux)
-        grads = grads if isinstance(grads, tuple) else (grads,)
         losses = losses.detach()
         if not torch.isfinite(losses).all():
             # a diverged restart restarts from its best iterate rather than poisoning the batch
@@ -119,6 +117,41 @@ def optimise(
         stop_reason=control.stop_reason,
         details={"best_restart": winner, "joint_labels": state.joint_labels},
     )
+
+
+def batched(control: Control) -> bool:
+    """Several restarts run as one vmapped computation; a single one runs on plain autograd."""
+    return control.budget.restarts > 1
+
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[tuple[torch.Tensor, ...], torch.Tensor]]
+
+
+def _batched_step(objective: Objective, joint_labels: bool) -> Step:
+    argnums = (0, 1) if joint_labels else 0
+    vectorised = vmap(grad_and_value(objective, argnums=argnums))
+
+    def step(
+        images: torch.Tensor, labels: torch.Tensor, aux: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        grads, losses = vectorised(images, labels, aux)
+        return (grads if isinstance(grads, tuple) else (grads,)), losses
+
+    return step
+
+
+def _single_step(objective: Objective) -> Step:
+    def step(
+        images: torch.Tensor, labels: torch.Tensor, aux: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        x = images[0].detach().requires_grad_()
+        joint = labels.dtype.is_floating_point
+        y = labels[0].detach().requires_grad_() if joint else labels[0]
+        loss = objective(x, y, aux[0])
+        grads = torch.autograd.grad(loss, [x, y] if joint else [x])
+        return tuple(g.unsqueeze(0) for g in grads), loss.detach().unsqueeze(0)
+
+    return step
 
 
 def _group_consensus(images: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from service.jobs.types import (
 from service.metrics import score
 from service.models import build_model
 from service.specs import ClientTraining, JobSpec, Knowledge
-from service.tensorio import load_safetensors, match_state, save_safetensors
+from service.tensorio import STATE_DTYPES, load_safetensors, match_state, save_safetensors
 
 PROGRESS_INTERVAL_S = 0.25
 
@@ -164,13 +164,13 @@ def _victim(
         return Victim(params, buffers, images, labels, bn_stats)
 
     assert spec.update.artifact is not None
-    tensors = load_safetensors(ctx.resolve(spec.update.artifact))
+    tensors = load_safetensors(ctx.resolve(spec.update.artifact), allowed_dtypes=STATE_DTYPES, name="update")
     matched = match_state(model, tensors, what=spec.update.kind)
     params, buffers = _split(model, {k: v.to(device) for k, v in matched.items()}, spec.update.kind)
     truth_images = truth_labels = None
     if spec.ground_truth is not None:
         truth = load_safetensors(
-            ctx.resolve(spec.ground_truth), allowed_dtypes=("F16", "BF16", "F32", "F64", "I64", "I32")
+            ctx.resolve(spec.ground_truth), allowed_dtypes=(*STATE_DTYPES, "I32"), name="ground_truth"
         )
         truth_images, truth_labels = _ground_truth(truth, spec)
     return Victim(params, buffers, truth_images, truth_labels, None)
@@ -215,7 +215,7 @@ def _client_bn_stats(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tens
     def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
         t = inputs[0]
         dims = [0, *range(2, t.dim())]
-        stats.append((t.mean(dims), t.var(dims, unbiased=False)))
+        stats.append((t.mean(dims), t.var(dims)))  # unbiased, as running_var keeps it
 
     for m in layers:
         m.register_forward_hook(hook)
@@ -260,10 +260,10 @@ def _problem(
         target, target_kind = [update[n] for n in names], "gradient"
     grad_view = {n: (-update[n] if delta_like else update[n]) for n in names}  # gradient direction
 
-    labels, label_source, num_images, num_source = _labels(spec, model, grad_view, client)
+    labels, label_source, num_images, num_source = _labels(spec, model, grad_view, client, delta_like)
     bn_targets, bn_source = None, None
     if spec.knowledge >= Knowledge.BN_STATISTICS:
-        bn_targets, bn_source = _bn_targets(model, victim)
+        bn_targets, bn_source = _bn_targets(model, victim, spec.update.kind)
     return AttackProblem(
         model=copy.deepcopy(model),
         target=[t.detach().to(device) for t in target],
@@ -285,7 +285,7 @@ def _problem(
 
 
 def _labels(
-    spec: JobSpec, model: nn.Module, grads: dict[str, torch.Tensor], client: ClientTraining
+    spec: JobSpec, model: nn.Module, grads: dict[str, torch.Tensor], client: ClientTraining, delta_like: bool
 ) -> tuple[torch.Tensor | None, str, int, str]:
     """Labels and image count as the attacker can know them: given, inferred, or optimised."""
     data, strategy = spec.data, spec.attack.label_strategy
@@ -300,33 +300,56 @@ def _labels(
     if strategy == "known":
         raise SpecError("label_strategy 'known' needs data.labels")
 
-    weight_grad, bias_grad = last_layer_grads(grads, model)
+    weight_grad, bias_grad = last_layer_grads(grads, model, spec.data.num_classes)
+
+    def counts(n: int | None) -> tuple[list[int], int]:
+        # a weight change is a gradient of unknown scale (lr, steps): let the inference calibrate it
+        return infer_label_counts(
+            weight_grad,
+            bias_grad,
+            n,
+            model=model,
+            input_shape=spec.data.shape,
+            bn_mode=client.bn_mode or "train",
+            scale=None if delta_like else 1.0,
+        )
+
     if strategy == "joint":
         if num_images is None:
-            _, num_images = infer_label_counts(weight_grad, bias_grad, None, model=model)
+            _, num_images = counts(None)
             num_source = "estimated from the last layer's gradient"
         return None, "joint optimisation", num_images, num_source
     if num_images == 1:
-        return torch.tensor([idlg_label(weight_grad)]), "inferred (iDLG)", 1, num_source
-    inferred, estimated = infer_label_counts(weight_grad, bias_grad, num_images, model=model)
+        return torch.tensor([idlg_label(weight_grad, bias_grad)]), "inferred (iDLG)", 1, num_source
+    inferred, estimated = counts(num_images)
     if num_images is None:
         num_images, num_source = estimated, "estimated from the last layer's gradient"
     return torch.tensor(inferred, dtype=torch.long), "inferred (label counts)", num_images, num_source
 
 
 def _bn_targets(
-    model: nn.Module, victim: Victim
+    model: nn.Module, victim: Victim, kind: str
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, str | None]:
+    """The BN statistics GradInversion pulls towards, from the best source the update allows."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not layers:
         return None, None
     if victim.client_bn_stats is not None:
         return victim.client_bn_stats, "the client's batch (simulated client)"
     if victim.buffers:
-        old = {f"{n}.{b}": getattr(m, b) for n, m in layers for b in ("running_mean", "running_var")}
-        recovered = batch_bn_statistics_from_update(old, victim.buffers)
-        if recovered:
-            return recovered, "recovered from the running statistics in the update"
+        old = {n: b.detach() for n, b in model.named_buffers() if b.is_floating_point()}
+        new = (
+            victim.buffers
+            if kind == "weights"
+            else {k: old[k] + v for k, v in victim.buffers.items() if k in old}
+        )
+        try:
+            recovered = batch_bn_statistics_from_update(old, new)
+            return [
+                (recovered[n].mean, recovered[n].var) for n, _ in layers
+            ], "recovered from the running statistics in the update"
+        except SpecError:
+            pass  # several local steps mix batches: fall back to the model's statistics, as stated
     return [
         (m.running_mean.detach().clone(), m.running_var.detach().clone())  # type: ignore[union-attr]
         for _, m in layers
