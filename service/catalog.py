@@ -8,7 +8,7 @@ from typing import Any
 def full_catalog() -> dict[str, list[dict[str, Any]]]:
     from service.attacks import catalog as attacks
     from service.defenses import catalog as defenses
-    from service.metrics import catalog as metrics
+    from service.metrics import metric_catalog as metrics
     from service.models import catalog as architectures
 
     return {
