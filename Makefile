@@ -33,7 +33,7 @@ typecheck: venv
 	$(PY) -m mypy service api kernels
 
 bench: venv
-	$(PY) bench/attacks.py
+	$(PY) -m bench.attacks all
 
 bench-kernels: venv
 	$(PY) bench/kernels.py

@@ -3,9 +3,9 @@
 Cases (the foundation issue's): 32x32 images from the shipped photos, CIFAR-10 normalisation,
 untrained models seeded 0, FedSGD, labels known (1, 3, 5, 8 of 10 classes).
 
-  python bench/attacks.py speed            # s/iteration of each configuration, per case
-  python bench/attacks.py quality          # the default attack at 60/120/300 s budgets
-  python bench/attacks.py all              # both; writes bench/results/attacks-cpu.json
+  python -m bench.attacks speed            # s/iteration of each configuration, per case
+  python -m bench.attacks quality          # the default attack at 60/120/300 s budgets
+  python -m bench.attacks all              # both; writes bench/results/attacks-cpu.json
 
 Every measurement runs in its own subprocess (`one`), so peak memory (max RSS) is that run's.
 The baseline run in the same process is `naive`: the same Inverting Gradients step written the
@@ -176,7 +176,7 @@ def naive_speed(spec: Any, iterations: int) -> dict[str, Any]:
 def subprocess_run(
     case: str, config: str, iterations: int, time_limit: float | None, naive: bool = False
 ) -> dict:
-    cmd = [sys.executable, __file__, "one", case, config, str(iterations), str(time_limit or 0)]
+    cmd = [sys.executable, "-m", "bench.attacks", "one", case, config, str(iterations), str(time_limit or 0)]
     if naive:
         cmd.append("--naive")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import TypeAdapter, ValidationError
 
+from service import cli_service
 from service.errors import GradleakError
 from service.specs import (
     ATTACK_PARAMS,
@@ -350,15 +351,7 @@ def catalog(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     typer.echo("metrics: " + ", ".join(m["name"] for m in cat["metrics"]))
 
 
-def _register_service_commands() -> None:
-    try:
-        from service import cli_service
-    except ImportError:  # the service commands ship with the API package
-        return
-    cli_service.register(app)
-
-
-_register_service_commands()
+cli_service.register(app)
 
 
 def main() -> None:

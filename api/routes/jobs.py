@@ -1,0 +1,242 @@
+"""Jobs: submit (202 + Location; Idempotency-Key makes a retried POST return the same job), read,
+list (newest first, by status, paginated with a cursor), cancel, follow (server-sent events),
+and download artifacts (streamed, or redirected to a short-lived presigned URL on S3)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from api.deps import OwnedJob, RuntimeDep, Tenant
+from api.errors import ApiError
+from api.runtime import Runtime
+from api.schemas import ArtifactList, ArtifactOut, JobCreate, JobList, JobOut, job_out
+from service.errors import NotFoundError
+from service.jobs.records import JOB_PREFIX, JobRecord, JobStatus, is_id
+from service.jobs.submit import check_references, check_spec, get_upload_of_kind, new_job, spec_from_uploads
+from service.jobs.types import CONTENT_TYPES, REPORT_HTML
+from service.jobs.uploads import UpdateUpload
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+EVENT_POLL_S = 0.5
+EVENT_RETRY_MS = 2000
+IDEMPOTENCY_KEY = r"^[A-Za-z0-9._:-]{1,200}$"
+# Reports are HTML built from the job: show them sandboxed, with nothing loaded from elsewhere.
+REPORT_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def _submit(
+    rt: Runtime, tenant: str, body: JobCreate, key: str | None, request_hash: str
+) -> tuple[JobRecord, bool]:
+    if body.spec is not None:
+        spec = body.spec
+    else:
+        assert body.update_id is not None
+        update = get_upload_of_kind(rt.state, tenant, body.update_id, "update", "update_id")
+        model_id = body.model_id or UpdateUpload.model_validate(update.metadata).model_id
+        model = get_upload_of_kind(rt.state, tenant, model_id, "model", "model_id")
+        truth = None
+        if body.ground_truth_id is not None:
+            truth = get_upload_of_kind(
+                rt.state, tenant, body.ground_truth_id, "ground_truth", "ground_truth_id"
+            )
+        spec = spec_from_uploads(
+            model=model,
+            update=update,
+            ground_truth=truth,
+            attack=body.attack,
+            knowledge=body.knowledge,
+            defenses=list(body.defenses),
+            budget=body.budget,
+            seed=body.seed,
+        )
+    spec = check_spec(spec, rt.limits)
+    check_references(spec, tenant, rt.state)
+    job = new_job(spec, tenant, rt.settings, idempotency_key=key, request_hash=request_hash)
+    return rt.state.create_job(job)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    summary="Submit a job",
+    responses={409: {"description": "the Idempotency-Key was used for a different request"}},
+)
+async def create_job(
+    body: JobCreate,
+    rt: RuntimeDep,
+    tenant: Tenant,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(pattern=IDEMPOTENCY_KEY, description="a retried POST with the same key returns the same job"),
+    ] = None,
+) -> JobOut:
+    """Check the job (names, knowledge, limits, uploads) and queue it. The response is the job,
+    queued; follow it with GET on its Location or with its event stream."""
+    request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    job, created = await run_in_threadpool(_submit, rt, tenant, body, idempotency_key, request_hash)
+    if not created and job.request_hash != request_hash:
+        raise ApiError(
+            409,
+            "this Idempotency-Key was used for a different request; use a new key for a new job",
+            code="idempotency_conflict",
+        )
+    if created:
+        # Should this fail, the job is stored as queued and the reaper queues it again later.
+        await rt.queue.enqueue(job)
+        rt.metrics.jobs_submitted.inc()
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_out(job)
+
+
+@router.get("", response_model=JobList, summary="List jobs")
+async def list_jobs(
+    rt: RuntimeDep,
+    tenant: Tenant,
+    job_status: Annotated[
+        JobStatus | None, Query(alias="status", description="only jobs in this state")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> JobList:
+    """The tenant's jobs, newest first."""
+    if cursor is not None and not is_id(cursor, JOB_PREFIX):
+        raise ApiError(400, "invalid cursor: pass next_cursor from a previous page", code="invalid_cursor")
+    jobs = await run_in_threadpool(rt.state.list_jobs, tenant, job_status, limit, cursor)
+    return JobList(items=[job_out(j) for j in jobs], next_cursor=jobs[-1].id if len(jobs) == limit else None)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="A job")
+async def get_job(job: OwnedJob) -> JobOut:
+    """Status, progress (iteration, loss, best loss, elapsed), and when done, metrics and result."""
+    return job_out(job)
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobOut,
+    summary="Cancel a job",
+    responses={
+        202: {"model": JobOut, "description": "the running job was told to stop; it ends as cancelled"},
+        409: {"description": "the job has already finished"},
+    },
+)
+async def cancel_job(job: OwnedJob, rt: RuntimeDep, tenant: Tenant, response: Response) -> JobOut:
+    """A waiting job is cancelled at once (200); a running one stops at its next iteration (202)."""
+    if job.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        job = await run_in_threadpool(rt.state.request_cancel, tenant, job.id)
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise ApiError(
+            409, f"job {job.id} has already {job.status.value}; there is nothing to cancel", code="conflict"
+        )
+    if job.status == JobStatus.RUNNING:
+        await rt.queue.cancel(job)
+        response.status_code = status.HTTP_202_ACCEPTED
+    return job_out(job)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    summary="Follow a job (server-sent events)",
+    responses={200: {"description": "`status` and `progress` events, each with the job as data (JobOut)"}},
+)
+async def job_events(job: OwnedJob, rt: RuntimeDep, tenant: Tenant) -> AsyncIterator[ServerSentEvent]:
+    """An event each time the job's status (`status`) or progress (`progress`) changes, with the
+    job (JobOut) as its data; the stream ends after the final status."""
+    seen: tuple[JobStatus, object] | None = None
+    sequence = 0
+    while True:
+        if seen is None or job.status != seen[0] or job.progress != seen[1]:
+            sequence += 1
+            kind = "status" if seen is None or job.status != seen[0] else "progress"
+            data = job_out(job).model_dump(mode="json")
+            yield ServerSentEvent(event=kind, id=str(sequence), data=data, retry=EVENT_RETRY_MS)
+            seen = (job.status, job.progress)
+        if job.status.terminal:
+            return
+        await asyncio.sleep(EVENT_POLL_S)
+        try:
+            job = await run_in_threadpool(rt.state.get_job, tenant, job.id)
+        except NotFoundError:  # deleted by retention meanwhile
+            return
+
+
+def _presign(rt: Runtime, key: str) -> tuple[str | None, datetime | None]:
+    ttl = timedelta(minutes=rt.settings.presign_minutes)
+    url = rt.store.presigned_url(key, ttl)
+    return url, None if url is None else datetime.now(UTC) + ttl
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="A job's artifacts")
+def list_artifacts(job: OwnedJob, rt: RuntimeDep) -> ArtifactList:
+    """metrics.json, grid.png (truth vs reconstruction), reconstruction.safetensors, report.html."""
+    items = []
+    for name, key in sorted(job.artifacts.items()):
+        try:
+            size = rt.store.size(key)
+        except NotFoundError:
+            continue
+        url, expires = _presign(rt, key)
+        items.append(
+            ArtifactOut(
+                name=name,
+                size=size,
+                content_type=CONTENT_TYPES.get(name, "application/octet-stream"),
+                url=f"/v1/jobs/{job.id}/artifacts/{name}",
+                presigned_url=url,
+                presigned_expires_at=expires,
+            )
+        )
+    return ArtifactList(items=items)
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    summary="Download an artifact",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "the artifact's bytes",
+            "content": {t: {} for t in sorted(set(CONTENT_TYPES.values()))},
+        },
+        307: {"description": "S3 stores: a redirect to a short-lived presigned URL"},
+    },
+)
+def get_artifact(job: OwnedJob, name: str, rt: RuntimeDep) -> Response:
+    key = job.artifacts.get(name)
+    if key is None:
+        have = ", ".join(sorted(job.artifacts)) or "none yet"
+        raise NotFoundError(f"job {job.id} has no artifact {name!r}; it has: {have}")
+    url, _ = _presign(rt, key)
+    if url is not None:
+        return RedirectResponse(
+            url, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers={"Cache-Control": "no-store"}
+        )
+    size = rt.store.size(key)
+    disposition = "attachment" if name.endswith(".safetensors") else "inline"
+    headers = {
+        "Content-Length": str(size),
+        "Cache-Control": "private, no-store",
+        "Content-Disposition": f'{disposition}; filename="{job.id}-{name}"',
+    }
+    if name == REPORT_HTML:
+        headers["Content-Security-Policy"] = REPORT_CSP
+    return StreamingResponse(
+        rt.store.iter_bytes(key),
+        media_type=CONTENT_TYPES.get(name, "application/octet-stream"),
+        headers=headers,
+    )

@@ -1,0 +1,214 @@
+"""Uploads: a model's weights, a client's update, the client's own images (for scoring only).
+
+Each is one multipart/form-data request with a `file` part (the safetensors bytes) and a
+`metadata` part (a JSON object), e.g.
+
+    curl -H "Authorization: Bearer $KEY" -F file=@weights.safetensors \\
+         -F 'metadata={"arch": "lenet", "image_shape": [3, 32, 32], "num_classes": 10}' \\
+         http://127.0.0.1:8000/v1/models
+
+A file is checked the way a job would use it before anything is stored; a refused upload
+leaves nothing behind. Uploads are private data: they are never logged and are deleted after
+the retention period.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, File, Form, Response, UploadFile, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from api.deps import RuntimeDep, Tenant
+from api.errors import ApiError, validation_errors
+from api.runtime import Runtime
+from api.schemas import GroundTruthOut, ModelOut, UpdateOut, UploadOut, upload_out
+from service.errors import NotFoundError
+from service.jobs.records import UPLOAD_PREFIXES, UploadKind, UploadRecord, is_id, new_id
+from service.jobs.submit import get_upload_of_kind
+from service.jobs.uploads import (
+    GroundTruthUpload,
+    ModelUpload,
+    UpdateUpload,
+    check_ground_truth_upload,
+    check_model_upload,
+    check_update_upload,
+)
+
+router = APIRouter(prefix="/v1", tags=["uploads"])
+
+UPLOAD_PATHS = ("/v1/models", "/v1/updates", "/v1/ground-truth")
+FileField = Annotated[UploadFile, File(description="the safetensors file")]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _metadata(cls: type[M], text: str | None) -> M:
+    try:
+        return cls.model_validate_json(text or "{}")
+    except ValidationError as e:
+        raise RequestValidationError(validation_errors(list(e.errors()), ("body", "metadata"))) from None
+
+
+def _read(file: UploadFile, limit: int) -> bytes:
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(
+            413, f"the file exceeds this server's upload limit of {limit} bytes", code="payload_too_large"
+        )
+    return data
+
+
+def _store(
+    rt: Runtime, tenant: str, kind: UploadKind, data: bytes, metadata: dict[str, Any], tensors: int
+) -> UploadRecord:
+    upload_id = new_id(UPLOAD_PREFIXES[kind])
+    folder = f"{tenant}/uploads/{upload_id}"
+    now = time.time()
+    record = UploadRecord(
+        id=upload_id,
+        tenant=tenant,
+        kind=kind,
+        key=f"{folder}/data.safetensors",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        metadata=metadata,
+        tensors=tensors,
+        created_at=now,
+        expires_at=now + rt.settings.retention_hours * 3600.0,
+    )
+    rt.store.put_bytes(record.key, data)
+    try:
+        rt.state.add_upload(record)
+    except BaseException:
+        rt.store.delete_prefix(folder)
+        raise
+    rt.metrics.uploads.labels(kind).inc()
+    rt.metrics.upload_bytes.labels(kind).inc(len(data))
+    return record
+
+
+def _created(response: Response, path: str, record: UploadRecord) -> UploadOut:
+    response.headers["Location"] = f"/v1/{path}/{record.id}"
+    return upload_out(record)
+
+
+def _get(rt: Runtime, tenant: str, upload_id: str, kind: UploadKind) -> UploadRecord:
+    # The id's prefix names its kind, so a well-formed id of this kind is the only one to look up.
+    if not is_id(upload_id, UPLOAD_PREFIXES[kind]):
+        raise NotFoundError(f"no {kind.replace('_', ' ')} upload {upload_id!r}")
+    return rt.state.get_upload(tenant, upload_id)
+
+
+def _delete(rt: Runtime, tenant: str, upload_id: str, kind: UploadKind) -> None:
+    record = _get(rt, tenant, upload_id, kind)
+    rt.state.delete_upload(tenant, record.id)
+    rt.store.delete_prefix(record.key.rsplit("/", 1)[0])
+
+
+@router.post(
+    "/models", status_code=status.HTTP_201_CREATED, response_model=ModelOut, summary="Upload a model"
+)
+def upload_model(
+    rt: RuntimeDep,
+    tenant: Tenant,
+    response: Response,
+    file: FileField,
+    metadata: Annotated[str, Form(description="JSON: arch, knobs, image_shape, num_classes (ModelUpload)")],
+) -> UploadOut:
+    """The model the server sent to the client: its weights (safetensors) and its architecture.
+    The weights must fit the architecture exactly (422 lists the first mismatches)."""
+    meta = _metadata(ModelUpload, metadata)
+    data = _read(file, rt.settings.max_upload_bytes)
+    tensors = check_model_upload(data, meta)
+    return _created(
+        response, "models", _store(rt, tenant, "model", data, meta.model_dump(mode="json"), tensors)
+    )
+
+
+@router.post(
+    "/updates",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UpdateOut,
+    summary="Upload a client update",
+)
+def upload_update(
+    rt: RuntimeDep,
+    tenant: Tenant,
+    response: Response,
+    file: FileField,
+    metadata: Annotated[
+        str,
+        Form(description="JSON: model_id, kind, client, normalization, num_images, labels (UpdateUpload)"),
+    ],
+) -> UploadOut:
+    """What a client shared (gradient, delta or new weights) for an uploaded model, and what the
+    server knows of the client's training (each fact may be unknown)."""
+    meta = _metadata(UpdateUpload, metadata)
+    model = get_upload_of_kind(rt.state, tenant, meta.model_id, "model", "metadata.model_id")
+    data = _read(file, rt.settings.max_upload_bytes)
+    tensors = check_update_upload(data, meta, ModelUpload.model_validate(model.metadata), rt.limits)
+    return _created(
+        response, "updates", _store(rt, tenant, "update", data, meta.model_dump(mode="json"), tensors)
+    )
+
+
+@router.post(
+    "/ground-truth",
+    status_code=status.HTTP_201_CREATED,
+    response_model=GroundTruthOut,
+    summary="Upload ground truth",
+)
+def upload_ground_truth(
+    rt: RuntimeDep,
+    tenant: Tenant,
+    response: Response,
+    file: FileField,
+    metadata: Annotated[str | None, Form(description="JSON object; none needed (GroundTruthUpload)")] = None,
+) -> UploadOut:
+    """The client's own images (`images`, N x C x H x W in [0, 1]) and optional `labels` (N),
+    used only to score a reconstruction; attacks never see them."""
+    _metadata(GroundTruthUpload, metadata)
+    data = _read(file, rt.settings.max_upload_bytes)
+    tensors, info = check_ground_truth_upload(data, rt.limits)
+    return _created(response, "ground-truth", _store(rt, tenant, "ground_truth", data, info, tensors))
+
+
+@router.get("/models/{model_id}", response_model=ModelOut, summary="A model upload")
+def get_model(model_id: str, rt: RuntimeDep, tenant: Tenant) -> UploadOut:
+    return upload_out(_get(rt, tenant, model_id, "model"))
+
+
+@router.get("/updates/{update_id}", response_model=UpdateOut, summary="An update upload")
+def get_update(update_id: str, rt: RuntimeDep, tenant: Tenant) -> UploadOut:
+    return upload_out(_get(rt, tenant, update_id, "update"))
+
+
+@router.get("/ground-truth/{ground_truth_id}", response_model=GroundTruthOut, summary="A ground-truth upload")
+def get_ground_truth(ground_truth_id: str, rt: RuntimeDep, tenant: Tenant) -> UploadOut:
+    return upload_out(_get(rt, tenant, ground_truth_id, "ground_truth"))
+
+
+@router.delete("/models/{model_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a model upload")
+def delete_model(model_id: str, rt: RuntimeDep, tenant: Tenant) -> None:
+    _delete(rt, tenant, model_id, "model")
+
+
+@router.delete(
+    "/updates/{update_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an update upload"
+)
+def delete_update(update_id: str, rt: RuntimeDep, tenant: Tenant) -> None:
+    _delete(rt, tenant, update_id, "update")
+
+
+@router.delete(
+    "/ground-truth/{ground_truth_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a ground-truth upload",
+)
+def delete_ground_truth(ground_truth_id: str, rt: RuntimeDep, tenant: Tenant) -> None:
+    _delete(rt, tenant, ground_truth_id, "ground_truth")

@@ -1,0 +1,108 @@
+"""Housekeeping every API process and every worker runs: the reaper and the retention sweep.
+
+The reaper finds running jobs whose lease expired (their worker was killed or lost its network)
+and gives them another try, or fails them with the reason once their tries are used up. It also
+re-queues jobs that have waited suspiciously long, in case their queue entry was lost. The sweep
+deletes uploads and finished jobs (records and artifacts) past their retention: uploads and
+reconstructions are private data. Several processes may run both at once; every step is a
+compare-and-set in the state store, so each job is handled once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from service.errors import NotFoundError
+from service.jobs.execute import job_prefix
+from service.jobs.queue import JobQueue
+from service.jobs.records import RUNNABLE, JobError
+from service.jobs.state import StateStore
+from service.storage import ArtifactStore
+
+log = logging.getLogger("gradleak.maintenance")
+
+REAP_INTERVAL_S = 5.0
+SWEEP_INTERVAL_S = 300.0
+STALE_WAIT_S = 300.0  # a waiting job untouched this long is checked against the queue
+
+_LOST_WORKER = JobError(code="worker_lost", message="the worker running this job stopped responding")
+
+
+async def reap(state: StateStore, queue: JobQueue, now: float | None = None) -> int:
+    """Release running jobs with expired leases and queue them again; return how many."""
+    now = time.time() if now is None else now
+    count = 0
+    for job in await asyncio.to_thread(state.expired_leases, now):
+        released = await asyncio.to_thread(state.release, job.id, None, _LOST_WORKER)
+        if released is None:
+            continue  # another reaper got there first, or the worker came back
+        count += 1
+        log.warning(
+            "job %s: worker %s stopped responding; job is now %s", job.id, job.worker_id, released.status
+        )
+        if released.status in RUNNABLE:
+            await queue.enqueue(released)
+    for job in await asyncio.to_thread(state.runnable, 100):
+        if now - job.updated_at > STALE_WAIT_S:
+            await queue.ensure_queued(job)
+    return count
+
+
+def sweep(state: StateStore, store: ArtifactStore, now: float | None = None) -> tuple[int, int]:
+    """Delete expired uploads and finished jobs with their artifacts: (jobs, uploads) deleted."""
+    now = time.time() if now is None else now
+    jobs = uploads = 0
+    for job in state.expired_jobs(now):
+        store.delete_prefix(job_prefix(job))
+        state.delete_job(job.id)
+        jobs += 1
+    for upload in state.expired_uploads(now):
+        store.delete_prefix(upload.key.rsplit("/", 1)[0])
+        with contextlib.suppress(NotFoundError):  # deleted by its owner meanwhile
+            state.delete_upload(upload.tenant, upload.id)
+        uploads += 1
+    if jobs or uploads:
+        log.info("retention: deleted %d jobs and %d uploads", jobs, uploads)
+    return jobs, uploads
+
+
+@dataclass
+class Housekeeper:
+    """Runs `reap` and `sweep` periodically in the background of an API process or a worker."""
+
+    state: StateStore
+    store: ArtifactStore
+    queue: JobQueue
+    reap_interval_s: float = REAP_INTERVAL_S
+    sweep_interval_s: float = SWEEP_INTERVAL_S
+
+    def __post_init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="gradleak-housekeeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        last_sweep = 0.0
+        while True:
+            try:
+                await reap(self.state, self.queue)
+                if time.monotonic() - last_sweep >= self.sweep_interval_s:
+                    await asyncio.to_thread(sweep, self.state, self.store)
+                    last_sweep = time.monotonic()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a store hiccup must not end housekeeping for the process' lifetime
+                log.exception("housekeeping failed; trying again in %.0fs", self.reap_interval_s)
+            await asyncio.sleep(self.reap_interval_s)

@@ -1,0 +1,198 @@
+"""From a request to a stored job: build the JobSpec from uploads, check it against the
+registries, the tenant's limits and its uploads, and make the job record.
+
+Everything here runs before a job is queued, so that a spec the runner would refuse is refused
+with a 4xx instead of becoming a failed job. The registry checks import the engine (torch)
+lazily.
+"""
+
+from __future__ import annotations
+
+import time
+
+from service.errors import NotFoundError, SpecError
+from service.jobs.records import JOB_PREFIX, UPLOAD_PREFIXES, JobRecord, UploadRecord, new_id
+from service.jobs.state import StateStore
+from service.jobs.uploads import Limits, ModelUpload, UpdateUpload
+from service.settings import Settings
+from service.specs import AttackParams, Budget, DefenseSpec, JobSpec, Knowledge, UpdateSpec
+
+# (where in the spec, which kind of upload it must name)
+REFERENCES = (("model.weights", "model"), ("update.artifact", "update"), ("ground_truth", "ground_truth"))
+
+
+def spec_from_uploads(
+    *,
+    model: UploadRecord,
+    update: UploadRecord,
+    ground_truth: UploadRecord | None = None,
+    attack: AttackParams | None = None,
+    knowledge: Knowledge | None = None,
+    defenses: list[DefenseSpec] | None = None,
+    budget: Budget | None = None,
+    seed: int = 0,
+) -> JobSpec:
+    """The JobSpec the uploads' metadata describe, with the attack settings of the request."""
+    model_meta = ModelUpload.model_validate(model.metadata)
+    update_meta = UpdateUpload.model_validate(update.metadata)
+    if update_meta.model_id != model.id:
+        raise SpecError(f"update {update.id} was uploaded for model {update_meta.model_id}, not {model.id}")
+    fields: dict = {
+        "model": model_meta.model_spec(weights=model.id),
+        "update": UpdateSpec(kind=update_meta.kind, artifact=update.id, client=update_meta.client),
+        "data": update_meta.data_spec(model_meta),
+        "ground_truth": None if ground_truth is None else ground_truth.id,
+        "defenses": defenses or [],
+        "seed": seed,
+    }
+    if attack is not None:
+        fields["attack"] = attack
+    if knowledge is not None:
+        fields["knowledge"] = knowledge
+    if budget is not None:
+        fields["budget"] = budget
+    return JobSpec(**fields)
+
+
+def check_spec(spec: JobSpec, limits: Limits) -> JobSpec:
+    """Refuse what the runner would refuse or the tenant may not ask for; return the spec with the
+    server's defaults filled in (the time limit)."""
+    from service.attacks import ATTACKS
+    from service.data.photos import resolve_photo_name
+    from service.defenses import DEFENSES
+    from service.models import build_model
+
+    spec.check_knowledge()
+    ATTACKS.get(spec.attack.name)
+    for defense in spec.defenses:
+        DEFENSES.get(defense.name)
+    # Architecture, knobs and image size, exactly as the runner will build it (weights come later).
+    build_model(spec.model.model_copy(update={"weights": None}), spec.data)
+
+    sim = spec.update.simulate
+    if sim is not None:
+        if sim.source != "photos" or sim.path is not None:
+            raise SpecError(
+                "the service simulates clients on the bundled sample photos only (update.simulate.source "
+                "'photos', no path); to audit real data, upload the client's update"
+            )
+        limits.check_batch("the number of simulated images", len(sim.images))
+        for name in sim.images:
+            resolve_photo_name(name)
+    data, client = spec.data, spec.update.client
+    limits.check_batch("data.num_images", data.num_images)
+    limits.check_batch("the number of data.labels", None if data.labels is None else len(data.labels))
+    limits.check_batch("update.client.batch_size", client.batch_size)
+    limits.check_batch("update.client.num_samples", client.num_samples)
+
+    budget = spec.budget
+    if budget.iterations > limits.max_iterations:
+        raise SpecError(
+            f"budget.iterations is {budget.iterations}; this server's limit is {limits.max_iterations}"
+        )
+    if budget.restarts > limits.max_restarts:
+        raise SpecError(f"budget.restarts is {budget.restarts}; this server's limit is {limits.max_restarts}")
+    if budget.time_limit_s is not None and budget.time_limit_s > limits.max_time_limit_s:
+        raise SpecError(
+            f"budget.time_limit_s is {budget.time_limit_s:g}; "
+            f"this server's limit is {limits.max_time_limit_s:g} s"
+        )
+    if not 0 <= spec.seed < 2**63:
+        raise SpecError(f"seed must lie in 0..{2**63 - 1}")
+    if budget.time_limit_s is None:
+        budget = budget.model_copy(update={"time_limit_s": limits.default_time_limit_s})
+        spec = spec.model_copy(update={"budget": budget})
+    return spec
+
+
+def check_references(spec: JobSpec, tenant: str, state: StateStore) -> None:
+    """Every upload the spec names must be the tenant's, of the right kind, and agree with the spec."""
+    refs = {
+        "model.weights": spec.model.weights,
+        "update.artifact": spec.update.artifact,
+        "ground_truth": spec.ground_truth,
+    }
+    for where, kind in REFERENCES:
+        ref = refs[where]
+        if ref is None:
+            continue
+        upload = get_upload_of_kind(state, tenant, ref, kind, where)
+        if kind == "model":
+            _check_model(spec, where, ModelUpload.model_validate(upload.metadata), ref)
+        elif kind == "update":
+            meta = UpdateUpload.model_validate(upload.metadata)
+            if meta.kind != spec.update.kind:
+                raise SpecError(
+                    f"{where} {ref} is a {meta.kind} update; the spec says update.kind {spec.update.kind!r}"
+                )
+            try:
+                model = state.get_upload(tenant, meta.model_id)
+            except NotFoundError:
+                continue  # its model is gone; the runner checks the update against the spec's model
+            _check_model(
+                spec, f"the model of {where}", ModelUpload.model_validate(model.metadata), meta.model_id
+            )
+        else:
+            shape, count = tuple(upload.metadata["image_shape"]), upload.metadata["num_images"]
+            if shape != spec.data.shape:
+                raise SpecError(
+                    f"{where} {ref} holds images of shape {list(shape)}; "
+                    f"data.shape is {list(spec.data.shape)}"
+                )
+            if spec.data.num_images is not None and count != spec.data.num_images:
+                raise SpecError(
+                    f"{where} {ref} holds {count} images; data.num_images is {spec.data.num_images}"
+                )
+
+
+def get_upload_of_kind(state: StateStore, tenant: str, ref: str, kind: str, where: str) -> UploadRecord:
+    """The tenant's upload `ref`, which must be of `kind`; `where` names the field that gave it."""
+    try:
+        upload = state.get_upload(tenant, ref)
+    except NotFoundError:
+        raise NotFoundError(
+            f"{where}: no upload {ref!r} (deleted, past its retention, or never uploaded)"
+        ) from None
+    if upload.kind != kind:
+        raise SpecError(
+            f"{where} names a {upload.kind} upload ({ref}); "
+            f"it needs a {kind} upload ({UPLOAD_PREFIXES[kind]}_...)"
+        )
+    return upload
+
+
+def _check_model(spec: JobSpec, where: str, meta: ModelUpload, ref: str) -> None:
+    ours = (spec.model.arch, spec.model.knobs, spec.data.shape, spec.data.num_classes)
+    theirs = (meta.arch, meta.knobs, meta.image_shape, meta.num_classes)
+    if ours != theirs:
+        raise SpecError(
+            f"{where} {ref} is a {meta.arch} (knobs {meta.knobs}) for {_shape(meta.image_shape)} images and "
+            f"{meta.num_classes} classes; the spec asks for a {spec.model.arch} "
+            f"(knobs {spec.model.knobs}) for "
+            f"{_shape(spec.data.shape)} images and {spec.data.num_classes} classes"
+        )
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def new_job(
+    spec: JobSpec,
+    tenant: str,
+    settings: Settings,
+    *,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> JobRecord:
+    now = time.time()
+    return JobRecord(
+        id=new_id(JOB_PREFIX),
+        tenant=tenant,
+        spec_json=spec.to_json(),
+        created_at=now,
+        updated_at=now,
+        expires_at=now + settings.retention_hours * 3600.0,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )

@@ -1,0 +1,196 @@
+"""What a tenant uploads (a model's weights, a client's update, the client's own images for
+scoring), the metadata that comes with each, and the checks each passes before it is stored.
+
+The checks are the runner's own (tensorio's safetensors reader, the architecture registry,
+`match_state`), run at upload time so that a bad file is refused with a clear 4xx instead of
+failing a job later. They import torch, lazily: importing this module does not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import ArtifactError, SpecError
+from service.settings import Settings
+from service.specs import MAX_IMAGE_SIDE, ClientTraining, DataSpec, JsonScalar, ModelSpec, Normalization
+
+GROUND_TRUTH_DTYPES = ("F16", "BF16", "F32", "F64", "I64", "I32")
+
+
+def refuse_non_finite(value: Any, where: str = "") -> Any:
+    """JSON parsers accept NaN and Infinity, and a bound like `gt=0` lets Infinity through: refuse
+    them anywhere in a request (a `mode="before"` validator)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'a number'} must be finite, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            refuse_non_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            refuse_non_finite(item, f"{where}[{i}]")
+    return value
+
+
+class UploadMeta(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data: Any) -> Any:
+        return refuse_non_finite(data)
+
+
+class ModelUpload(UploadMeta):
+    """A model as the server sent it to the client: architecture, knobs, and the data it takes."""
+
+    arch: str = Field(description="registered architecture name, see GET /v1/catalog")
+    knobs: dict[str, JsonScalar | list[int]] = Field(default_factory=dict, description="constructor knobs")
+    image_shape: tuple[int, int, int] = Field(default=(3, 32, 32), description="C, H, W of one input image")
+    num_classes: Annotated[int, Field(ge=2, le=100_000)] = 10
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelUpload:
+        self.data_spec()
+        return self
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(shape=self.image_shape, num_classes=self.num_classes)
+
+    def model_spec(self, weights: str | None = None) -> ModelSpec:
+        return ModelSpec(arch=self.arch, knobs=self.knobs, weights=weights)
+
+
+class UpdateUpload(UploadMeta):
+    """A client's shared update and what the server knows about how it was made."""
+
+    model_id: str = Field(description="the model upload (mdl_...) the client trained")
+    kind: Literal["gradient", "delta", "weights"] = Field(
+        description="gradient (FedSGD), delta = w_new - w_old, or weights = w_new"
+    )
+    client: ClientTraining = Field(
+        default_factory=ClientTraining,
+        description="the client's training facts; leave out what is unknown",
+    )
+    image_shape: tuple[int, int, int] | None = Field(
+        default=None, description="C, H, W of the client's images; default (and must agree with) the model's"
+    )
+    num_classes: int | None = Field(default=None, description="default (and must agree with) the model's")
+    normalization: Literal["cifar10", "cifar100", "imagenet", "none"] | Normalization = Field(
+        default="cifar10", description="how the client normalised its images"
+    )
+    num_images: Annotated[int, Field(ge=1, le=256)] | None = Field(
+        default=None, description="how many images the update covers, if known"
+    )
+    labels: list[int] | None = Field(
+        default=None, description="the client's labels, if the server knows them"
+    )
+
+    def data_spec(self, model: ModelUpload) -> DataSpec:
+        for name, ours, theirs in (
+            ("image_shape", self.image_shape, model.image_shape),
+            ("num_classes", self.num_classes, model.num_classes),
+        ):
+            if ours is not None and ours != theirs:
+                raise SpecError(f"update metadata: {name} {ours} disagrees with the model's {theirs}")
+        try:
+            return DataSpec(
+                shape=model.image_shape,
+                num_classes=model.num_classes,
+                normalization=self.normalization,
+                num_images=self.num_images,
+                labels=self.labels,
+            )
+        except ValidationError as e:
+            raise SpecError("update metadata: " + "; ".join(err["msg"] for err in e.errors())) from None
+
+
+class GroundTruthUpload(UploadMeta):
+    """No metadata is needed: the file holds `images` (N, C, H, W) in [0, 1] and optional `labels` (N,)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one job may ask for. Every tenant has the server's limits for now."""
+
+    max_batch_size: int
+    max_iterations: int
+    max_restarts: int
+    max_time_limit_s: float
+    default_time_limit_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            max_batch_size=settings.max_batch_size,
+            max_iterations=settings.max_iterations,
+            max_restarts=settings.max_restarts,
+            max_time_limit_s=settings.max_time_limit_s,
+            default_time_limit_s=min(settings.default_time_limit_s, settings.max_time_limit_s),
+        )
+
+    def check_batch(self, what: str, count: int | None) -> None:
+        if count is not None and count > self.max_batch_size:
+            raise SpecError(f"{what} is {count}; this server's limit is {self.max_batch_size} images per job")
+
+
+def check_model_upload(data: bytes, meta: ModelUpload) -> int:
+    """Build the architecture and load the weights into it, as a job would; return the tensor count."""
+    from service.models import build_model
+
+    build_model(meta.model_spec(weights="upload"), meta.data_spec(), resolve=lambda _: data)
+    # build_model has checked the file; count its tensors from the header alone.
+    header_len = int.from_bytes(data[:8], "little")
+    return sum(1 for name in json.loads(data[8 : 8 + header_len]) if name != "__metadata__")
+
+
+def check_update_upload(data: bytes, meta: UpdateUpload, model: ModelUpload, limits: Limits) -> int:
+    """Check an update against its model's architecture and the batch limits; return the tensor count."""
+    from service.models import build_model
+    from service.tensorio import load_safetensors, match_state
+
+    meta.data_spec(model)
+    limits.check_batch("num_images", meta.num_images)
+    limits.check_batch("the number of labels", None if meta.labels is None else len(meta.labels))
+    limits.check_batch("client.batch_size", meta.client.batch_size)
+    limits.check_batch("client.num_samples", meta.client.num_samples)
+    tensors = load_safetensors(data, name="update")
+    match_state(build_model(model.model_spec(), model.data_spec()), tensors, what=meta.kind)
+    return len(tensors)
+
+
+def check_ground_truth_upload(data: bytes, limits: Limits) -> tuple[int, dict[str, Any]]:
+    """Check the client's images and labels; return the tensor count and what a job needs to know."""
+    from service.tensorio import load_safetensors
+
+    tensors = load_safetensors(data, allowed_dtypes=GROUND_TRUTH_DTYPES, name="ground truth")
+    images = tensors.get("images")
+    if images is None:
+        raise ArtifactError("ground truth needs a tensor named 'images' (N, C, H, W) with values in [0, 1]")
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or not images.is_floating_point():
+        raise ArtifactError(
+            "ground truth 'images' must be floating point (N, C, H, W) with C 1 or 3; "
+            f"got shape {list(images.shape)}"
+        )
+    n, c, h, w = images.shape
+    if not (8 <= h <= MAX_IMAGE_SIDE and 8 <= w <= MAX_IMAGE_SIDE):
+        raise ArtifactError(f"ground truth images are {h}x{w}; image sides must lie in 8..{MAX_IMAGE_SIDE}")
+    limits.check_batch("the number of ground-truth images", int(n))
+    if n == 0 or bool(images.min() < 0) or bool(images.max() > 1):
+        raise ArtifactError("ground truth 'images' must hold at least one image, with values in [0, 1]")
+    labels = tensors.get("labels")
+    if labels is not None and (labels.is_floating_point() or labels.dim() != 1 or len(labels) != n):
+        raise ArtifactError(
+            f"ground truth 'labels' must be integers of shape [{n}]; got {list(labels.shape)}"
+        )
+    unexpected = sorted(set(tensors) - {"images", "labels"})
+    if unexpected:
+        raise ArtifactError(
+            f"ground truth holds 'images' and 'labels' only; unexpected: {', '.join(unexpected)}"
+        )
+    info = {"num_images": int(n), "image_shape": [int(c), int(h), int(w)], "has_labels": labels is not None}
+    return len(tensors), info

@@ -1,0 +1,103 @@
+"""Helpers for the job tests: a tiny spec, jobs in a store, a stand-in runner, waiting."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import redis
+
+from service.jobs.records import JobRecord, UploadRecord, new_id
+from service.jobs.state import StateStore
+from service.jobs.submit import new_job
+from service.jobs.types import JobContext, JobResult, Progress
+from service.settings import Settings
+from service.specs import JobSpec
+
+REDIS_URL = os.environ.get("GRADLEAK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def redis_client() -> redis.Redis | None:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True, socket_connect_timeout=1.0)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        return None
+    return client
+
+
+TINY_SPEC = {
+    "model": {"arch": "lenet"},
+    "update": {"simulate": {"images": ["astronaut"], "labels": [1]}},
+    "data": {"shape": [3, 16, 16], "labels": [1]},
+    "attack": {"name": "dlg"},
+    "budget": {"iterations": 4, "time_limit_s": 60},
+}
+
+
+def make_job(
+    state: StateStore, settings: Settings, tenant: str = "acme", spec: dict | None = None, **changes: object
+) -> JobRecord:
+    job = new_job(JobSpec.model_validate(spec or TINY_SPEC), tenant, settings)
+    if changes:
+        job = job.model_copy(update=changes)
+    created, _ = state.create_job(job)
+    return created
+
+
+def upload(tenant: str = "acme", expires_in: float = 3600.0) -> UploadRecord:
+    now = time.time()
+    upload_id = new_id("mdl")
+    return UploadRecord(
+        id=upload_id,
+        tenant=tenant,
+        kind="model",
+        key=f"{tenant}/uploads/{upload_id}/data.safetensors",
+        size=10,
+        sha256="0" * 64,
+        metadata={"arch": "lenet"},
+        tensors=2,
+        created_at=now,
+        expires_at=now + expires_in,
+    )
+
+
+class FakeRunner:
+    """Stands in for the runner: reports progress per 'iteration', honours should_stop, writes one
+    artifact, or raises what it is told to. `started` is set when it begins."""
+
+    def __init__(self, iterations: int = 3, delay_s: float = 0.0, error: BaseException | None = None) -> None:
+        self.iterations, self.delay_s, self.error = iterations, delay_s, error
+        self.started = threading.Event()
+        self.calls = 0
+
+    def __call__(self, spec: JobSpec, ctx: JobContext) -> JobResult:
+        self.calls += 1
+        self.started.set()
+        if self.error is not None:
+            raise self.error
+        status: Literal["succeeded", "cancelled"] = "succeeded"
+        for i in range(1, self.iterations + 1):
+            if ctx.should_stop is not None and ctx.should_stop():
+                status = "cancelled"
+                break
+            if ctx.progress is not None:
+                ctx.progress(Progress(stage="attack", iteration=i, total=self.iterations, loss=10.0 / i))
+            time.sleep(self.delay_s)
+        key = f"{ctx.prefix}/metrics.json"
+        manifest = {"job_id": ctx.job_id, "status": status, "metrics": {"psnr": 12.5}}
+        ctx.store.put_bytes(key, json.dumps(manifest).encode(), "application/json")
+        return JobResult(status=status, manifest=manifest, artifacts={"metrics.json": key})
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

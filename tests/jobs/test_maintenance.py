@@ -1,0 +1,121 @@
+"""The reaper (dead workers) and the retention sweep (private data expires)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from jobtools import make_job, upload
+
+from service.errors import NotFoundError
+from service.jobs import maintenance
+from service.jobs.maintenance import Housekeeper, reap, sweep
+from service.jobs.records import MAX_ATTEMPTS, JobRecord, JobStatus
+from service.jobs.state import StateStore
+from service.settings import Settings
+from service.storage import LocalStore
+
+
+class RecordingQueue:
+    def __init__(self) -> None:
+        self.enqueued: list[str] = []
+        self.ensured: list[str] = []
+
+    async def start(self) -> None: ...
+
+    async def enqueue(self, job: JobRecord) -> None:
+        self.enqueued.append(job.id)
+
+    async def cancel(self, job: JobRecord) -> None: ...
+
+    async def ensure_queued(self, job: JobRecord) -> None:
+        self.ensured.append(job.id)
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def test_reaper_requeues_jobs_of_dead_workers(state: StateStore, settings: Settings) -> None:
+    dead, alive = make_job(state, settings), make_job(state, settings)
+    state.claim(dead.id, "w-dead", lease_s=0.01)
+    state.claim(alive.id, "w-alive", lease_s=60)
+    time.sleep(0.05)
+    queue = RecordingQueue()
+    assert asyncio.run(reap(state, queue)) == 1
+    assert queue.enqueued == [dead.id]
+    job = state.get_job(None, dead.id)
+    assert job.status == JobStatus.INTERRUPTED
+    assert job.error is not None and job.error.code == "worker_lost"
+    assert state.get_job(None, alive.id).status == JobStatus.RUNNING
+    assert asyncio.run(reap(state, queue)) == 0  # handled once
+
+
+def test_reaper_fails_a_job_whose_tries_are_used_up(state: StateStore, settings: Settings) -> None:
+    job = make_job(state, settings, attempts=MAX_ATTEMPTS - 1)
+    state.claim(job.id, "w", lease_s=0.01)
+    time.sleep(0.05)
+    queue = RecordingQueue()
+    asyncio.run(reap(state, queue))
+    failed = state.get_job(None, job.id)
+    assert failed.status == JobStatus.FAILED and queue.enqueued == []
+    assert failed.error is not None and "stopped responding" in failed.error.message
+
+
+def test_reaper_checks_long_waiting_jobs_against_the_queue(
+    state: StateStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waiting = make_job(state, settings)
+    queue = RecordingQueue()
+    asyncio.run(reap(state, queue))
+    assert queue.ensured == []
+    monkeypatch.setattr(maintenance, "STALE_WAIT_S", -1.0)
+    asyncio.run(reap(state, queue))
+    assert queue.ensured == [waiting.id]
+
+
+def test_sweep_deletes_expired_jobs_and_uploads_with_their_bytes(
+    state: StateStore, settings: Settings, tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path / "artifacts")
+    past = time.time() - 1
+    expired = make_job(state, settings, expires_at=past)
+    state.request_cancel("acme", expired.id)
+    running = make_job(state, settings, expires_at=past)
+    state.claim(running.id, "w", 60)
+    kept = make_job(state, settings)
+    for job in (expired, running, kept):
+        store.put_bytes(f"acme/jobs/{job.id}/grid.png", b"png")
+    old, new = upload(expires_in=-1), upload()
+    for u in (old, new):
+        state.add_upload(u)
+        store.put_bytes(u.key, b"weights")
+
+    assert sweep(state, store) == (1, 1)
+    with pytest.raises(NotFoundError):
+        state.get_job(None, expired.id)
+    with pytest.raises(NotFoundError):
+        state.get_upload("acme", old.id)
+    assert store.list(f"acme/jobs/{expired.id}") == [] and not store.exists(old.key)
+    assert store.exists(f"acme/jobs/{running.id}/grid.png")  # still running: kept until it ends
+    assert store.exists(f"acme/jobs/{kept.id}/grid.png") and store.exists(new.key)
+
+
+def test_housekeeper_reaps_in_the_background(state: StateStore, settings: Settings, tmp_path: Path) -> None:
+    job = make_job(state, settings)
+    state.claim(job.id, "w", lease_s=0.01)
+    queue = RecordingQueue()
+
+    async def scenario() -> None:
+        keeper = Housekeeper(state, LocalStore(tmp_path / "a"), queue, reap_interval_s=0.02)
+        keeper.start()
+        for _ in range(200):
+            if queue.enqueued:
+                break
+            await asyncio.sleep(0.02)
+        await keeper.stop()
+
+    asyncio.run(scenario())
+    assert queue.enqueued == [job.id]

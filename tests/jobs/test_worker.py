@@ -1,0 +1,200 @@
+"""The production queue: arq on a real Redis, with stand-in runners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from jobtools import REDIS_URL, FakeRunner, make_job, redis_client
+
+from service.jobs import execute, worker
+from service.jobs.queue import ArqQueue
+from service.jobs.records import JobStatus
+from service.jobs.state_redis import RedisStateStore
+from service.jobs.types import JobContext, JobResult
+from service.settings import Settings
+from service.specs import JobSpec
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def arq_settings(redis_prefix: str, tmp_path: Path) -> Iterator[Settings]:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+        queue_name=f"{redis_prefix}:queue",
+        s3_endpoint=None,
+    )
+    yield settings
+    # arq keeps its own keys (arq:job:<id>, arq:result:<id>, ...); ours carry our job ids.
+    client = redis_client()
+    assert client is not None
+    state = RedisStateStore(client, redis_prefix)
+    ids = {j.id for j in state.list_jobs("acme", limit=200)}
+    for key in client.scan_iter("arq:*job_*"):
+        if any(i in key for i in ids):
+            client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def state(arq_settings: Settings) -> Iterator[RedisStateStore]:
+    store = RedisStateStore.from_url(REDIS_URL, prefix=arq_settings.redis_prefix)
+    yield store
+    store.close()
+
+
+async def run_worker_until(
+    settings: Settings,
+    runner: Callable[[JobSpec, JobContext], JobResult],
+    done: Callable[[], bool],
+    timeout: float,
+) -> None:
+    arq_worker = worker.build_worker(settings, runner=runner, handle_signals=False, poll_delay=0.05)
+    task = asyncio.create_task(arq_worker.async_run())
+    try:
+        for _ in range(int(timeout / 0.05)):
+            if done() or task.done():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await arq_worker.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def status_of(state: RedisStateStore, job_id: str) -> JobStatus:
+    return state.get_job(None, job_id).status
+
+
+def test_the_queued_payload_is_json_with_the_job_id_only(
+    arq_settings: Settings, state: RedisStateStore
+) -> None:
+    job = make_job(state, arq_settings)
+
+    async def scenario() -> str:
+        queue = ArqQueue(arq_settings, state)
+        await queue.start()
+        await queue.enqueue(job)
+        await queue.close()
+        ref = state.get_job(None, job.id).queue_ref
+        assert ref is not None and ref.startswith(job.id + ":1:")
+        return ref
+
+    ref = asyncio.run(scenario())
+    raw: Any = redis.Redis.from_url(REDIS_URL).get(f"arq:job:{ref}")
+    assert raw is not None
+    payload = json.loads(raw)  # JSON, not pickle
+    assert payload["f"] == "run_attack" and payload["a"] == [job.id] and payload["k"] == {}
+
+
+def test_a_worker_runs_the_job(arq_settings: Settings, state: RedisStateStore) -> None:
+    job = make_job(state, arq_settings)
+
+    async def scenario() -> None:
+        queue = ArqQueue(arq_settings, state)
+        await queue.start()
+        await queue.enqueue(job)
+        await queue.close()
+        await run_worker_until(
+            arq_settings, FakeRunner(), lambda: status_of(state, job.id) == JobStatus.SUCCEEDED, 30
+        )
+
+    asyncio.run(scenario())
+    done = state.get_job(None, job.id)
+    assert done.status == JobStatus.SUCCEEDED and done.manifest is not None
+    assert done.progress is not None and done.progress.iteration == 3
+
+
+class FlakyRunner(FakeRunner):
+    """Fails its first run with a connection error, as when Redis or S3 blips."""
+
+    def __call__(self, spec: JobSpec, ctx: JobContext) -> JobResult:
+        self.error = redis.exceptions.ConnectionError("connection reset") if self.calls == 0 else None
+        return super().__call__(spec, ctx)
+
+
+def test_a_transient_failure_is_retried(
+    arq_settings: Settings, state: RedisStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "RETRY_DELAY_S", 0.05)
+    job = make_job(state, arq_settings)
+    runner = FlakyRunner()
+
+    async def scenario() -> None:
+        queue = ArqQueue(arq_settings, state)
+        await queue.start()
+        await queue.enqueue(job)
+        await queue.close()
+        await run_worker_until(
+            arq_settings, runner, lambda: status_of(state, job.id) == JobStatus.SUCCEEDED, 30
+        )
+
+    asyncio.run(scenario())
+    done = state.get_job(None, job.id)
+    assert done.status == JobStatus.SUCCEEDED and done.attempts == 2 and runner.calls == 2
+
+
+def test_an_arq_abort_cancels_the_running_job(
+    arq_settings: Settings, state: RedisStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a slow heartbeat, only arq's abort can stop the run in time.
+    monkeypatch.setattr(execute, "HEARTBEAT_S", 60.0)
+    job = make_job(state, arq_settings)
+    runner = FakeRunner(iterations=3000, delay_s=0.01)
+
+    async def scenario() -> None:
+        queue = ArqQueue(arq_settings, state)
+        await queue.start()
+        await queue.enqueue(job)
+
+        def cancel_when_running() -> bool:
+            current = state.get_job(None, job.id)
+            if (
+                current.status == JobStatus.RUNNING
+                and current.progress is not None
+                and not current.cancel_requested
+            ):
+                flagged = state.request_cancel("acme", job.id)
+                asyncio.get_running_loop().create_task(queue.cancel(flagged))
+            return current.status.terminal
+
+        await run_worker_until(arq_settings, runner, cancel_when_running, 30)
+        await queue.close()
+
+    asyncio.run(scenario())
+    cancelled = state.get_job(None, job.id)
+    assert cancelled.status == JobStatus.CANCELLED
+    assert cancelled.progress is not None and cancelled.progress.iteration < 3000
+
+
+def test_a_worker_shutting_down_mid_job_hands_it_to_the_next(
+    arq_settings: Settings, state: RedisStateStore
+) -> None:
+    job = make_job(state, arq_settings)
+
+    def started() -> bool:
+        return state.get_job(None, job.id).progress is not None
+
+    async def scenario() -> None:
+        queue = ArqQueue(arq_settings, state)
+        await queue.start()
+        await queue.enqueue(job)
+        await queue.close()
+        # Closing the worker cancels its running job, as SIGTERM does.
+        await run_worker_until(arq_settings, FakeRunner(iterations=3000, delay_s=0.01), started, 30)
+        interrupted = state.get_job(None, job.id)
+        assert interrupted.status == JobStatus.INTERRUPTED, interrupted
+        await run_worker_until(arq_settings, FakeRunner(), lambda: status_of(state, job.id).terminal, 30)
+
+    asyncio.run(scenario())
+    done = state.get_job(None, job.id)
+    assert done.status == JobStatus.SUCCEEDED and done.attempts == 2
