@@ -56,6 +56,10 @@ class DLG:
                 history_size=params.history_size,
                 max_iter=params.max_eval,
                 line_search_fn="strong_wolfe",
+                # gradient-matching losses of untrained models are tiny: torch's default tolerances
+                # would end every step at once and leave the image where it started
+                tolerance_grad=1e-20,
+                tolerance_change=1e-20,
             )
             restart_best = float("inf")
             per_restart = max(1, control.budget.iterations // control.budget.restarts)
