@@ -217,10 +217,13 @@ class InvertingGradientsParams(AttackParams):
     required_knowledge: ClassVar[Knowledge] = Knowledge.PRIORS
     name: Literal["inverting_gradients"] = "inverting_gradients"
     lr: Annotated[float, Field(gt=0)] = 0.1
-    tv_weight: Annotated[float, Field(ge=0)] = 1e-2
+    tv_weight: Annotated[float, Field(ge=0)] = 1e-4
     signed: bool = True
     boxed: bool = True
-    cost: Literal["cosine", "cosine_global", "l2"] = "cosine"
+    cost: Literal["auto", "cosine", "cosine_global", "l2"] = Field(
+        default="auto",
+        description="auto: l2 when the target is a gradient of known scale, else cosine (scale-free)",
+    )
     layer_weights: Literal["uniform", "linear", "exp"] = "uniform"
     init: Literal["randn", "rand", "zeros"] = "randn"
     warmup_iterations: Annotated[int, Field(ge=0)] = 0
@@ -241,7 +244,8 @@ class FedAvgParams(InvertingGradientsParams):
 
     required_knowledge: ClassVar[Knowledge] = Knowledge.TRAINING_DETAILS
     name: Literal["fedavg_unroll"] = "fedavg_unroll"  # type: ignore[assignment]
-    tv_weight: Annotated[float, Field(ge=0)] = 1e-4
+    # weight changes are lr-sized: a scale-free cost keeps the TV weight meaningful
+    cost: Literal["auto", "cosine", "cosine_global", "l2"] = "cosine"
 
 
 AttackSpec = Annotated[

@@ -38,6 +38,14 @@ class AttackProblem:
     bn_mode: str = "train"
     bn_targets: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per BN layer (mean, var)
     bn_source: str | None = None
+    # False when the update's scale is unknown (a weight change without lr and step count)
+    target_scale_known: bool = True
+
+    def matching_cost(self, requested: str) -> str:
+        """The cost an attack uses: `auto` is L2 where the target's scale is known, else cosine."""
+        if requested != "auto":
+            return requested
+        return "l2" if self.target_scale_known else "cosine"
 
     @property
     def device(self) -> torch.device:

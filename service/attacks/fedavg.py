@@ -39,6 +39,7 @@ def unroll_objective(problem: AttackProblem, params: FedAvgParams, functional: b
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     packed = pack_targets(problem.target)
     weights = layer_weights(params.layer_weights, len(names))
+    cost = problem.matching_cost(params.cost)
     # the shuffling seed is a training detail: with it, the attacker replays the client's exact order
     batches = minibatch_indices(problem.num_images, batch, epochs, client.shuffle_seed)
 
@@ -58,7 +59,7 @@ def unroll_objective(problem: AttackProblem, params: FedAvgParams, functional: b
                 g = velocity
             p = {k: p[k] - lr * g[k] for k in names}
         delta = [p[k] - start[k] for k in names]
-        loss = gradient_matching_loss(delta, packed, cost=params.cost, layer_weights=weights)
+        loss = gradient_matching_loss(delta, packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
         if params.tv_weight > 0:
             loss = loss + params.tv_weight * total_variation(x)
         return loss
@@ -88,14 +89,16 @@ class FedAvgUnroll:
             objective = unroll_objective(problem, params, batched(control))
             case = "case1_unrolled"
         else:
-            # Case 2: one step on the whole batch; -delta is proportional to the gradient
+            # Case 2: one step on the whole batch; -delta is proportional to the gradient, with
+            # a scale the attacker does not know
             problem.target = [-t for t in problem.target]
+            problem.target_scale_known = False
             model = attack_model(problem)
             objective = matching_objective(
                 problem,
                 model,
                 functional=batched(control),
-                cost=params.cost,
+                cost=problem.matching_cost(params.cost),
                 weighting=params.layer_weights,
                 tv_weight=params.tv_weight,
             )

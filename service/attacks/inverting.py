@@ -150,7 +150,7 @@ class InvertingGradients:
             problem,
             model,
             functional=batched(control),
-            cost=params.cost,
+            cost=problem.matching_cost(params.cost),
             weighting=params.layer_weights,
             tv_weight=params.tv_weight,
         )
@@ -182,7 +182,7 @@ class GradInversion:
             problem,
             model,
             functional=batched(control),
-            cost=params.cost,
+            cost=problem.matching_cost(params.cost),
             weighting=params.layer_weights,
             tv_weight=params.tv_weight,
             bn_weight=params.bn_weight,

@@ -120,6 +120,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> JobResult:
             "label_source": problem.label_source,
             "bn_mode": problem.bn_mode,
             "target_kind": problem.target_kind,
+            "matching_cost": problem.matching_cost(getattr(spec.attack, "cost", "l2")),
             "defenses": [d.model_dump() for d in spec.defenses],
             "details": result.details,
         },
@@ -248,6 +249,7 @@ def _problem(
     delta_like = kind != "gradient"
     client = spec.client_training() if spec.knowledge >= Knowledge.TRAINING_DETAILS else ClientTraining()
 
+    scale_known = True
     if spec.attack.name == "fedavg_unroll":
         target, target_kind = [update[n] for n in names], "delta"
     elif delta_like:
@@ -256,6 +258,7 @@ def _problem(
             steps = client.local_epochs * math.ceil(client.num_samples / client.batch_size)
         pseudo = delta_to_pseudo_gradient(update, client.lr, steps)
         target, target_kind = [pseudo[n] for n in names], "gradient"
+        scale_known = client.lr is not None and steps is not None
     else:
         target, target_kind = [update[n] for n in names], "gradient"
     grad_view = {n: (-update[n] if delta_like else update[n]) for n in names}  # gradient direction
@@ -281,6 +284,7 @@ def _problem(
         bn_mode=client.bn_mode or "train",
         bn_targets=bn_targets,
         bn_source=bn_source,
+        target_scale_known=scale_known,
     )
 
 
