@@ -7,10 +7,10 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: venv demo test test-slow lint typecheck bench bench-kernels clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' -e 'clients/python[all]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,7 +30,7 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 typecheck: venv
-	$(PY) -m mypy service api kernels
+	$(PY) -m mypy service api kernels clients/python/src
 
 bench: venv
 	$(PY) -m bench.attacks all
