@@ -59,6 +59,20 @@ def pick_device(requested: str | None) -> torch.device:
 
 
 def run_job(spec: JobSpec, ctx: JobContext) -> JobResult:
+    try:
+        return _run(spec, ctx)
+    except ValueError as e:
+        # torch's own words for a BN layer that sees one value per channel in train mode
+        if "Expected more than 1 value per channel" in str(e):
+            raise SpecError(
+                f"{spec.model.arch} at {spec.data.shape[1]}x{spec.data.shape[2]} reduces a batch of "
+                "this size to one value per channel before a batch-norm layer, which train mode "
+                "cannot normalise: use more images, larger images, or the client's bn_mode 'eval'"
+            ) from None
+        raise
+
+
+def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
     started = time.monotonic()
     timings: dict[str, float] = {}
     emit = _Emitter(ctx, started)

@@ -220,3 +220,16 @@ def test_dlg_joint_labels_run(tmp_path, strategy):
     )
     assert manifest["attack"]["label_source"] == "joint optimisation"
     assert len(manifest["attack"]["labels"]) == 1
+
+
+def test_single_value_per_channel_batch_norm_is_a_clear_spec_error(tmp_path):
+    from service.errors import SpecError
+
+    with pytest.raises(SpecError, match="one value per channel"):
+        job(
+            tmp_path,
+            model={"arch": "resnet18", "knobs": {"stem": "imagenet"}},
+            update={"simulate": {"images": ["coffee"]}},
+            data={"shape": [3, 16, 16], "num_images": 1},
+            budget={"iterations": 1},
+        )
