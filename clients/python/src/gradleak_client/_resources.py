@@ -1,0 +1,674 @@
+"""The API's resources, each in a sync and an async flavour with the same methods.
+
+What a call sends is built once, by the `_*_options` functions; the flavours only differ in how
+they send it and wait.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import httpx
+
+from gradleak_client._base import RequestOptions, Timeout
+from gradleak_client._exceptions import APIResponseValidationError, WaitTimeoutError
+from gradleak_client._progress import ProgressBar
+from gradleak_client._sse import SSEDecoder
+from gradleak_client.types import (
+    Artifact,
+    ArtifactList,
+    Attack,
+    Budget,
+    Catalog,
+    ClientTraining,
+    Defense,
+    GroundTruthUpload,
+    Job,
+    JobEvent,
+    JobList,
+    JobStatus,
+    ModelUpload,
+    Normalization,
+    UpdateKind,
+    UpdateUpload,
+)
+
+if TYPE_CHECKING:
+    from gradleak_client._client import AsyncClient, Client
+
+FileInput = str | os.PathLike[str] | bytes | IO[bytes]
+"""A safetensors file: a path, its bytes, or a binary file object."""
+Progress = bool | Callable[[Job], None]
+DEFAULT_POLL_INTERVAL_S = 1.0
+SAFETENSORS = "application/octet-stream"
+
+
+def _file_part(file: FileInput, default_name: str) -> tuple[str, bytes, str]:
+    """The multipart `file` part. The bytes are read once, so that every retry sends the same."""
+    if isinstance(file, bytes | bytearray):
+        return default_name, bytes(file), SAFETENSORS
+    if isinstance(file, str | os.PathLike):
+        path = Path(file)
+        return path.name, path.read_bytes(), SAFETENSORS
+    name = Path(str(getattr(file, "name", default_name))).name
+    return name, file.read(), SAFETENSORS
+
+
+def _metadata(values: Mapping[str, Any]) -> dict[str, str]:
+    return {"metadata": json.dumps({k: v for k, v in values.items() if v is not None})}
+
+
+def _model_options(
+    file: FileInput,
+    arch: str,
+    image_shape: Sequence[int],
+    num_classes: int,
+    knobs: Mapping[str, Any] | None,
+    timeout: Timeout,
+) -> RequestOptions:
+    meta = {"arch": arch, "image_shape": list(image_shape), "num_classes": num_classes, "knobs": knobs}
+    return RequestOptions(
+        "POST",
+        "/v1/models",
+        files={"file": _file_part(file, "model.safetensors")},
+        data=_metadata(meta),
+        timeout=timeout,
+    )
+
+
+def _update_options(
+    file: FileInput,
+    model_id: str,
+    kind: UpdateKind,
+    client: ClientTraining | Mapping[str, Any] | None,
+    normalization: Normalization | Mapping[str, Sequence[float]],
+    num_images: int | None,
+    labels: Sequence[int] | None,
+    timeout: Timeout,
+) -> RequestOptions:
+    meta = {
+        "model_id": model_id,
+        "kind": kind,
+        "client": None if client is None else {k: v for k, v in client.items() if v is not None},
+        "normalization": normalization if isinstance(normalization, str) else dict(normalization),
+        "num_images": num_images,
+        "labels": None if labels is None else [int(y) for y in labels],
+    }
+    return RequestOptions(
+        "POST",
+        "/v1/updates",
+        files={"file": _file_part(file, "update.safetensors")},
+        data=_metadata(meta),
+        timeout=timeout,
+    )
+
+
+def _ground_truth_options(file: FileInput, timeout: Timeout) -> RequestOptions:
+    return RequestOptions(
+        "POST",
+        "/v1/ground-truth",
+        files={"file": _file_part(file, "ground_truth.safetensors")},
+        data=_metadata({}),
+        timeout=timeout,
+    )
+
+
+def _job_body(
+    update_id: str | None,
+    model_id: str | None,
+    ground_truth_id: str | None,
+    attack: Attack | Mapping[str, Any] | None,
+    knowledge: int | None,
+    defenses: Sequence[Defense | Mapping[str, Any]] | None,
+    budget: Budget | Mapping[str, Any] | None,
+    seed: int | None,
+    spec: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "spec": None if spec is None else dict(spec),
+        "update_id": update_id,
+        "model_id": model_id,
+        "ground_truth_id": ground_truth_id,
+        "attack": None if attack is None else dict(attack),
+        "knowledge": knowledge,
+        "defenses": None if defenses is None else [dict(d) for d in defenses],
+        "budget": None if budget is None else dict(budget),
+        "seed": seed,
+    }
+    # Fields left out stay unset: the API refuses a spec together with any of the others.
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _parse_event(event: str, data: str, event_id: str | None) -> JobEvent:
+    try:
+        return JobEvent(event=event, id=event_id, job=Job.model_validate_json(data))
+    except ValueError:
+        raise APIResponseValidationError(
+            f"the job event stream sent an event that is not a job: {data[:200]!r}"
+        ) from None
+
+
+def _progress_sink(progress: Progress) -> tuple[Callable[[Job], None] | None, ProgressBar | None]:
+    if progress is True:
+        bar = ProgressBar()
+        return bar.update, bar
+    if callable(progress):
+        return progress, None
+    return None, None
+
+
+def _artifact_target(to: str | os.PathLike[str], name: str) -> Path:
+    path = Path(to)
+    return path / name if path.is_dir() else path
+
+
+class _Resource:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+
+class _AsyncResource:
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+
+# ---------------------------------------------------------------------------------------------
+# uploads
+# ---------------------------------------------------------------------------------------------
+
+
+class Models(_Resource):
+    """The model the server sent to the client: its weights and architecture."""
+
+    def upload(
+        self,
+        file: FileInput,
+        *,
+        arch: str,
+        image_shape: Sequence[int],
+        num_classes: int = 10,
+        knobs: Mapping[str, Any] | None = None,
+        timeout: Timeout = None,
+    ) -> ModelUpload:
+        """Upload a model's weights (safetensors) and say which architecture they belong to.
+
+        >>> model = client.models.upload("lenet.safetensors", arch="lenet", image_shape=(3, 32, 32))
+        >>> model.id
+        'mdl_...'
+        """
+        options = _model_options(file, arch, image_shape, num_classes, knobs, timeout)
+        return self._client._call(options, ModelUpload)
+
+    def get(self, model_id: str) -> ModelUpload:
+        return self._client._call(RequestOptions("GET", f"/v1/models/{model_id}"), ModelUpload)
+
+    def delete(self, model_id: str) -> None:
+        self._client._call(RequestOptions("DELETE", f"/v1/models/{model_id}"), None)
+
+
+class Updates(_Resource):
+    """What a client shared, and what the server knows of how it was made."""
+
+    def upload(
+        self,
+        file: FileInput,
+        *,
+        model_id: str,
+        kind: UpdateKind = "gradient",
+        client: ClientTraining | Mapping[str, Any] | None = None,
+        normalization: Normalization | Mapping[str, Sequence[float]] = "cifar10",
+        num_images: int | None = None,
+        labels: Sequence[int] | None = None,
+        timeout: Timeout = None,
+    ) -> UpdateUpload:
+        """Upload an update (safetensors): a gradient (FedSGD), a delta (new - old weights) or
+        the new weights, for an uploaded model. `client` holds the training facts the server
+        knows (lr, local_epochs, batch_size, num_samples, ...); leave out what is unknown.
+
+        >>> update = client.updates.upload(
+        ...     "delta.safetensors", model_id=model.id, kind="delta",
+        ...     client={"protocol": "fedavg", "lr": 0.01, "local_epochs": 1, "batch_size": 8,
+        ...             "num_samples": 32},
+        ... )
+        """
+        options = _update_options(file, model_id, kind, client, normalization, num_images, labels, timeout)
+        return self._client._call(options, UpdateUpload)
+
+    def get(self, update_id: str) -> UpdateUpload:
+        return self._client._call(RequestOptions("GET", f"/v1/updates/{update_id}"), UpdateUpload)
+
+    def delete(self, update_id: str) -> None:
+        self._client._call(RequestOptions("DELETE", f"/v1/updates/{update_id}"), None)
+
+
+class GroundTruth(_Resource):
+    """The client's own images (and labels), used only to score a reconstruction."""
+
+    def upload(self, file: FileInput, *, timeout: Timeout = None) -> GroundTruthUpload:
+        """Upload `images` (N, C, H, W in [0, 1]) and optional `labels` (N) as safetensors.
+
+        >>> truth = client.ground_truth.upload("batch.safetensors")
+        >>> truth.metadata.num_images
+        8
+        """
+        return self._client._call(_ground_truth_options(file, timeout), GroundTruthUpload)
+
+    def get(self, ground_truth_id: str) -> GroundTruthUpload:
+        return self._client._call(
+            RequestOptions("GET", f"/v1/ground-truth/{ground_truth_id}"), GroundTruthUpload
+        )
+
+    def delete(self, ground_truth_id: str) -> None:
+        self._client._call(RequestOptions("DELETE", f"/v1/ground-truth/{ground_truth_id}"), None)
+
+
+class AsyncModels(_AsyncResource):
+    """The model the server sent to the client: its weights and architecture."""
+
+    async def upload(
+        self,
+        file: FileInput,
+        *,
+        arch: str,
+        image_shape: Sequence[int],
+        num_classes: int = 10,
+        knobs: Mapping[str, Any] | None = None,
+        timeout: Timeout = None,
+    ) -> ModelUpload:
+        """See `Models.upload`."""
+        options = _model_options(file, arch, image_shape, num_classes, knobs, timeout)
+        return await self._client._call(options, ModelUpload)
+
+    async def get(self, model_id: str) -> ModelUpload:
+        return await self._client._call(RequestOptions("GET", f"/v1/models/{model_id}"), ModelUpload)
+
+    async def delete(self, model_id: str) -> None:
+        await self._client._call(RequestOptions("DELETE", f"/v1/models/{model_id}"), None)
+
+
+class AsyncUpdates(_AsyncResource):
+    """What a client shared, and what the server knows of how it was made."""
+
+    async def upload(
+        self,
+        file: FileInput,
+        *,
+        model_id: str,
+        kind: UpdateKind = "gradient",
+        client: ClientTraining | Mapping[str, Any] | None = None,
+        normalization: Normalization | Mapping[str, Sequence[float]] = "cifar10",
+        num_images: int | None = None,
+        labels: Sequence[int] | None = None,
+        timeout: Timeout = None,
+    ) -> UpdateUpload:
+        """See `Updates.upload`."""
+        options = _update_options(file, model_id, kind, client, normalization, num_images, labels, timeout)
+        return await self._client._call(options, UpdateUpload)
+
+    async def get(self, update_id: str) -> UpdateUpload:
+        return await self._client._call(RequestOptions("GET", f"/v1/updates/{update_id}"), UpdateUpload)
+
+    async def delete(self, update_id: str) -> None:
+        await self._client._call(RequestOptions("DELETE", f"/v1/updates/{update_id}"), None)
+
+
+class AsyncGroundTruth(_AsyncResource):
+    """The client's own images (and labels), used only to score a reconstruction."""
+
+    async def upload(self, file: FileInput, *, timeout: Timeout = None) -> GroundTruthUpload:
+        """See `GroundTruth.upload`."""
+        return await self._client._call(_ground_truth_options(file, timeout), GroundTruthUpload)
+
+    async def get(self, ground_truth_id: str) -> GroundTruthUpload:
+        options = RequestOptions("GET", f"/v1/ground-truth/{ground_truth_id}")
+        return await self._client._call(options, GroundTruthUpload)
+
+    async def delete(self, ground_truth_id: str) -> None:
+        await self._client._call(RequestOptions("DELETE", f"/v1/ground-truth/{ground_truth_id}"), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def _create_options(body: dict[str, Any], idempotency_key: str | None, timeout: Timeout) -> RequestOptions:
+    return RequestOptions("POST", "/v1/jobs", json=body, idempotency_key=idempotency_key, timeout=timeout)
+
+
+def _list_options(status: JobStatus | None, limit: int | None, cursor: str | None) -> RequestOptions:
+    return RequestOptions("GET", "/v1/jobs", params={"status": status, "limit": limit, "cursor": cursor})
+
+
+def _events_options(job_id: str) -> RequestOptions:
+    # No read timeout: a running job may go quiet between events for longer than any default.
+    timeout = httpx.Timeout(None, connect=10.0)
+    return RequestOptions(
+        "GET",
+        f"/v1/jobs/{job_id}/events",
+        headers={"Accept": "text/event-stream"},
+        timeout=timeout,
+        stream=True,
+    )
+
+
+class Jobs(_Resource):
+    """Attack jobs: submit, follow, list, cancel."""
+
+    def create(
+        self,
+        *,
+        update_id: str | None = None,
+        model_id: str | None = None,
+        ground_truth_id: str | None = None,
+        attack: Attack | Mapping[str, Any] | None = None,
+        knowledge: int | None = None,
+        defenses: Sequence[Defense | Mapping[str, Any]] | None = None,
+        budget: Budget | Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        spec: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: Timeout = None,
+    ) -> Job:
+        """Queue an attack on an uploaded update (or give a full JobSpec as `spec`). Retries of
+        this call reuse one idempotency key, so a lost response never makes a second job.
+
+        >>> job = client.jobs.create(
+        ...     update_id=update.id, ground_truth_id=truth.id,
+        ...     attack={"name": "inverting_gradients"}, budget={"iterations": 2000},
+        ...     defenses=[{"name": "quantize", "bits": 8}],
+        ... )
+        >>> job.status
+        'queued'
+        """
+        body = _job_body(
+            update_id, model_id, ground_truth_id, attack, knowledge, defenses, budget, seed, spec
+        )
+        return self._client._call(_create_options(body, idempotency_key, timeout), Job)
+
+    def get(self, job_id: str) -> Job:
+        """The job's status, progress, and when it is done, its metrics and result."""
+        return self._client._call(RequestOptions("GET", f"/v1/jobs/{job_id}"), Job)
+
+    def list(
+        self, *, status: JobStatus | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> JobList:
+        """One page of jobs, newest first; pass `next_cursor` as `cursor` for the next page."""
+        return self._client._call(_list_options(status, limit, cursor), JobList)
+
+    def iter(self, *, status: JobStatus | None = None, page_size: int = 50) -> Iterator[Job]:
+        """Every job, newest first, fetching pages as needed."""
+        cursor: str | None = None
+        while True:
+            page = self.list(status=status, limit=page_size, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: a waiting one at once, a running one at its next iteration. A finished
+        job cannot be cancelled (ConflictError)."""
+        return self._client._call(RequestOptions("DELETE", f"/v1/jobs/{job_id}"), Job)
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        progress: Progress = False,
+    ) -> Job:
+        """Poll the job until it has finished and return it (check `job.status`, or call
+        `job.raise_for_status()`). `progress=True` shows a progress bar on stderr; a callable
+        receives each state seen. Raises WaitTimeoutError after `timeout` seconds; the job
+        itself goes on.
+
+        >>> job = client.jobs.wait(job.id, timeout=600, progress=True).raise_for_status()
+        >>> job.scores.worst_case["psnr"]
+        17.2
+        """
+        sink, bar = _progress_sink(progress)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.get(job_id)
+        try:
+            while True:
+                if sink is not None:
+                    sink(job)
+                if job.done:
+                    return job
+                if deadline is not None and time.monotonic() >= deadline:
+                    assert timeout is not None
+                    raise WaitTimeoutError(job, timeout)
+                pause = (
+                    poll_interval
+                    if deadline is None
+                    else min(poll_interval, max(0.0, deadline - time.monotonic()))
+                )
+                self._client._sleep(pause)
+                job = self.get(job_id)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def events(self, job_id: str) -> Iterator[JobEvent]:
+        """Follow the job as server-sent events: one each time its status or progress changes,
+        ending after the final status. A dropped connection is reopened (the current state
+        is then sent again).
+
+        >>> for event in client.jobs.events(job.id):
+        ...     print(event.event, event.job.progress)
+        """
+        failures = 0
+        last: Job | None = None
+        while True:
+            try:
+                with self._client._stream(_events_options(job_id)) as response:
+                    decoder = SSEDecoder()
+                    for line in response.iter_lines():
+                        sse = decoder.decode(line)
+                        if sse is None:
+                            continue
+                        event = _parse_event(sse.event, sse.data, sse.id)
+                        last, failures = event.job, 0
+                        yield event
+                return
+            except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.TimeoutException):
+                if last is not None and last.done:
+                    return
+                failures += 1
+                if failures > self._client.max_retries:
+                    raise
+                self._client._sleep(min(2.0**failures, 8.0))
+
+
+class Artifacts(_Resource):
+    """A finished job's outputs: metrics.json, grid.png, reconstruction.safetensors, report.html."""
+
+    def list(self, job_id: str) -> builtins.list[Artifact]:
+        return self._client._call(RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts"), ArtifactList).items
+
+    def read(self, job_id: str, name: str) -> bytes:
+        """An artifact's bytes.
+
+        >>> png = client.artifacts.read(job.id, "grid.png")
+        """
+        options = RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=True)
+        with self._client._stream(options) as response:
+            return response.read()
+
+    def download(self, job_id: str, name: str, to: str | os.PathLike[str]) -> Path:
+        """Save an artifact to `to` (a file path, or a directory to save it in under its own
+        name) and return the path. The file appears complete or not at all.
+
+        >>> client.artifacts.download(job.id, "report.html", "out/")
+        PosixPath('out/report.html')
+        """
+        target = _artifact_target(to, name)
+        partial = target.with_name(target.name + ".part")
+        options = RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=True)
+        try:
+            with self._client._stream(options) as response, partial.open("wb") as f:
+                for chunk in response.iter_bytes():
+                    f.write(chunk)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+
+
+class AsyncJobs(_AsyncResource):
+    """Attack jobs: submit, follow, list, cancel."""
+
+    async def create(
+        self,
+        *,
+        update_id: str | None = None,
+        model_id: str | None = None,
+        ground_truth_id: str | None = None,
+        attack: Attack | Mapping[str, Any] | None = None,
+        knowledge: int | None = None,
+        defenses: Sequence[Defense | Mapping[str, Any]] | None = None,
+        budget: Budget | Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        spec: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: Timeout = None,
+    ) -> Job:
+        """See `Jobs.create`."""
+        body = _job_body(
+            update_id, model_id, ground_truth_id, attack, knowledge, defenses, budget, seed, spec
+        )
+        return await self._client._call(_create_options(body, idempotency_key, timeout), Job)
+
+    async def get(self, job_id: str) -> Job:
+        return await self._client._call(RequestOptions("GET", f"/v1/jobs/{job_id}"), Job)
+
+    async def list(
+        self, *, status: JobStatus | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> JobList:
+        return await self._client._call(_list_options(status, limit, cursor), JobList)
+
+    async def iter(self, *, status: JobStatus | None = None, page_size: int = 50) -> AsyncIterator[Job]:
+        cursor: str | None = None
+        while True:
+            page = await self.list(status=status, limit=page_size, cursor=cursor)
+            for job in page.items:
+                yield job
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def cancel(self, job_id: str) -> Job:
+        return await self._client._call(RequestOptions("DELETE", f"/v1/jobs/{job_id}"), Job)
+
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        progress: Progress = False,
+    ) -> Job:
+        """See `Jobs.wait`."""
+        sink, bar = _progress_sink(progress)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = await self.get(job_id)
+        try:
+            while True:
+                if sink is not None:
+                    sink(job)
+                if job.done:
+                    return job
+                if deadline is not None and time.monotonic() >= deadline:
+                    assert timeout is not None
+                    raise WaitTimeoutError(job, timeout)
+                pause = (
+                    poll_interval
+                    if deadline is None
+                    else min(poll_interval, max(0.0, deadline - time.monotonic()))
+                )
+                await self._client._sleep(pause)
+                job = await self.get(job_id)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """See `Jobs.events`."""
+        failures = 0
+        last: Job | None = None
+        while True:
+            try:
+                async with self._client._stream(_events_options(job_id)) as response:
+                    decoder = SSEDecoder()
+                    async for line in response.aiter_lines():
+                        sse = decoder.decode(line)
+                        if sse is None:
+                            continue
+                        event = _parse_event(sse.event, sse.data, sse.id)
+                        last, failures = event.job, 0
+                        yield event
+                return
+            except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.TimeoutException):
+                if last is not None and last.done:
+                    return
+                failures += 1
+                if failures > self._client.max_retries:
+                    raise
+                await self._client._sleep(min(2.0**failures, 8.0))
+
+
+class AsyncArtifacts(_AsyncResource):
+    """A finished job's outputs: metrics.json, grid.png, reconstruction.safetensors, report.html."""
+
+    async def list(self, job_id: str) -> builtins.list[Artifact]:
+        options = RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts")
+        return (await self._client._call(options, ArtifactList)).items
+
+    async def read(self, job_id: str, name: str) -> bytes:
+        options = RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=True)
+        async with self._client._stream(options) as response:
+            return await response.aread()
+
+    async def download(self, job_id: str, name: str, to: str | os.PathLike[str]) -> Path:
+        """See `Artifacts.download`."""
+        target = _artifact_target(to, name)
+        partial = target.with_name(target.name + ".part")
+        options = RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=True)
+        try:
+            async with self._client._stream(options) as response:
+                with partial.open("wb") as f:
+                    async for chunk in response.aiter_bytes():
+                        f.write(chunk)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+
+
+# ---------------------------------------------------------------------------------------------
+# catalog
+# ---------------------------------------------------------------------------------------------
+
+
+class CatalogResource(_Resource):
+    def get(self) -> Catalog:
+        """What the service offers: attacks (with the knowledge each needs), architectures,
+        defenses, metrics and the knowledge levels.
+
+        >>> [a["name"] for a in client.catalog.get().attacks]
+        ['dlg', 'fedavg_unroll', 'gradinversion', 'inverting_gradients']
+        """
+        return self._client._call(RequestOptions("GET", "/v1/catalog"), Catalog)
+
+
+class AsyncCatalogResource(_AsyncResource):
+    async def get(self) -> Catalog:
+        return await self._client._call(RequestOptions("GET", "/v1/catalog"), Catalog)

@@ -1,0 +1,432 @@
+"""The CI privacy gate: run a policy's attacks (under its what-if defenses) on an update through
+any `Client` (remote, or the embedded service), check every result against the thresholds, and
+write a JUnit XML and a Markdown summary for CI systems to show.
+
+The verdict: `fail` when a gated result leaks beyond a threshold (exit code 1), else `error`
+when a gated job or metric could not be checked (exit code 2), else `pass` (exit code 0).
+
+    >>> from gradleak_client import Client
+    >>> from gradleak_client.audit import AuditInputs, run_audit
+    >>> from gradleak_client.policy import Policy
+    >>> report = run_audit(Client(), Policy.load("policy.yaml"),
+    ...                    AuditInputs(model="model.safetensors", update="update.safetensors",
+    ...                                ground_truth="batch.safetensors"))
+    >>> report.verdict, report.exit_code
+    ('fail', 1)
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from gradleak_client._client import Client
+from gradleak_client._exceptions import GradleakError, WaitTimeoutError
+from gradleak_client._resources import FileInput, Progress
+from gradleak_client.policy import LABEL_METRICS, UNITS, AttackRun, Policy, Scenario, Threshold
+from gradleak_client.types import Job, Metrics
+
+Outcome = Literal["pass", "fail", "error", "skipped"]
+Verdict = Literal["pass", "fail", "error"]
+EXIT_CODES: dict[Verdict, int] = {"pass": 0, "fail": 1, "error": 2}
+GRID = "grid.png"
+
+
+class AuditUsageError(GradleakError):
+    """The audit cannot run as asked (missing inputs); nothing was submitted."""
+
+
+@dataclass(frozen=True)
+class AuditInputs:
+    """What to audit: files to upload (paths, bytes or file objects), or ids of earlier uploads."""
+
+    model: FileInput | None = None
+    update: FileInput | None = None
+    ground_truth: FileInput | None = None
+    update_id: str | None = None
+    ground_truth_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One threshold checked on one job (and one image, for per-image thresholds)."""
+
+    scenario: str
+    attack: str
+    rule: str
+    outcome: Outcome
+    message: str
+    gated: bool
+    job_id: str | None = None
+    value: float | None = None
+    image: int | None = None
+
+
+@dataclass
+class JobRun:
+    scenario: Scenario
+    attack_id: str
+    attack: AttackRun
+    job: Job | None = None
+    error: str | None = None
+    grid: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.scenario.name} / {self.attack_id}"
+
+
+@dataclass
+class AuditReport:
+    policy: Policy
+    runs: list[JobRun]
+    checks: list[Check] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def verdict(self) -> Verdict:
+        gated = [c for c in self.checks if c.gated]
+        if any(c.outcome == "fail" for c in gated):
+            return "fail"
+        if any(c.outcome == "error" for c in gated):
+            return "error"
+        return "pass"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    def checks_of(self, run: JobRun) -> list[Check]:
+        return [c for c in self.checks if c.scenario == run.scenario.name and c.attack == run.attack_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# checking results
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float, metric: str) -> str:
+    return f"{value:.4g}{UNITS.get(metric, '')}"
+
+
+def _values(scores: Metrics, rule: Threshold) -> tuple[list[tuple[int | None, float]] | None, str]:
+    """The values a threshold applies to, with their ground-truth image index, or None and why."""
+    metric = rule.metric
+    if metric in LABEL_METRICS:
+        if scores.label_accuracy is None:
+            return None, "the ground truth has no labels, so label accuracy was not computed"
+        la = scores.label_accuracy
+        return [(None, la.multiset if metric == "label_accuracy" else la.positional)], ""
+    reason = scores.unavailable.get(metric, f"the result has no {metric}")
+    if rule.over == "per_image":
+        values = scores.per_image.get(metric)
+        return (None, reason) if values is None else (list(enumerate(values)), "")
+    if rule.over == "mean":
+        mean = scores.mean.get(metric)
+        return (None, reason) if mean is None else ([(None, float(mean))], "")
+    worst = scores.worst_case.get(metric)
+    if worst is None:
+        return None, reason
+    image = (scores.worst_case.get("image_by_metric") or {}).get(metric)
+    return [(image, float(worst))], ""
+
+
+def evaluate_job(
+    job: Job, thresholds: list[Threshold], scenario: str, attack: str, gated: bool
+) -> list[Check]:
+    """Check a finished job's metrics against every threshold."""
+    if job.status != "succeeded":
+        why = f": {job.error.code}: {job.error.message}" if job.error is not None else ""
+        return [Check(scenario, attack, "job", "error", f"job {job.id} {job.status}{why}", gated, job.id)]
+    scores = job.scores
+    if scores is None:
+        message = f"job {job.id} was not scored: the audit needs the client's images"
+        return [Check(scenario, attack, "job", "error", message, gated, job.id)]
+    checks = []
+    for rule in thresholds:
+        values, reason = _values(scores, rule)
+        if values is None:
+            outcome: Outcome = "error" if rule.required else "skipped"
+            message = f"{rule.metric} unavailable: {reason}"
+            checks.append(Check(scenario, attack, rule.describe(), outcome, message, gated, job.id))
+            continue
+        for image, value in values:
+            passed = rule.passes(value)
+            op = ("<=" if passed else ">") if rule.max is not None else (">=" if passed else "<")
+            where = "" if image is None else f" (image {image})"
+            bound = _fmt(rule.bound, rule.metric)
+            message = f"{rule.subject()} {_fmt(value, rule.metric)} {op} {bound}{where}"
+            name = rule.describe() if rule.over != "per_image" else f"{rule.describe()} [image {image}]"
+            outcome = "pass" if passed else "fail"
+            checks.append(Check(scenario, attack, name, outcome, message, gated, job.id, value, image))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "job"
+
+
+def check_inputs(policy: Policy, inputs: AuditInputs) -> None:
+    """Refuse, before anything is uploaded, inputs the audit cannot run on."""
+    if inputs.ground_truth is None and inputs.ground_truth_id is None:
+        raise AuditUsageError(
+            "the thresholds need the client's own images to score reconstructions: give the ground truth "
+            "(safetensors with `images` N x C x H x W in [0, 1] and optional `labels`)"
+        )
+    if inputs.update_id is not None:
+        return
+    if inputs.update is None:
+        raise AuditUsageError("give the update to audit (a safetensors file) or the id of an uploaded one")
+    if inputs.model is None or policy.model is None:
+        raise AuditUsageError(
+            "uploading an update needs its model: give the model checkpoint (safetensors) and the "
+            "policy's `model` section (arch, image_shape, num_classes)"
+        )
+
+
+def _upload(client: Client, policy: Policy, inputs: AuditInputs) -> tuple[str, str]:
+    check_inputs(policy, inputs)
+    if inputs.update_id is not None:
+        update_id = inputs.update_id
+    else:
+        assert inputs.model is not None and inputs.update is not None and policy.model is not None
+        m = policy.model
+        model = client.models.upload(
+            inputs.model, arch=m.arch, image_shape=m.image_shape, num_classes=m.num_classes, knobs=m.knobs
+        )
+        u = policy.update
+        update_id = client.updates.upload(
+            inputs.update,
+            model_id=model.id,
+            kind=u.kind,
+            client=u.client,
+            normalization=u.normalization,  # type: ignore[arg-type]
+            num_images=u.num_images,
+            labels=u.labels,
+        ).id
+    if inputs.ground_truth_id is not None:
+        return update_id, inputs.ground_truth_id
+    assert inputs.ground_truth is not None
+    return update_id, client.ground_truth.upload(inputs.ground_truth).id
+
+
+def run_audit(
+    client: Client,
+    policy: Policy,
+    inputs: AuditInputs,
+    *,
+    timeout: float | None = None,
+    progress: Progress = False,
+    artifacts_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> AuditReport:
+    """Upload the inputs, submit one job per attack and scenario, wait for all of them (within
+    `timeout` seconds in total; jobs still running then are cancelled), download their grids to
+    `artifacts_dir` and check the thresholds. API errors while uploading or submitting
+    propagate (GradleakError); a job that fails is reported as an error of the gate."""
+    say = log or (lambda _m: None)
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    update_id, truth_id = _upload(client, policy, inputs)
+    runs = [
+        JobRun(scenario, attack_id, attack)
+        for scenario in policy.scenarios
+        for attack_id, attack in zip(policy.attack_ids(), policy.attacks, strict=True)
+    ]
+    for run in runs:
+        run.job = client.jobs.create(
+            update_id=update_id,
+            ground_truth_id=truth_id,
+            attack=run.attack.attack,
+            knowledge=run.attack.knowledge if run.attack.knowledge is not None else policy.knowledge,
+            defenses=run.scenario.defenses,
+            budget=run.attack.budget,
+            seed=policy.seed,
+        )
+        say(f"submitted {run.label}: {run.job.id}")
+    grids = None if artifacts_dir is None else Path(artifacts_dir)
+    if grids is not None:
+        grids.mkdir(parents=True, exist_ok=True)
+    for i, run in enumerate(runs):
+        assert run.job is not None
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            run.job = client.jobs.wait(run.job.id, timeout=remaining, progress=progress)
+        except WaitTimeoutError as e:
+            assert timeout is not None
+            run.job, run.error = e.job, f"not finished within the audit's timeout of {timeout:g}s"
+            for pending in runs[i:]:
+                _cancel(client, pending)
+            break
+        if grids is not None and run.job.status == "succeeded":
+            target = grids / f"{_slug(run.scenario.name)}--{_slug(run.attack_id)}.png"
+            try:
+                run.grid = client.artifacts.download(run.job.id, GRID, target)
+            except GradleakError as e:
+                say(f"{run.label}: could not download the reconstruction grid: {e}")
+    report = AuditReport(policy, runs, elapsed_s=time.monotonic() - started)
+    for run in runs:
+        gated = run.scenario.gate
+        if run.error is not None or run.job is None:
+            job_id = None if run.job is None else run.job.id
+            error = run.error or "not run"
+            report.checks.append(
+                Check(run.scenario.name, run.attack_id, "job", "error", error, gated, job_id)
+            )
+            continue
+        report.checks += evaluate_job(run.job, policy.thresholds, run.scenario.name, run.attack_id, gated)
+    return report
+
+
+def failed_report(policy: Policy, reason: str) -> AuditReport:
+    """The report of an audit that could not run (an upload refused, the service unreachable)."""
+    return AuditReport(policy, [], [Check("audit", "setup", "audit", "error", reason, gated=True)])
+
+
+def _cancel(client: Client, run: JobRun) -> None:
+    if run.job is None or run.job.done:
+        return
+    try:
+        run.job = client.jobs.cancel(run.job.id)
+    except GradleakError:
+        return  # finished meanwhile, or unreachable: the report says it did not finish in time
+    if run.error is None:
+        run.error = "cancelled: the audit's timeout ran out before this job finished"
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
+# ---------------------------------------------------------------------------------------------
+
+
+def write_junit(report: AuditReport, path: str | os.PathLike[str]) -> Path:
+    """A JUnit XML file: one test case per check. A gated leak is a failure, a gated check that
+    could not be made an error; results of what-if scenarios that are not gated are skipped
+    test cases (with what they would have done in the message)."""
+    suite = ET.Element("testsuite", name="gradleak privacy gate")
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for c in report.checks:
+        case = ET.SubElement(
+            suite, "testcase", classname=f"gradleak.{_slug(c.scenario)}.{_slug(c.attack)}", name=c.rule
+        )
+        counts["tests"] += 1
+        text = c.message + (f" [job {c.job_id}]" if c.job_id else "")
+        if not c.gated and c.outcome in ("fail", "error"):
+            ET.SubElement(case, "skipped", message=f"not gated (what-if): {text}")
+            counts["skipped"] += 1
+        elif c.outcome == "fail":
+            ET.SubElement(case, "failure", message=text, type="leak").text = text
+            counts["failures"] += 1
+        elif c.outcome == "error":
+            ET.SubElement(case, "error", message=text, type="error").text = text
+            counts["errors"] += 1
+        elif c.outcome == "skipped":
+            ET.SubElement(case, "skipped", message=text)
+            counts["skipped"] += 1
+        else:
+            ET.SubElement(case, "system-out").text = text
+    for key, value in counts.items():
+        suite.set(key, str(value))
+    suite.set("time", f"{report.elapsed_s:.3f}")
+    root = ET.Element("testsuites", name="gradleak")
+    root.append(suite)
+    ET.indent(root)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(root).write(target, encoding="utf-8", xml_declaration=True)
+    return target
+
+
+_VERDICT_TEXT: dict[Verdict, str] = {
+    "pass": "PASS: no gated result leaks beyond the thresholds",
+    "fail": "FAIL: leakage above a threshold",
+    "error": "ERROR: the gate could not check every result",
+}
+
+
+def _run_result(report: AuditReport, run: JobRun) -> str:
+    checks = report.checks_of(run)
+    if any(c.outcome == "fail" for c in checks):
+        return "**FAIL**" if run.scenario.gate else "would fail (not gated)"
+    if any(c.outcome == "error" for c in checks):
+        return "**ERROR**" if run.scenario.gate else "error (not gated)"
+    return "pass"
+
+
+def _cell(value: object, metric: str = "") -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _fmt(float(value), metric)
+    return "n/a"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def write_markdown(
+    report: AuditReport,
+    path: str | os.PathLike[str],
+    *,
+    policy_name: str = "policy",
+    embed_images: bool = False,
+) -> Path:
+    """A Markdown summary: verdict, one row per job (worst case and mean), the checks that did
+    not pass, and each job's reconstruction grid (linked relative to the file, or embedded)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    p = report.policy
+    rules = "; ".join(t.describe() + ("" if t.required else " (if available)") for t in p.thresholds)
+    lines = [
+        f"## gradleak privacy gate: {_VERDICT_TEXT[report.verdict]}",
+        "",
+        f"Policy `{_md(policy_name)}`: {len(p.attacks)} attack(s) x {len(p.scenarios)} scenario(s), "
+        f"seed {p.seed}; thresholds: {_md(rules)}. Took {report.elapsed_s:.1f}s.",
+        "",
+        "| scenario | attack | job | status | PSNR worst | PSNR mean | SSIM worst | LPIPS worst | labels "
+        "| result |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in report.runs:
+        job = run.job
+        scores = None if job is None or job.status != "succeeded" else job.scores
+        worst = scores.worst_case if scores is not None else {}
+        mean = scores.mean if scores is not None else {}
+        labels = scores.label_accuracy.multiset if scores is not None and scores.label_accuracy else None
+        scenario = run.scenario.name + ("" if run.scenario.gate else " (what-if, not gated)")
+        lines.append(
+            f"| {_md(scenario)} | {_md(run.attack_id)} | `{job.id if job else '-'}` | "
+            f"{job.status if job else 'not run'} | {_cell(worst.get('psnr'), 'psnr')} | "
+            f"{_cell(mean.get('psnr'), 'psnr')} | {_cell(worst.get('ssim'))} | {_cell(worst.get('lpips'))} | "
+            f"{'n/a' if labels is None else f'{labels:.0%}'} | {_run_result(report, run)} |"
+        )
+    bad = [c for c in report.checks if c.outcome in ("fail", "error", "skipped")]
+    if bad:
+        lines += ["", "### Checks that did not pass", ""]
+        for c in bad:
+            kind = {"fail": "leak", "error": "error", "skipped": "skipped"}[c.outcome]
+            gate = "" if c.gated else " (not gated)"
+            lines.append(f"- {kind}{gate}: {_md(c.scenario)} / {_md(c.attack)}: {_md(c.message)}")
+    grids = [r for r in report.runs if r.grid is not None]
+    if grids:
+        lines += ["", "### Reconstructions (top: the client's images; bottom: what the attack recovered)", ""]
+        for run in grids:
+            assert run.grid is not None and run.job is not None
+            if embed_images:
+                src = "data:image/png;base64," + base64.b64encode(run.grid.read_bytes()).decode()
+            else:
+                src = Path(os.path.relpath(run.grid, target.parent)).as_posix()
+            lines += [f"**{_md(run.label)}** (`{run.job.id}`)", "", f"![{_md(run.label)}]({src})", ""]
+    target.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return target

@@ -1,0 +1,463 @@
+"""`gradleak-client`: the gradleak API from a shell, and the CI privacy gate.
+
+    gradleak-client upload model lenet.safetensors --arch lenet --image-shape 3,32,32
+    gradleak-client upload update grad.safetensors --model-id mdl_... --kind gradient
+    gradleak-client upload ground-truth batch.safetensors
+    gradleak-client submit --update-id upd_... --ground-truth-id gt_... --attack dlg --iterations 300
+    gradleak-client status job_...          gradleak-client wait job_...
+    gradleak-client fetch job_... -o out/   gradleak-client cancel job_...    gradleak-client catalog
+    gradleak-client audit --policy policy.yaml --model m.safetensors --update u.safetensors \\
+        --ground-truth batch.safetensors [--embedded]
+
+The service is $GRADLEAK_URL (or --url) with the key $GRADLEAK_API_KEY (or --api-key).
+Exit codes: 0 success (audit: pass); 1 audit: leakage above a threshold, wait: the job failed or
+was cancelled; 2 usage or service error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gradleak_client._base import DEFAULT_MAX_RETRIES, ENV_API_KEY, ENV_URL
+from gradleak_client._client import Client
+from gradleak_client._exceptions import GradleakError, WaitTimeoutError
+from gradleak_client._progress import describe
+from gradleak_client._version import __version__
+from gradleak_client.types import Job
+
+PROG = "gradleak-client"
+EXIT_OK, EXIT_LEAK, EXIT_ERROR = 0, 1, 2
+DEFAULT_OUT = "gradleak-audit"
+
+
+class UsageError(GradleakError):
+    """A command line that cannot be carried out as given."""
+
+
+def _echo(text: str) -> None:
+    print(text, flush=True)
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, booleans, lists), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pairs(items: Sequence[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{what} must look like KEY=VALUE, got {item!r}")
+        out[key] = _value(value)
+    return out
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _defense(text: str) -> dict[str, Any]:
+    """quantize:bits=4,stochastic=false -> {"name": "quantize", "bits": 4, "stochastic": False}."""
+    name, _, params = text.partition(":")
+    return {"name": name, **_pairs([p for p in params.split(",") if p], f"defense {name!r} parameters")}
+
+
+def _existing(path: str | None, what: str) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} {p} does not exist or is not a file")
+    return p
+
+
+def _print_model(obj: Any, as_json: bool) -> None:
+    _echo(obj.model_dump_json(indent=2) if as_json else obj.id)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(base_url=args.url, api_key=args.api_key, timeout=args.timeout, max_retries=args.max_retries)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    path = _existing(args.file, "the file")
+    assert path is not None
+    with _client(args) as client:
+        if args.what == "model":
+            result: Any = client.models.upload(
+                path,
+                arch=args.arch,
+                image_shape=_ints(args.image_shape, "--image-shape"),
+                num_classes=args.num_classes,
+                knobs=_pairs(args.knob, "--knob"),
+            )
+        elif args.what == "update":
+            training = {
+                "protocol": args.protocol,
+                "lr": args.lr,
+                "local_epochs": args.local_epochs,
+                "batch_size": args.batch_size,
+                "num_samples": args.num_samples,
+                "bn_mode": args.bn_mode,
+            }
+            result = client.updates.upload(
+                path,
+                model_id=args.model_id,
+                kind=args.kind,
+                client={k: v for k, v in training.items() if v is not None},
+                normalization=args.normalization,
+                num_images=args.num_images,
+                labels=None if args.labels is None else _ints(args.labels, "--labels"),
+            )
+        else:
+            result = client.ground_truth.upload(path)
+    _print_model(result, args.json)
+    return EXIT_OK
+
+
+def _spec_from_file(path: str) -> dict[str, Any]:
+    from gradleak_client.policy import parse_yaml_or_json
+
+    p = _existing(path, "the spec")
+    assert p is not None
+    data = parse_yaml_or_json(p.read_text(encoding="utf-8"), str(p))
+    if not isinstance(data, dict):
+        raise UsageError(f"{p}: a job spec is a mapping")
+    return data
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.spec is not None:
+            job = client.jobs.create(spec=_spec_from_file(args.spec))
+        else:
+            if args.update_id is None:
+                raise UsageError("give --update-id (and optionally --ground-truth-id), or --spec")
+            attack = None if args.attack is None else {"name": args.attack, **_pairs(args.param, "--param")}
+            if attack is None and args.param:
+                raise UsageError("--param needs --attack")
+            budget = {
+                "iterations": args.iterations,
+                "restarts": args.restarts,
+                "time_limit_s": args.time_limit,
+            }
+            budget = {k: v for k, v in budget.items() if v is not None}
+            job = client.jobs.create(
+                update_id=args.update_id,
+                model_id=args.model_id,
+                ground_truth_id=args.ground_truth_id,
+                attack=attack,
+                knowledge=args.knowledge,
+                defenses=[_defense(d) for d in args.defense] if args.defense else None,
+                budget=budget or None,
+                seed=args.seed,
+            )
+        if args.wait:
+            job = client.jobs.wait(job.id, progress=True)
+    _print_model(job, args.json)
+    return EXIT_OK if not args.wait or job.status == "succeeded" else EXIT_LEAK
+
+
+def _summary(job: Job) -> str:
+    lines = [describe(job)]
+    scores = job.scores
+    if scores is not None:
+        worst, mean = scores.worst_case, scores.mean
+        for metric in ("psnr", "ssim", "lpips", "mse"):
+            if worst.get(metric) is not None:
+                lines.append(
+                    f"  {metric:6s} worst {worst[metric]:.4g}  mean {mean.get(metric, float('nan')):.4g}"
+                )
+            elif metric in scores.unavailable:
+                lines.append(f"  {metric:6s} unavailable: {scores.unavailable[metric]}")
+        if scores.label_accuracy is not None:
+            lines.append(f"  labels recovered {scores.label_accuracy.multiset:.0%}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.jobs.get(args.job_id)
+    _echo(job.model_dump_json(indent=2) if args.json else _summary(job))
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        try:
+            job = client.jobs.wait(args.job_id, timeout=args.wait_timeout, progress=not args.no_progress)
+        except WaitTimeoutError as e:
+            raise UsageError(str(e)) from None
+    _echo(job.model_dump_json(indent=2) if args.json else _summary(job))
+    return EXIT_OK if job.status == "succeeded" else EXIT_LEAK
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with _client(args) as client:
+        names = args.names or [a.name for a in client.artifacts.list(args.job_id)]
+        if not names:
+            raise UsageError(f"job {args.job_id} has no artifacts (yet)")
+        for name in names:
+            _echo(str(client.artifacts.download(args.job_id, name, out)))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.jobs.cancel(args.job_id)
+    _echo(job.model_dump_json(indent=2) if args.json else describe(job))
+    return EXIT_OK
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        catalog = client.catalog.get()
+    if args.json:
+        _echo(catalog.model_dump_json(indent=2))
+        return EXIT_OK
+    for title, entries in (
+        ("attacks", catalog.attacks),
+        ("architectures", catalog.architectures),
+        ("defenses", catalog.defenses),
+        ("metrics", catalog.metrics),
+    ):
+        _echo(f"{title}:")
+        for entry in entries:
+            _echo(f"  {entry.get('name', '?'):22s} {entry.get('description', '')}")
+    _echo("knowledge levels:")
+    for level in catalog.knowledge_levels:
+        _echo(f"  {level.level} {level.name:20s} {level.description}")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from gradleak_client.audit import (
+        AuditInputs,
+        check_inputs,
+        failed_report,
+        run_audit,
+        write_junit,
+        write_markdown,
+    )
+    from gradleak_client.policy import Policy
+
+    policy = Policy.load(args.policy)
+    inputs = AuditInputs(
+        model=_existing(args.model, "the model checkpoint"),
+        update=_existing(args.update, "the update"),
+        ground_truth=_existing(args.ground_truth, "the ground truth"),
+        update_id=args.update_id,
+        ground_truth_id=args.ground_truth_id,
+    )
+    if args.embedded and (args.update_id or args.ground_truth_id):
+        raise UsageError("--embedded starts an empty service: give files, not upload ids")
+    check_inputs(policy, inputs)
+    out = Path(args.out)
+    junit = Path(args.junit) if args.junit else out / "junit.xml"
+    summary = Path(args.summary) if args.summary else out / "summary.md"
+    options: dict[str, Any] = {
+        "timeout": args.timeout_total,
+        "progress": not args.no_progress,
+        "artifacts_dir": out / "grids",
+        "log": _note,
+    }
+    try:
+        if args.embedded:
+            from gradleak_client.embedded import EmbeddedService
+
+            _note("starting the embedded gradleak service ...")
+            with (
+                EmbeddedService(
+                    args.data_dir, isolation=args.isolation, torch_threads=args.threads
+                ) as service,
+                service.client(timeout=args.timeout, max_retries=args.max_retries) as client,
+            ):
+                report = run_audit(client, policy, inputs, **options)
+        else:
+            with _client(args) as client:
+                report = run_audit(client, policy, inputs, **options)
+    except GradleakError as e:
+        # The CI system still gets a report to show, with the reason the gate could not run.
+        report = failed_report(policy, str(e))
+        write_junit(report, junit)
+        write_markdown(report, summary, policy_name=Path(args.policy).name)
+        raise
+    write_junit(report, junit)
+    write_markdown(report, summary, policy_name=Path(args.policy).name, embed_images=args.embed_images)
+    for check in report.checks:
+        if check.outcome != "pass":
+            gate = "" if check.gated else " (not gated)"
+            _note(f"{check.outcome}{gate}: {check.scenario} / {check.attack}: {check.message}")
+    _note(f"JUnit XML: {junit}; summary: {summary}")
+    _echo(f"gradleak privacy gate: {report.verdict.upper()}")
+    return report.exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# the parser
+# ---------------------------------------------------------------------------------------------
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("service")
+    group.add_argument("--url", help=f"the gradleak API (default ${ENV_URL}, else http://127.0.0.1:8000)")
+    group.add_argument("--api-key", help=f"API key (default ${ENV_API_KEY})")
+    group.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    group.add_argument(
+        "--max-retries", type=int, default=DEFAULT_MAX_RETRIES, help="retries of a failed request"
+    )
+    return common
+
+
+def _json_option() -> argparse.ArgumentParser:
+    option = argparse.ArgumentParser(add_help=False)
+    option.add_argument("--json", action="store_true", help="print the API's answer as JSON")
+    return option
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="gradleak from the command line: upload, submit, follow, fetch, and the CI privacy gate.",
+        epilog="exit codes: 0 success/pass, 1 leak above a threshold (audit) or job failed (wait), 2 error",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _connection_options()
+    printed = [common, _json_option()]
+
+    upload = sub.add_parser("upload", help="upload a model, an update or ground truth (prints its id)")
+    kinds = upload.add_subparsers(dest="what", required=True, metavar="WHAT")
+    model = kinds.add_parser("model", parents=printed, help="a model checkpoint (safetensors)")
+    model.add_argument("file")
+    model.add_argument("--arch", required=True, help="registered architecture (see `catalog`)")
+    model.add_argument("--image-shape", required=True, help="C,H,W of one input image, e.g. 3,32,32")
+    model.add_argument("--num-classes", type=int, default=10)
+    model.add_argument("--knob", action="append", metavar="KEY=VALUE", help="an architecture knob")
+    update = kinds.add_parser("update", parents=printed, help="a client's update (safetensors)")
+    update.add_argument("file")
+    update.add_argument("--model-id", required=True, help="the uploaded model (mdl_...)")
+    update.add_argument("--kind", choices=["gradient", "delta", "weights"], default="gradient")
+    update.add_argument("--normalization", default="cifar10", help="cifar10, cifar100, imagenet or none")
+    update.add_argument("--num-images", type=int, help="how many images the update covers, if known")
+    update.add_argument("--labels", help="the client's labels, if known, e.g. 3,1,4")
+    update.add_argument("--protocol", choices=["fedsgd", "fedavg"])
+    update.add_argument("--lr", type=float)
+    update.add_argument("--local-epochs", type=int)
+    update.add_argument("--batch-size", type=int)
+    update.add_argument("--num-samples", type=int)
+    update.add_argument("--bn-mode", choices=["train", "eval"])
+    truth = kinds.add_parser("ground-truth", parents=printed, help="the client's images, for scoring")
+    truth.add_argument("file")
+    upload.set_defaults(func=cmd_upload)
+
+    submit = sub.add_parser("submit", parents=printed, help="submit an attack job (prints its id)")
+    submit.add_argument("--update-id")
+    submit.add_argument("--model-id")
+    submit.add_argument("--ground-truth-id")
+    submit.add_argument("--attack", help="dlg, inverting_gradients, gradinversion, fedavg_unroll")
+    submit.add_argument("--param", action="append", metavar="KEY=VALUE", help="an attack parameter")
+    submit.add_argument("--iterations", type=int)
+    submit.add_argument("--restarts", type=int)
+    submit.add_argument("--time-limit", type=float, help="seconds")
+    submit.add_argument("--knowledge", type=int, choices=range(6), help="knowledge level granted (0-5)")
+    submit.add_argument(
+        "--defense", action="append", metavar="NAME[:K=V,...]", help="what-if defense, e.g. quantize:bits=4"
+    )
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--spec", help="a full JobSpec (YAML or JSON) naming upload ids instead")
+    submit.add_argument("--wait", action="store_true", help="wait for the job, with a progress bar")
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", parents=printed, help="a job's status, progress and metrics")
+    status.add_argument("job_id")
+    status.set_defaults(func=cmd_status)
+
+    wait = sub.add_parser("wait", parents=printed, help="wait for a job, with a progress bar")
+    wait.add_argument("job_id")
+    wait.add_argument("--wait-timeout", type=float, help="give up after this many seconds (exit 2)")
+    wait.add_argument("--no-progress", action="store_true")
+    wait.set_defaults(func=cmd_wait)
+
+    fetch = sub.add_parser("fetch", parents=[common], help="download a job's artifacts")
+    fetch.add_argument("job_id")
+    fetch.add_argument("names", nargs="*", help="artifact names (default: all)")
+    fetch.add_argument("-o", "--output", default=".", help="directory (default: the current one)")
+    fetch.set_defaults(func=cmd_fetch)
+
+    cancel = sub.add_parser("cancel", parents=printed, help="cancel a job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=cmd_cancel)
+
+    catalog = sub.add_parser("catalog", parents=printed, help="attacks, architectures, defenses, metrics")
+    catalog.set_defaults(func=cmd_catalog)
+
+    audit = sub.add_parser(
+        "audit",
+        parents=[common],
+        help="the CI privacy gate: run a policy's attacks on an update and check its thresholds",
+        description="Exit code 0: pass; 1: leakage above a threshold; 2: usage or service error.",
+    )
+    audit.add_argument("--policy", required=True, help="the policy (YAML or JSON)")
+    audit.add_argument("--model", help="the model checkpoint the update was computed on (safetensors)")
+    audit.add_argument("--update", help="the update to audit (safetensors)")
+    audit.add_argument("--ground-truth", help="the client's images and labels (safetensors), for scoring")
+    audit.add_argument("--update-id", help="an uploaded update instead of --model/--update")
+    audit.add_argument("--ground-truth-id", help="uploaded ground truth instead of --ground-truth")
+    audit.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    audit.add_argument("--junit", help="JUnit XML path (default OUT/junit.xml)")
+    audit.add_argument("--summary", help="Markdown summary path (default OUT/summary.md)")
+    audit.add_argument("--embed-images", action="store_true", help="embed the grids in the summary")
+    audit.add_argument("--timeout-total", type=float, help="seconds for all jobs together")
+    audit.add_argument("--no-progress", action="store_true")
+    embedded = audit.add_argument_group("embedded (no remote service; needs the `gradleak` package)")
+    embedded.add_argument("--embedded", action="store_true", help="run the jobs in this process")
+    embedded.add_argument("--data-dir", help="keep the embedded service's data here (default: temporary)")
+    embedded.add_argument("--isolation", choices=["thread", "process"], default="thread")
+    embedded.add_argument("--threads", type=int, help="torch CPU threads for the embedded jobs")
+    audit.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except GradleakError as e:
+        _note(f"{PROG}: error: {e}")
+        return EXIT_ERROR
+    except OSError as e:
+        _note(f"{PROG}: error: {e.filename or ''}: {e.strerror or e}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _note(f"{PROG}: interrupted")
+        return EXIT_ERROR
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

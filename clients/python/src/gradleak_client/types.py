@@ -1,0 +1,318 @@
+"""Typed models of every API response, and typed dicts for the request parameters.
+
+Responses are pydantic models that keep fields a newer server adds (`extra="allow"`), so an
+older client keeps working. Request parameters are plain dicts with a `TypedDict` for editors
+and type checkers; the server validates them and answers 422 with the reason.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gradleak_client._exceptions import JobFailedError
+
+__all__ = [
+    "Artifact",
+    "Attack",
+    "Budget",
+    "Catalog",
+    "ClientTraining",
+    "ClientTrainingInfo",
+    "Defense",
+    "GroundTruthInfo",
+    "GroundTruthUpload",
+    "Job",
+    "JobError",
+    "JobEvent",
+    "JobLinks",
+    "JobList",
+    "JobProgress",
+    "JobStatus",
+    "KnowledgeLevel",
+    "LabelAccuracy",
+    "Metrics",
+    "ModelMetadata",
+    "ModelUpload",
+    "Problem",
+    "UpdateKind",
+    "UpdateMetadata",
+    "UpdateUpload",
+    "Upload",
+]
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+UpdateKind = Literal["gradient", "delta", "weights"]
+Normalization = Literal["cifar10", "cifar100", "imagenet", "none"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# request parameters
+# ---------------------------------------------------------------------------------------------
+
+
+class ClientTraining(TypedDict, total=False):
+    """What the client did locally; leave out what is unknown."""
+
+    protocol: Literal["fedsgd", "fedavg"]
+    lr: float
+    local_epochs: int
+    batch_size: int
+    num_samples: int
+    optimizer: Literal["sgd"]
+    momentum: float
+    bn_mode: Literal["train", "eval"]
+    shuffle_seed: int
+
+
+class Attack(TypedDict, total=False):
+    """An attack and its parameters, e.g. ``{"name": "inverting_gradients", "tv_weight": 0.01}``;
+    `GET /v1/catalog` lists every attack's parameters."""
+
+    name: Literal["dlg", "inverting_gradients", "gradinversion", "fedavg_unroll"]
+    label_strategy: Literal["auto", "known", "infer", "joint"]
+    lr: float
+    max_eval: int
+    tv_weight: float
+
+
+class _DefenseName(TypedDict):
+    name: Literal["quantize", "topk", "clip", "noise", "sign"]
+
+
+class Defense(_DefenseName, total=False):
+    """A post-processing defense to apply to the update first ("what-if"), e.g.
+    ``{"name": "quantize", "bits": 4}`` or ``{"name": "noise", "scale": 0.01}``."""
+
+    bits: int
+    stochastic: bool
+    ratio: float
+    max_norm: float
+    distribution: Literal["gaussian", "laplace"]
+    scale: float
+
+
+class Budget(TypedDict, total=False):
+    iterations: int
+    restarts: int
+    time_limit_s: float
+
+
+# ---------------------------------------------------------------------------------------------
+# uploads
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelMetadata(_Model):
+    arch: str
+    knobs: dict[str, Any] = Field(default_factory=dict)
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+
+class ClientTrainingInfo(_Model):
+    """What the server was told the client did; None where unknown."""
+
+    protocol: Literal["fedsgd", "fedavg"] | None = None
+    lr: float | None = None
+    local_epochs: int | None = None
+    batch_size: int | None = None
+    num_samples: int | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    bn_mode: Literal["train", "eval"] | None = None
+    shuffle_seed: int | None = None
+
+
+class UpdateMetadata(_Model):
+    model_id: str
+    kind: UpdateKind
+    client: ClientTrainingInfo = Field(default_factory=ClientTrainingInfo)
+    normalization: str | dict[str, Any] = "cifar10"
+    num_images: int | None = None
+    labels: list[int] | None = None
+
+
+class GroundTruthInfo(_Model):
+    num_images: int
+    image_shape: tuple[int, int, int]
+    has_labels: bool
+
+
+class Upload(_Model):
+    id: str
+    kind: Literal["model", "update", "ground_truth"]
+    size: int
+    sha256: str
+    tensors: int
+    created_at: datetime
+    expires_at: datetime
+
+
+class ModelUpload(Upload):
+    kind: Literal["model"] = "model"
+    metadata: ModelMetadata
+
+
+class UpdateUpload(Upload):
+    kind: Literal["update"] = "update"
+    metadata: UpdateMetadata
+
+
+class GroundTruthUpload(Upload):
+    kind: Literal["ground_truth"] = "ground_truth"
+    metadata: GroundTruthInfo
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs
+# ---------------------------------------------------------------------------------------------
+
+
+class JobProgress(_Model):
+    stage: Literal["setup", "attack", "scoring", "done"]
+    iteration: int
+    total: int
+    loss: float | None = None
+    best_loss: float | None = None
+    elapsed_s: float
+    restart: int | None = None
+    message: str = ""
+    updated_at: datetime | None = None
+
+
+class JobError(_Model):
+    code: str
+    message: str
+
+
+class JobLinks(_Model):
+    self: str
+    events: str
+    artifacts: str
+
+
+class LabelAccuracy(_Model):
+    multiset: float
+    positional: float
+
+
+class Metrics(_Model):
+    """A scored result: per image (in ground-truth order), mean, and worst case (the most
+    leaked value of each metric). A metric that could not be computed is None here and
+    `unavailable[name]` says why (e.g. LPIPS without its weights, or on images too small)."""
+
+    num_images: int
+    per_image: dict[str, list[float] | None]
+    mean: dict[str, float | None]
+    worst_case: dict[str, Any]
+    label_accuracy: LabelAccuracy | None = None
+    permutation: list[int] = Field(default_factory=list)
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        extra = self.model_extra or {}
+        return {
+            k.removesuffix("_unavailable"): str(v)
+            for k, v in extra.items()
+            if k.endswith("_unavailable") and v
+        }
+
+
+class Job(_Model):
+    id: str
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    expires_at: datetime
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool = False
+    progress: JobProgress | None = None
+    error: JobError | None = None
+    metrics: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    spec: dict[str, Any]
+    links: JobLinks
+
+    @property
+    def done(self) -> bool:
+        """Whether the job has finished (succeeded, failed or cancelled)."""
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def scores(self) -> Metrics | None:
+        """The typed metrics, when the job was scored against ground truth."""
+        return None if self.metrics is None else Metrics.model_validate(self.metrics)
+
+    def raise_for_status(self) -> Job:
+        """Return the job if it succeeded; raise JobFailedError if it failed or was cancelled."""
+        if self.status in ("failed", "cancelled"):
+            raise JobFailedError(self)
+        return self
+
+
+class JobList(_Model):
+    items: list[Job]
+    next_cursor: str | None = None
+
+
+class JobEvent(_Model):
+    """One server-sent event of a job's stream: `event` is "status" or "progress"."""
+
+    event: str
+    id: str | None = None
+    job: Job
+
+
+class Artifact(_Model):
+    name: str
+    size: int
+    content_type: str
+    url: str
+    presigned_url: str | None = None
+    presigned_expires_at: datetime | None = None
+
+
+class ArtifactList(_Model):
+    items: list[Artifact]
+
+
+# ---------------------------------------------------------------------------------------------
+# catalog, problems
+# ---------------------------------------------------------------------------------------------
+
+
+class KnowledgeLevel(_Model):
+    level: int
+    name: str
+    description: str
+
+
+class Catalog(_Model):
+    attacks: list[dict[str, Any]]
+    architectures: list[dict[str, Any]]
+    defenses: list[dict[str, Any]]
+    metrics: list[dict[str, Any]]
+    knowledge_levels: list[KnowledgeLevel]
+
+
+class Problem(_Model):
+    """An error body (application/problem+json)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    request_id: str | None = None
+    instance: str | None = None

@@ -1,0 +1,325 @@
+"""The CI privacy gate: the policy format, checking results against thresholds, and
+`gradleak-client audit` end to end on the embedded service, with its exit codes (0 pass, 1 leak,
+2 usage or service error), JUnit XML and Markdown summary."""
+
+from __future__ import annotations
+
+import re
+import sys
+import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from clientkit import LEAK_PSNR_DB, MAX_PSNR_DB, policy, write_files, write_policy
+
+from gradleak_client.audit import AuditReport, JobRun, evaluate_job
+from gradleak_client.cli import main
+from gradleak_client.policy import Policy, PolicyError, Scenario, Threshold
+from gradleak_client.types import Job
+
+CI = Path(__file__).resolve().parents[2] / "clients" / "ci"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_files(tmp_path_factory.mktemp("inputs"))
+
+
+def audit(files: dict[str, Path], out: Path, policy_path: Path, update: str = "gradient", *extra: str) -> int:
+    argv = [
+        "audit",
+        "--policy",
+        str(policy_path),
+        "--model",
+        str(files["weights"]),
+        "--update",
+        str(files[update]),
+        "--ground-truth",
+        str(files["truth"]),
+        "--out",
+        str(out),
+        "--embedded",
+        "--no-progress",
+        *extra,
+    ]
+    return main(argv)
+
+
+def junit(out: Path) -> ET.Element:
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert suite is not None
+    return suite
+
+
+def psnr_in(message: str) -> float:
+    match = re.search(r"worst-case psnr ([0-9.]+) dB", message)
+    assert match, message
+    return float(match.group(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the gate end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_leaking_update_fails_the_gate(files: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "out"
+    code = audit(files, out, write_policy(tmp_path / "policy.json"))
+    assert code == 1
+    assert "gradleak privacy gate: FAIL" in capsys.readouterr().out
+    suite = junit(out)
+    assert int(suite.get("failures", 0)) >= 1 and suite.get("errors") == "0"
+    failures = [f.get("message", "") for f in suite.iter("failure")]
+    psnr = [psnr_in(m) for m in failures if "psnr" in m]
+    assert psnr and psnr[0] > LEAK_PSNR_DB  # it really leaks: well above the 20 dB threshold
+    assert any("ssim" in m and "(image 0)" in m for m in failures)
+    skipped = [s.get("message", "") for s in suite.iter("skipped")]
+    assert any("lpips unavailable" in m for m in skipped)  # not required, and the reason is given
+    summary = (out / "summary.md").read_text()
+    assert "FAIL" in summary and "**FAIL**" in summary
+    grid = re.search(r"!\[[^\]]*\]\(([^)]+\.png)\)", summary)
+    assert grid and (out / grid.group(1)).read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("defended", ["noised", "quantised"])
+def test_a_defended_update_passes(files: dict[str, Path], tmp_path: Path, defended: str, capsys: Any) -> None:
+    out = tmp_path / "out"
+    assert audit(files, out, write_policy(tmp_path / "policy.json"), defended) == 0
+    assert "gradleak privacy gate: PASS" in capsys.readouterr().out
+    suite = junit(out)
+    assert suite.get("failures") == "0" and suite.get("errors") == "0"
+    passed = [c.findtext("system-out") or "" for c in suite.iter("testcase")]
+    assert psnr_in(next(m for m in passed if "worst-case psnr" in m)) < MAX_PSNR_DB
+
+
+def test_a_gated_what_if_defense_passes_while_the_shared_update_is_only_reported(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    scenarios = [
+        {"name": "as-shared", "gate": False},
+        {"name": "two-bit quantisation", "defenses": [{"name": "quantize", "bits": 2}]},
+    ]
+    out = tmp_path / "out"
+    assert audit(files, out, write_policy(tmp_path / "policy.json", scenarios=scenarios)) == 0
+    suite = junit(out)
+    assert suite.get("failures") == "0"
+    not_gated = [s.get("message", "") for s in suite.iter("skipped") if "not gated" in s.get("message", "")]
+    assert any(psnr_in(m) > LEAK_PSNR_DB for m in not_gated if "psnr" in m)
+    summary = (out / "summary.md").read_text()
+    assert "would fail (not gated)" in summary and "two-bit quantisation" in summary
+
+
+def test_usage_errors_exit_2(files: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    good = write_policy(tmp_path / "policy.json")
+    no_truth = [
+        "audit",
+        "--policy",
+        str(good),
+        "--model",
+        str(files["weights"]),
+        "--update",
+        str(files["gradient"]),
+    ]
+    assert main([*no_truth, "--embedded"]) == 2
+    assert "ground truth" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(policy(thresholds={"min_psnr": 20})))
+    assert audit(files, tmp_path / "out", bad) == 2
+    err = capsys.readouterr().err
+    assert "higher psnr means more leakage" in err and err.count("\n") == 1  # one line, no traceback
+    missing = ["audit", "--policy", str(good), "--update", str(tmp_path / "nope.safetensors")]
+    assert main(missing) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_without_the_server_package_embedded_says_so(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setitem(sys.modules, "api.app", None)  # as if `gradleak` were not installed
+    out = tmp_path / "out"
+    assert audit(files, out, write_policy(tmp_path / "policy.json")) == 2
+    assert "pip install gradleak" in capsys.readouterr().err
+    assert junit(out).get("errors") == "1"  # the CI system still gets a report with the reason
+
+
+def test_an_unreachable_service_exits_2(files: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    argv = [
+        "audit",
+        "--policy",
+        str(write_policy(tmp_path / "policy.json")),
+        "--model",
+        str(files["weights"]),
+        "--update",
+        str(files["gradient"]),
+        "--ground-truth",
+        str(files["truth"]),
+        "--url",
+        "http://127.0.0.1:9",
+        "--max-retries",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 2
+    assert "cannot reach the gradleak API" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_policy_shorthands_and_defaults() -> None:
+    p = Policy.from_data(
+        {
+            "attacks": [
+                "dlg",
+                {"name": "dlg", "max_eval": 5, "budget": {"iterations": 9}},
+                {"attack": {"name": "x"}},
+            ],
+            "thresholds": {"max_psnr": 18, "min_lpips": 0.25, "max_label_accuracy": 0.5},
+        }
+    )
+    assert p.attack_ids() == ["dlg-1", "dlg-2", "x"]
+    assert p.attacks[1].attack == {"name": "dlg", "max_eval": 5} and p.attacks[1].budget == {"iterations": 9}
+    assert [(t.metric, t.max, t.min, t.over) for t in p.thresholds] == [
+        ("psnr", 18, None, "worst_case"),
+        ("lpips", None, 0.25, "worst_case"),
+        ("label_accuracy", 0.5, None, "worst_case"),
+    ]
+    assert p.scenarios == [Scenario(name="as-shared")] and p.scenarios[0].gate
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"thresholds": [{"metric": "psnr", "min": 20}]}, "higher psnr means more leakage"),
+        ({"thresholds": [{"metric": "lpips", "max": 0.2}]}, "lower lpips means more leakage"),
+        ({"thresholds": [{"metric": "psnr", "max": 20, "min": 1}]}, "exactly one of max and min"),
+        ({"thresholds": [{"metric": "label_accuracy", "max": 1, "over": "per_image"}]}, "one value per job"),
+        ({"thresholds": {"psnr": 20}}, "unknown threshold 'psnr'"),
+        ({"attacks": []}, "attacks"),
+        ({"attacks": [{"attack": {"max_eval": 3}}]}, "needs a name"),
+        ({"scenarios": [{"name": "a"}, {"name": "a"}]}, "scenario names repeat: a"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_policy_refusals(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(PolicyError, match=re.escape(message)) as info:
+        Policy.from_data(policy(**change), "policy.yaml")
+    assert str(info.value).startswith("policy.yaml: ") and "\n" not in str(info.value)
+
+
+def test_yaml_and_json_policies_read_the_same(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(policy()))
+    assert Policy.load(tmp_path / "p.yaml") == Policy.load(write_policy(tmp_path / "p.json"))
+    with pytest.raises(PolicyError, match="cannot read the policy"):
+        Policy.load(tmp_path / "missing.yaml")
+
+
+def test_the_shipped_ci_files() -> None:
+    shipped = Policy.load(CI / "gradleak-policy.yaml")
+    assert shipped.model is not None and {s.gate for s in shipped.scenarios} == {True, False}
+    github = yaml.safe_load((CI / "github-actions.yml").read_text())
+    gitlab = yaml.safe_load((CI / "gitlab-ci.yml").read_text())
+    steps = " ".join(str(s.get("run", "")) for s in github["jobs"]["gradleak"]["steps"])
+    job = gitlab["gradleak-privacy-gate"]
+    for commands in (steps, " ".join(job["script"])):
+        assert "gradleak-client audit" in commands and "make_sample_update.py" in commands
+    assert job["artifacts"]["reports"]["junit"] == "gradleak-audit/junit.xml"
+
+
+# ---------------------------------------------------------------------------------------------
+# checking a result
+# ---------------------------------------------------------------------------------------------
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def job_with(metrics: dict[str, Any] | None, status: str = "succeeded", error: Any = None) -> Job:
+    return Job.model_validate(
+        {
+            "id": "job_x",
+            "status": status,
+            "created_at": NOW,
+            "updated_at": NOW,
+            "expires_at": NOW,
+            "attempts": 1,
+            "max_attempts": 3,
+            "spec": {},
+            "links": {"self": "s", "events": "e", "artifacts": "a"},
+            "metrics": metrics,
+            "error": error,
+        }
+    )
+
+
+METRICS = {
+    "num_images": 2,
+    "per_image": {"psnr": [12.0, 31.0], "ssim": [0.1, 0.9], "lpips": None},
+    "mean": {"psnr": 21.5, "ssim": 0.5, "lpips": None},
+    "worst_case": {
+        "image": 1,
+        "psnr": 31.0,
+        "ssim": 0.9,
+        "lpips": None,
+        "image_by_metric": {"psnr": 1, "ssim": 1},
+    },
+    "label_accuracy": {"multiset": 1.0, "positional": 0.5},
+    "lpips_unavailable": "LPIPS needs 31 pixels a side",
+}
+
+
+def outcomes(
+    rules: list[dict[str, Any]], gated: bool = True, job: Job | None = None
+) -> list[tuple[str, str]]:
+    checks = evaluate_job(job or job_with(METRICS), [Threshold(**r) for r in rules], "s", "a", gated)
+    return [(c.outcome, c.message) for c in checks]
+
+
+def test_thresholds_over_worst_case_mean_and_each_image() -> None:
+    assert outcomes([{"metric": "psnr", "max": 20}]) == [("fail", "worst-case psnr 31 dB > 20 dB (image 1)")]
+    assert outcomes([{"metric": "psnr", "max": 22, "over": "mean"}]) == [
+        ("pass", "mean psnr 21.5 dB <= 22 dB")
+    ]
+    assert outcomes([{"metric": "ssim", "max": 0.5, "over": "per_image"}]) == [
+        ("pass", "per-image ssim 0.1 <= 0.5 (image 0)"),
+        ("fail", "per-image ssim 0.9 > 0.5 (image 1)"),
+    ]
+    assert outcomes(
+        [{"metric": "label_accuracy", "max": 0.5}, {"metric": "label_accuracy_positional", "max": 0.5}]
+    ) == [
+        ("fail", "label_accuracy 1 > 0.5"),
+        ("pass", "label_accuracy_positional 0.5 <= 0.5"),
+    ]
+
+
+def test_an_unavailable_metric_is_an_error_unless_not_required() -> None:
+    assert outcomes([{"metric": "lpips", "min": 0.3}]) == [
+        ("error", "lpips unavailable: LPIPS needs 31 pixels a side")
+    ]
+    assert outcomes([{"metric": "lpips", "min": 0.3, "required": False}])[0][0] == "skipped"
+    no_labels = job_with({**METRICS, "label_accuracy": None})
+    assert outcomes([{"metric": "label_accuracy", "max": 1}], job=no_labels)[0][0] == "error"
+
+
+def test_failed_or_unscored_jobs_are_errors() -> None:
+    failed = job_with(None, "failed", {"code": "time_limit", "message": "ran out of time"})
+    assert outcomes([{"metric": "psnr", "max": 20}], job=failed) == [
+        ("error", "job job_x failed: time_limit: ran out of time")
+    ]
+    assert "not scored" in outcomes([{"metric": "psnr", "max": 20}], job=job_with(None))[0][1]
+
+
+def test_the_verdict_a_leak_outranks_an_error_and_what_ifs_do_not_count() -> None:
+    p = Policy.from_data(policy())
+    leak = evaluate_job(job_with(METRICS), [Threshold(metric="psnr", max=20)], "s", "a", True)
+    error = evaluate_job(job_with(METRICS), [Threshold(metric="lpips", min=0.3)], "s", "a", True)
+    what_if = evaluate_job(job_with(METRICS), [Threshold(metric="psnr", max=20)], "w", "a", False)
+    runs: list[JobRun] = []
+    assert AuditReport(p, runs, leak + error).exit_code == 1
+    assert AuditReport(p, runs, error + what_if).exit_code == 2
+    assert AuditReport(p, runs, what_if).exit_code == 0
