@@ -99,7 +99,12 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
     emit(Progress(stage="scoring", iteration=result.iterations, total=spec.budget.iterations))
     t = time.monotonic()
     metrics, unavailable = None, "no ground truth was given"
-    if victim.truth_images is not None:
+    if victim.truth_images is not None and len(victim.truth_images) != len(result.images):
+        unavailable = (
+            f"the attack reconstructed {len(result.images)} images (count {problem.num_images_source}) "
+            f"but the ground truth has {len(victim.truth_images)}: give data.num_images to score"
+        )
+    elif victim.truth_images is not None:
         metrics = score(
             result.images.cpu(),
             victim.truth_images.cpu(),
@@ -145,7 +150,14 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
     key = f"{ctx.prefix}/{METRICS_JSON}"
     ctx.store.put_bytes(key, json.dumps(manifest, indent=2).encode(), CONTENT_TYPES[METRICS_JSON])
     artifacts[METRICS_JSON] = key
-    emit(Progress(stage="done", iteration=result.iterations, total=spec.budget.iterations))
+    emit(
+        Progress(
+            stage="done",
+            iteration=result.iterations,
+            total=spec.budget.iterations,
+            elapsed_s=time.monotonic() - started,
+        )
+    )
     return JobResult(status=status, manifest=manifest, artifacts=artifacts)
 
 
@@ -310,7 +322,7 @@ def _labels(
     num_images, num_source = data.num_images, "given"
     if num_images is None and data.labels is not None:
         num_images = len(data.labels)
-    if num_images is None and client.num_samples is not None and client.protocol == "fedsgd":
+    if num_images is None and client.num_samples is not None:
         num_images, num_source = client.num_samples, "client training details"
 
     if strategy in ("auto", "known") and data.labels is not None:
