@@ -22,11 +22,12 @@ from gradleak_client import Client
 from service.data import load_images, normalize
 from service.fl import fedsgd_gradient
 from service.models import build_model
-from service.specs import DataSpec, ModelSpec
+from service.specs import DataSpec, JsonScalar, ModelSpec
 from service.tensorio import save_safetensors_file
 
 OUT = Path("runs/demo")
-ARCH, KNOBS, SIZE = "convnet", {"width": 32}, 32
+ARCH, SIZE = "convnet", 32
+KNOBS: dict[str, JsonScalar | list[int]] = {"width": 32}
 PHOTO, LABEL = "astronaut", 1
 TIME_LIMIT_S = 60.0
 

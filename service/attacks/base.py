@@ -12,12 +12,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from service.specs import AttackParams, Budget, ClientTraining, Knowledge, Normalization
+from service.specs import Budget, ClientTraining, Knowledge, Normalization
 
 
 @dataclass
@@ -123,8 +123,9 @@ class Attack(Protocol):
     required_knowledge: ClassVar[Knowledge]
     description: ClassVar[str]
 
+    # `params` is the attack's own parameter model (a subclass of AttackParams)
     def run(
-        self, problem: AttackProblem, params: AttackParams, control: Control, generator: torch.Generator
+        self, problem: AttackProblem, params: Any, control: Control, generator: torch.Generator
     ) -> AttackResult: ...
 
 

@@ -28,7 +28,7 @@ class DLG:
     def run(
         self,
         problem: AttackProblem,
-        params: DLGParams,  # type: ignore[override]
+        params: DLGParams,
         control: Control,
         generator: torch.Generator,
     ) -> AttackResult:

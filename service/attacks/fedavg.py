@@ -78,7 +78,7 @@ class FedAvgUnroll:
     def run(
         self,
         problem: AttackProblem,
-        params: FedAvgParams,  # type: ignore[override]
+        params: FedAvgParams,
         control: Control,
         generator: torch.Generator,
     ) -> AttackResult:

@@ -141,7 +141,7 @@ class InvertingGradients:
     def run(
         self,
         problem: AttackProblem,
-        params: InvertingGradientsParams,  # type: ignore[override]
+        params: InvertingGradientsParams,
         control: Control,
         generator: torch.Generator,
     ) -> AttackResult:
@@ -168,7 +168,7 @@ class GradInversion:
     def run(
         self,
         problem: AttackProblem,
-        params: GradInversionParams,  # type: ignore[override]
+        params: GradInversionParams,
         control: Control,
         generator: torch.Generator,
     ) -> AttackResult:

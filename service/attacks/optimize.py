@@ -90,8 +90,8 @@ def optimise(
             best_images[improved] = state.images.detach()[improved]
             best_labels[improved] = state.labels.detach()[improved]
 
-        for var, g in zip(variables, grads, strict=True):
-            var.grad = g.sign() if (params.signed and var is state.images) else g
+        for var, step in zip(variables, grads, strict=True):
+            var.grad = step.sign() if (params.signed and var is state.images) else step
         opt.step()
         if params.boxed:
             with torch.no_grad():

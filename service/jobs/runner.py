@@ -9,6 +9,7 @@ import math
 import platform
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -98,7 +99,8 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
 
     emit(Progress(stage="scoring", iteration=result.iterations, total=spec.budget.iterations))
     t = time.monotonic()
-    metrics, unavailable = None, "no ground truth was given"
+    metrics: dict | None = None
+    unavailable: str | None = "no ground truth was given"
     if victim.truth_images is not None and len(victim.truth_images) != len(result.images):
         unavailable = (
             f"the attack reconstructed {len(result.images)} images (count {problem.num_images_source}) "
@@ -108,8 +110,8 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
         metrics = score(
             result.images.cpu(),
             victim.truth_images.cpu(),
-            recon_labels=result.labels.cpu(),
-            true_labels=None if victim.truth_labels is None else victim.truth_labels.cpu(),
+            recon_labels=result.labels.tolist(),
+            true_labels=None if victim.truth_labels is None else victim.truth_labels.tolist(),
             lpips_weights_dir=ctx.lpips_weights_dir,
             device=device,
         )
@@ -118,7 +120,9 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
 
     artifacts = _write_artifacts(spec, ctx, result, victim, metrics)
     timings["total_s"] = time.monotonic() - started
-    status = "cancelled" if result.stop_reason == "stopped" else "succeeded"
+    status: Literal["succeeded", "cancelled"] = (
+        "cancelled" if result.stop_reason == "stopped" else "succeeded"
+    )
     manifest = {
         "job_id": ctx.job_id,
         "status": status,
