@@ -70,7 +70,8 @@ def play_client() -> tuple[Path, Path, Path]:
 def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "GRADLEAK_DATA_DIR": str(OUT / "service")}
+    # the server's request log would bury the demo's own output
+    env = {**os.environ, "GRADLEAK_DATA_DIR": str(OUT / "service"), "GRADLEAK_LOG_LEVEL": "WARNING"}
     server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env)
     try:
         wait_ready(url, server)
