@@ -47,7 +47,9 @@ def test_unroll_equals_local_training(
     assert list(unrolled) == list(params)
     for k, d in unrolled.items():
         torch.testing.assert_close(d.detach(), real[k], atol=2e-6, rtol=1e-4)
-        assert d.abs().max() > 0
+    # training moved the model (a conv bias that feeds batch norm has an exactly zero gradient,
+    # so non-triviality is checked over all parameters, not per tensor)
+    assert sum(float(d.abs().sum()) for d in unrolled.values()) > 0
 
 
 def test_unroll_in_eval_bn_mode_equals_local_training(convnet, batch: tuple[Tensor, Tensor]) -> None:
