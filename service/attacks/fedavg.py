@@ -11,28 +11,20 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch.func import functional_call
 
 from kernels import gradient_matching_loss, pack_targets, total_variation
 from service.attacks.base import AttackProblem, AttackResult, Control, layer_weights
-from service.attacks.inverting import (
-    attack_model,
-    attack_parameters,
-    matching_objective,
-    parameter_gradients,
-    soft_cross_entropy,
-)
+from service.attacks.inverting import attack_model, attack_parameters, matching_objective
 from service.attacks.optimize import Objective, batched, optimise
 from service.errors import SpecError
-from service.fl import minibatch_indices
+from service.fl import minibatch_indices, unroll_fedavg
 from service.specs import FedAvgParams, Knowledge
 
 
 def unroll_objective(problem: AttackProblem, params: FedAvgParams, functional: bool) -> Objective:
+    """Match the weight change of the client's replayed local training to the shared one."""
     client = problem.client
     assert client.lr is not None and client.local_epochs is not None and client.batch_size is not None
-    lr, epochs, batch = client.lr, client.local_epochs, client.batch_size
-    momentum = client.momentum or 0.0
     model = attack_model(problem)
     names = problem.param_names
     start = attack_parameters(model, functional)
@@ -40,26 +32,29 @@ def unroll_objective(problem: AttackProblem, params: FedAvgParams, functional: b
     packed = pack_targets(problem.target)
     weights = layer_weights(params.layer_weights, len(names))
     cost = problem.matching_cost(params.cost)
-    # the shuffling seed is a training detail: with it, the attacker replays the client's exact order
-    batches = minibatch_indices(problem.num_images, batch, epochs, client.shuffle_seed)
-
-    def batch_loss(
-        p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = soft_cross_entropy(functional_call(model, (p, buffers), (x,)), y)
-        return loss, loss.detach()
+    # the shuffling seed is a training detail: with it the client's exact order is replayed
+    batches = minibatch_indices(
+        problem.num_images, client.batch_size, client.local_epochs, client.shuffle_seed
+    )
 
     def objective(x: torch.Tensor, y: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-        p = dict(start)
-        velocity: dict[str, torch.Tensor] = {}
-        for idx in batches:
-            g, _ = parameter_gradients(batch_loss, p, x[idx], y[idx], functional=functional)
-            if momentum:
-                velocity = {k: momentum * velocity[k] + g[k] if k in velocity else g[k] for k in names}
-                g = velocity
-            p = {k: p[k] - lr * g[k] for k in names}
-        delta = [p[k] - start[k] for k in names]
-        loss = gradient_matching_loss(delta, packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
+        delta = unroll_fedavg(
+            model,
+            start,
+            buffers,
+            x,
+            y,
+            lr=client.lr,  # type: ignore[arg-type]
+            local_epochs=client.local_epochs,  # type: ignore[arg-type]
+            batch_size=client.batch_size,  # type: ignore[arg-type]
+            shuffle_seed=client.shuffle_seed,
+            bn_mode=problem.bn_mode,  # type: ignore[arg-type]
+            momentum=client.momentum or 0.0,
+            label_logits=y.is_floating_point(),
+            functional=functional,
+            batches=batches,
+        )
+        loss = gradient_matching_loss([delta[k] for k in names], packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
         if params.tv_weight > 0:
             loss = loss + params.tv_weight * total_variation(x)
         return loss

@@ -9,7 +9,7 @@ keeping the graph of every step (create_graph), so that autograd reaches back th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,8 @@ def unroll_fedavg(
     weight_decay: float = 0.0,
     label_logits: bool = False,
     create_graph: bool = True,
+    functional: bool = False,
+    batches: Sequence[Tensor] | None = None,
 ) -> Update:
     """The parameter delta w_new - w_old of FedAvg local training, differentiable w.r.t. the data.
 
@@ -47,26 +49,50 @@ def unroll_fedavg(
     order of dummy images is arbitrary anyway. The SGD update matches torch.optim.SGD (momentum
     without dampening, weight decay added to the gradient), so with the same order the result
     equals `fedavg_local_training`'s delta to float tolerance.
+
+    `functional` takes each step's gradient with torch.func.grad instead of autograd, so the
+    unrolling composes with torch.func transforms (the attacks vmap it over restarts); a
+    parameter the loss does not reach then gets a zero gradient rather than being skipped.
+    `batches` are the steps' mini-batch indices when computed once beforehand (the attacks do,
+    since the order is fixed per job and drawing it under vmap is not allowed); by default they
+    come from `minibatch_indices` with the given sizes and seed.
     """
     check_batch(images, labels)
     if lr <= 0:
         raise SpecError(f"the learning rate must be positive, got {lr}")
     if not params:
         raise SpecError("nothing to train: no parameters given")
-    start = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+    if functional:
+        start = dict(params)
+    else:
+        start = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
     current = dict(start)
     state = {k: v.detach().clone() for k, v in buffers.items()}
     velocity: dict[str, Tensor] = {}
     names = list(current)
     # enable_grad: the local SGD needs gradients even when the caller evaluates under no_grad
     with training_mode(model, bn_mode), torch.enable_grad():
-        for idx in minibatch_indices(images.shape[0], batch_size, local_epochs, shuffle_seed):
+        if batches is None:
+            batches = minibatch_indices(images.shape[0], batch_size, local_epochs, shuffle_seed)
+        for idx in batches:
             idx = idx.to(images.device)
-            logits = functional_call(model, {**state, **current}, (images[idx],), strict=False)
-            loss = client_loss(logits, labels[idx], label_logits=label_logits)
-            grads = torch.autograd.grad(
-                loss, [current[k] for k in names], create_graph=create_graph, allow_unused=True
-            )
+            x, y = images[idx], labels[idx]
+
+            def batch_loss(weights: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> Tensor:
+                logits = functional_call(model, {**state, **weights}, (x,), strict=False)
+                return client_loss(logits, y, label_logits=label_logits)
+
+            grads: Sequence[Tensor | None]
+            if functional:
+                by_name = torch.func.grad(batch_loss)(current)
+                grads = [by_name[k] for k in names]
+            else:
+                grads = torch.autograd.grad(
+                    batch_loss(current),
+                    [current[k] for k in names],
+                    create_graph=create_graph,
+                    allow_unused=True,
+                )
             for k, g in zip(names, grads, strict=True):
                 if g is None:  # torch.optim.SGD skips a parameter without a gradient
                     continue

@@ -233,3 +233,24 @@ def test_single_value_per_channel_batch_norm_is_a_clear_spec_error(tmp_path):
             data={"shape": [3, 16, 16], "num_images": 1},
             budget={"iterations": 1},
         )
+
+
+def test_fedavg_attack_with_batched_restarts(tmp_path):
+    """The unrolled local training runs under vmap when restarts are batched."""
+    training = {"protocol": "fedavg", "lr": 0.05, "local_epochs": 2, "batch_size": 1, "shuffle_seed": 1}
+    manifest, _ = job(
+        tmp_path,
+        model={"arch": "convnet", "knobs": {"width": 8, "batchnorm": True}},
+        update={
+            "kind": "weights",
+            "simulate": {"images": ["astronaut", "coffee"], "labels": [0, 1], "training": training},
+            "client": training,
+        },
+        data={"shape": [3, 16, 16], "labels": [0, 1]},
+        knowledge=3,
+        attack={"name": "fedavg_unroll"},
+        budget={"iterations": 3, "restarts": 2},
+    )
+    assert manifest["attack"]["details"]["fedavg_case"] == "case1_unrolled"
+    assert len(manifest["attack"]["restart_losses"]) == 2
+    assert all(v is not None for v in manifest["attack"]["restart_losses"])
