@@ -323,7 +323,10 @@ def summarize(manifest: dict[str, Any], paths: dict[str, Path]) -> None:
             f"SSIM mean {mean['ssim']:.3f}, worst case {worst['ssim']:.3f}; LPIPS mean {lp}"
         )
         if m.get("label_accuracy") is not None:
-            typer.echo(f"label accuracy {m['label_accuracy']:.2f}")
+            acc = m["label_accuracy"]
+            typer.echo(
+                f"label accuracy {acc['multiset']:.2f} (as a multiset), {acc['positional']:.2f} (per image)"
+            )
         if m.get("lpips_unavailable"):
             typer.echo(f"LPIPS unavailable: {m['lpips_unavailable']}")
     else:

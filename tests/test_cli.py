@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import torch
 from typer.testing import CliRunner
@@ -126,3 +127,17 @@ def test_catalog_lists_attacks_with_knowledge():
     assert levels["gradinversion"] == 4 and levels["dlg"] == 0
     assert "resnet18" in {m["name"] for m in cat["architectures"]}
     assert {"quantize", "topk", "clip", "noise", "sign"} <= {d["name"] for d in cat["defenses"]}
+
+
+def test_human_summary_names_metrics_and_artifacts(tmp_path):
+    r = invoke(
+        "attack", "--arch", "lenet", "--images", "astronaut", "--labels", "2", "--size", "16",
+        "--iterations", "3", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "PSNR mean" in r.stdout and "label accuracy 1.00 (as a multiset)" in r.stdout
+    grid = next(line for line in r.stdout.splitlines() if line.startswith("grid.png: "))
+    assert Path(grid.removeprefix("grid.png: ")).is_file()
+    report = next(line for line in r.stdout.splitlines() if line.startswith("report.html: "))
+    html = Path(report.removeprefix("report.html: ")).read_text()
+    assert "label accuracy" in html and "(multiset)" in html

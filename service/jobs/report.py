@@ -72,7 +72,11 @@ def render_report_html(
             worst = metrics.get("worst_case", {}).get(name)
             rows += f"<tr><td>{name}</td><td>{_fmt(mean)}</td><td>{_fmt(worst)}</td></tr>"
         if metrics.get("label_accuracy") is not None:
-            rows += f"<tr><td>label accuracy</td><td>{_fmt(metrics['label_accuracy'])}</td><td></td></tr>"
+            acc = metrics["label_accuracy"]
+            rows += (
+                f"<tr><td>label accuracy</td><td>{_fmt(acc['multiset'])} (multiset)</td>"
+                f"<td>{_fmt(acc['positional'])} (per image)</td></tr>"
+            )
         if metrics.get("lpips_unavailable"):
             rows += f"<tr><td colspan=3>LPIPS unavailable: {_fmt(metrics['lpips_unavailable'])}</td></tr>"
         table = f"<table><tr><th>metric</th><th>mean</th><th>worst case (most leaked)</th></tr>{rows}</table>"
