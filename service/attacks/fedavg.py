@@ -14,7 +14,7 @@ import torch
 
 from kernels import gradient_matching_loss, pack_targets, total_variation
 from service.attacks.base import AttackProblem, AttackResult, Control, layer_weights
-from service.attacks.inverting import attack_model, attack_parameters, matching_objective
+from service.attacks.inverting import attack_model, attack_parameters, inverting_objective
 from service.attacks.optimize import Objective, batched, optimise
 from service.errors import SpecError
 from service.fl import minibatch_indices, unroll_fedavg
@@ -88,15 +88,7 @@ class FedAvgUnroll:
             # a scale the attacker does not know
             problem.target = [-t for t in problem.target]
             problem.target_scale_known = False
-            model = attack_model(problem)
-            objective = matching_objective(
-                problem,
-                model,
-                functional=batched(control),
-                cost=problem.matching_cost(params.cost),
-                weighting=params.layer_weights,
-                tv_weight=params.tv_weight,
-            )
+            objective = inverting_objective(problem, params, control)
             case = "case2_single_step"
         result = optimise(problem, params, control, generator, objective)
         result.details["fedavg_case"] = case

@@ -130,6 +130,28 @@ def matching_objective(
     return objective
 
 
+def inverting_objective(
+    problem: AttackProblem,
+    params: InvertingGradientsParams,
+    control: Control,
+    *,
+    bn_weight: float = 0.0,
+    group_weight: float = 0.0,
+) -> Objective:
+    """The Inverting Gradients objective built from the attack's parameters (and GradInversion's
+    extra priors), batched over restarts when the budget asks for several."""
+    return matching_objective(
+        problem,
+        attack_model(problem),
+        functional=batched(control),
+        cost=problem.matching_cost(params.cost),
+        weighting=params.layer_weights,
+        tv_weight=params.tv_weight,
+        bn_weight=bn_weight,
+        group_weight=group_weight,
+    )
+
+
 class InvertingGradients:
     name: ClassVar[str] = "inverting_gradients"
     required_knowledge: ClassVar[Knowledge] = InvertingGradientsParams.required_knowledge
@@ -145,16 +167,7 @@ class InvertingGradients:
         control: Control,
         generator: torch.Generator,
     ) -> AttackResult:
-        model = attack_model(problem)
-        objective = matching_objective(
-            problem,
-            model,
-            functional=batched(control),
-            cost=problem.matching_cost(params.cost),
-            weighting=params.layer_weights,
-            tv_weight=params.tv_weight,
-        )
-        return optimise(problem, params, control, generator, objective)
+        return optimise(problem, params, control, generator, inverting_objective(problem, params, control))
 
 
 class GradInversion:
@@ -172,21 +185,13 @@ class GradInversion:
         control: Control,
         generator: torch.Generator,
     ) -> AttackResult:
-        model = attack_model(problem)
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in problem.model.modules())
         if not has_bn or not problem.bn_targets:
             raise SpecError(
                 "gradinversion needs a model with batch-norm layers and the client's BN statistics"
             )
-        objective = matching_objective(
-            problem,
-            model,
-            functional=batched(control),
-            cost=problem.matching_cost(params.cost),
-            weighting=params.layer_weights,
-            tv_weight=params.tv_weight,
-            bn_weight=params.bn_weight,
-            group_weight=params.group_weight,
+        objective = inverting_objective(
+            problem, params, control, bn_weight=params.bn_weight, group_weight=params.group_weight
         )
         result = optimise(problem, params, control, generator, objective, group_size=params.group_size)
         result.details["bn_statistics"] = problem.bn_source
