@@ -254,3 +254,33 @@ def test_fedavg_attack_with_batched_restarts(tmp_path):
     assert manifest["attack"]["details"]["fedavg_case"] == "case1_unrolled"
     assert len(manifest["attack"]["restart_losses"]) == 2
     assert all(v is not None for v in manifest["attack"]["restart_losses"])
+
+
+def test_gradinversion_uses_the_clients_bn_statistics_at_level_four(tmp_path):
+    manifest, _ = job(
+        tmp_path,
+        model={"arch": "convnet", "knobs": {"width": 8, "batchnorm": True}},
+        update={"simulate": {"images": ["astronaut", "coffee"], "labels": [2, 5]}},
+        data={"shape": [3, 16, 16], "labels": [2, 5]},
+        knowledge=4,
+        attack={"name": "gradinversion", "bn_weight": 0.01, "group_size": 2},
+        budget={"iterations": 4, "restarts": 2},
+    )
+    a = manifest["attack"]
+    assert a["details"]["bn_statistics"] == "the client's batch (simulated client)"
+    assert a["iterations"] == 4 and len(a["restart_losses"]) == 2
+
+
+def test_gradinversion_refuses_a_model_without_batch_norm(tmp_path):
+    from service.errors import SpecError
+
+    with pytest.raises(SpecError, match="batch-norm"):
+        job(
+            tmp_path,
+            model={"arch": "lenet"},
+            update={"simulate": {"images": ["astronaut"]}},
+            data={"shape": [3, 16, 16], "num_images": 1},
+            knowledge=4,
+            attack={"name": "gradinversion"},
+            budget={"iterations": 2},
+        )
