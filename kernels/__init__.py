@@ -27,7 +27,7 @@ from typing import Literal, cast, get_args
 
 import torch
 
-from kernels import reference
+from kernels import closed_form, reference
 from kernels.errors import BackendUnavailableError, KernelInputError
 from kernels.reference import COSTS, Cost, accumulation_dtype
 from kernels.targets import FLOAT_DTYPES, PackedTargets, pack_targets, select_layers
@@ -220,6 +220,12 @@ def _matching(
             targets, sq_norms = packed.views(), packed.sq_norms
         else:
             targets, sq_norms = [target_list[i].detach() for i in chosen], None
+        if not batched and closed_form.usable(cands):
+            if sq_norms is None:
+                sq_norms = reference.target_sq_norms(targets)
+            return closed_form.matching_loss(
+                cands, targets, cost=cost, weights=weights, eps=float(eps), sq_norms=sq_norms
+            )
         ref = reference.batched_gradient_matching_loss if batched else reference.gradient_matching_loss
         return ref(cands, targets, cost=cost, weights=weights, eps=float(eps), sq_norms=sq_norms)
 
