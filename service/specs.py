@@ -78,7 +78,12 @@ class ClientTraining(Frozen):
     num_samples: Annotated[int, Field(ge=1)] | None = None
     optimizer: Literal["sgd"] | None = None
     momentum: Annotated[float, Field(ge=0, lt=1)] | None = None
-    bn_mode: Literal["train", "eval"] | None = None
+    bn_mode: Literal["train", "eval"] | None = Field(
+        default=None,
+        description="batch norm on the batch's statistics (train) or on the model's running statistics "
+        "(eval, when the server sends public BN buffers); a protocol fact the attacker knows at every "
+        "knowledge level; unknown: train",
+    )
     shuffle_seed: int | None = None
 
     def known(self) -> dict[str, Any]:

@@ -277,7 +277,11 @@ def _problem(
     if kind == "weights" and not spec.defenses:
         update = _as_delta_or_gradient(spec, model, update)
     delta_like = kind != "gradient"
-    client = spec.client_training() if spec.knowledge >= Knowledge.TRAINING_DETAILS else ClientTraining()
+    told = spec.client_training()
+    # The batch-norm mode is set by the protocol the server runs (it sends public BN buffers to
+    # normalise with, or not), so the server knows it at every level; lr, epochs, batch size and
+    # sample count are level-3 knowledge.
+    client = told if spec.knowledge >= Knowledge.TRAINING_DETAILS else ClientTraining(bn_mode=told.bn_mode)
 
     scale_known = True
     if spec.attack.name == "fedavg_unroll":

@@ -284,3 +284,22 @@ def test_gradinversion_refuses_a_model_without_batch_norm(tmp_path):
             attack={"name": "gradinversion"},
             budget={"iterations": 2},
         )
+
+
+@pytest.mark.parametrize("knowledge", [1, 3])
+def test_the_clients_batch_norm_mode_is_known_at_every_level(tmp_path, knowledge):
+    """A client normalising with the server's public BN buffers (eval mode) is attacked in eval
+    mode at every knowledge level: the mode is part of the protocol, not a training detail."""
+    manifest, _ = job(
+        tmp_path,
+        model={"arch": "convnet", "knobs": {"width": 8, "batchnorm": True}},
+        update={
+            "simulate": {"images": ["astronaut"], "labels": [2], "training": {"bn_mode": "eval", "lr": 0.1}},
+            "client": {"bn_mode": "eval", "lr": 0.1},
+        },
+        data={"shape": [3, 16, 16], "labels": [2]},
+        knowledge=knowledge,
+        attack={"name": "inverting_gradients"},
+        budget={"iterations": 2},
+    )
+    assert manifest["attack"]["bn_mode"] == "eval"
