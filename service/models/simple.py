@@ -178,3 +178,35 @@ MODELS.add(
         ),
     ),
 )
+
+
+def build_igconvnet(num_classes: int, image_shape: tuple[int, int, int], *, width: int) -> nn.Module:
+    """The ConvNet of Inverting Gradients (Geiping et al.), also breaching's "ConvNet": eight 3x3
+    conv -> batch norm -> ReLU blocks of width w, 2w, 2w, 4w, 4w, 4w, 4w, 4w with a 3x3 max pool
+    after the sixth and the eighth, and a linear head; PyTorch's default initialisation."""
+    c, h, w = image_shape
+    channels = [c, width, 2 * width, 2 * width, 4 * width, 4 * width, 4 * width, 4 * width, 4 * width]
+    layers: list[nn.Module] = []
+    for i in range(8):
+        layers += [
+            nn.Conv2d(channels[i], channels[i + 1], kernel_size=3, padding=1),
+            nn.BatchNorm2d(channels[i + 1]),
+            nn.ReLU(),
+        ]
+        if i in (5, 7):
+            layers.append(nn.MaxPool2d(3))
+    h, w = h // 3 // 3, w // 3 // 3
+    layers += [nn.Flatten(), nn.Linear(4 * width * h * w, num_classes)]
+    return nn.Sequential(*layers)
+
+
+MODELS.add(
+    "igconvnet",
+    ModelEntry(
+        builder=build_igconvnet,
+        description="the 8-layer batch-norm ConvNet of Inverting Gradients and breaching: widths w, 2w, "
+        "2w, 4w x5, two 3x3 max pools, a linear head",
+        knobs=(Knob("width", "int", 64, "channels of the first convolution (w)", minimum=1, maximum=1024),),
+        min_size=9,  # two 3x3 max pools
+    ),
+)

@@ -16,6 +16,7 @@ ARCHS = [
     "convnet",
     "densenet121",
     "googlenet",
+    "igconvnet",
     "inception_v3",
     "lenet",
     "mlp",
@@ -66,7 +67,9 @@ def test_forward_and_backward_in_train_mode(arch: str) -> None:
 
 
 # One per builder code path: resnet34/50/152 and vgg16/19 adapt their stem like resnet18 and vgg11.
-ONE_PER_BUILDER = ["convnet", "densenet121", "googlenet", "inception_v3", "lenet", "mlp", "resnet18", "vgg11"]
+ONE_PER_BUILDER = [
+    "convnet", "densenet121", "googlenet", "igconvnet", "inception_v3", "lenet", "mlp", "resnet18", "vgg11"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", ONE_PER_BUILDER)
@@ -288,3 +291,17 @@ def test_catalog_describes_every_architecture() -> None:
         arch = entry["name"]
         defaults = {k["name"]: k["default"] for k in entry["knobs"]}
         assert MODELS.get(arch).resolve_knobs(arch, defaults) == defaults
+
+
+def test_igconvnet_is_the_inverting_gradients_convnet() -> None:
+    """Inverting Gradients' ConvNet at width 64: 8 conv/BN/ReLU blocks, widths 64-128-128-256x5,
+    3x3 max pools after the 6th and 8th blocks, a 2304 -> 10 head (2.9M parameters at 32x32)."""
+    model = build("igconvnet")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [64, 128, 128, 256, 256, 256, 256, 256]
+    assert all(m.kernel_size == (3, 3) and m.padding == (1, 1) for m in convs)
+    assert count(model, nn.BatchNorm2d) == 8 and count(model, nn.MaxPool2d) == 2
+    assert linears(model)[0].in_features == 256 * 3 * 3
+    assert sum(p.numel() for p in model.parameters()) == 2_904_970
+    with pytest.raises(SpecError, match="at least 9x9"):
+        build_model(ModelSpec(arch="igconvnet"), DataSpec(shape=(3, 8, 8)))
