@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow lint typecheck bench bench-kernels clean
+.PHONY: venv demo test test-slow lint typecheck bench bench-peer bench-kernels clean
 
 $(STAMP): pyproject.toml constraints.txt clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ typecheck: venv
 
 bench: venv
 	$(PY) -m bench.attacks all
+
+# breaching, the peer the attack benchmark runs on the same machine; its pinned hydra-core
+# conflicts with the constraints, so it is installed beside the virtual environment
+bench-peer: venv
+	$(PY) -m pip install --quiet --target .bench-peer --no-deps breaching==0.1.2 hydra-core==1.3.2 \
+		omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
 
 bench-kernels: venv
 	$(PY) bench/kernels.py

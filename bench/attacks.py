@@ -4,13 +4,19 @@ Cases (the foundation issue's): 32x32 images from the shipped photos, CIFAR-10 n
 untrained models seeded 0, FedSGD, labels known (1, 3, 5, 8 of 10 classes).
 
   python -m bench.attacks speed            # s/iteration of each configuration, per case
-  python -m bench.attacks quality          # the default attack at 60/120/300 s budgets
+  python -m bench.attacks quality          # the default attack at 60/120/300 s budgets (BUDGETS)
   python -m bench.attacks all              # both; writes bench/results/attacks-cpu.json
 
 Every measurement runs in its own subprocess (`one`), so peak memory (max RSS) is that run's.
-The baseline run in the same process is `naive`: the same Inverting Gradients step written the
-plain way (autograd.grad with create_graph, a Python loop over layers for the cosine), which is
-how research code such as breaching computes it.
+Two baselines run in the same benchmark, on the same machine: `naive`, the same Inverting
+Gradients step written the plain way (autograd.grad with create_graph, a Python loop over layers
+for the cosine), and, when `make bench-peer` has installed it, the peer breaching itself
+(bench/peer.py) on the same model, images and gradient. breaching's figures quoted in the
+foundation issue (another machine) are kept beside them for reference.
+
+Batch norm: breaching's honest server sends its public BN buffers and its clients then normalise
+in eval mode; the comparable cases do the same (`bn` in CASES). resnet18_b1_bntrain is a client
+normalising a batch of one with its own statistics, a harder case with no peer figure.
 """
 
 from __future__ import annotations
@@ -28,22 +34,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import peer
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
 LABELS = [1, 3, 5, 8]
+# "bn": the client's batch-norm mode. breaching's honest server sends its public BN buffers and
+# its users then run BN in eval mode; the comparable cases do the same. resnet18_b1_bntrain is the
+# harder case of a client normalising a batch of one with its own statistics (no peer figure).
 CASES: dict[str, dict[str, Any]] = {
-    "convnet_b1": {"arch": "convnet", "knobs": {"width": 64}, "n": 1},
-    "resnet18_b1": {"arch": "resnet18", "knobs": {"stem": "cifar"}, "n": 1},
-    "resnet18_b4": {"arch": "resnet18", "knobs": {"stem": "cifar"}, "n": 4},
-    "lenet_b1": {"arch": "lenet", "knobs": {}, "n": 1},
+    "convnet_b1": {"arch": "igconvnet", "knobs": {"width": 64}, "n": 1, "bn": "eval"},
+    "resnet18_b1": {"arch": "resnet18", "knobs": {"stem": "cifar"}, "n": 1, "bn": "eval"},
+    "resnet18_b4": {"arch": "resnet18", "knobs": {"stem": "cifar"}, "n": 4, "bn": "eval"},
+    "lenet_b1": {"arch": "lenet", "knobs": {}, "n": 1, "bn": "eval"},
+    "resnet18_b1_bntrain": {"arch": "resnet18", "knobs": {"stem": "cifar"}, "n": 1, "bn": "train"},
 }
 # The peer's configurations (same attack, same settings) and gradleak's default.
 CONFIGS: dict[str, dict[str, Any]] = {
     "ig_tv5e-4": {"name": "inverting_gradients", "tv_weight": 5e-4, "lr": 0.1, "cost": "cosine_global"},
     "ig_tv0.2": {"name": "inverting_gradients", "tv_weight": 0.2, "lr": 0.1, "cost": "cosine_global"},
     "dlg": {"name": "dlg"},
+    "dlg_joint": {"name": "dlg", "label_strategy": "joint"},
     "default": {"name": "inverting_gradients"},
 }
 # breaching (commit 8bd99d5) on a 2-core machine, 2 threads, from the foundation issue; these
@@ -52,7 +65,7 @@ BREACHING_S_PER_IT = {
     ("convnet_b1", "ig_tv5e-4"): 0.118,
     ("resnet18_b1", "ig_tv5e-4"): 0.130,
     ("resnet18_b4", "ig_tv0.2"): 0.198,
-    ("convnet_b1", "dlg"): 2.30,
+    ("convnet_b1", "dlg_joint"): 2.30,
     ("resnet18_b1", "dlg"): 2.68,
 }
 SPEED_PLAN = [
@@ -60,7 +73,7 @@ SPEED_PLAN = [
     ("resnet18_b1", "ig_tv5e-4"),
     ("resnet18_b4", "ig_tv0.2"),
     ("lenet_b1", "ig_tv5e-4"),
-    ("convnet_b1", "dlg"),
+    ("convnet_b1", "dlg_joint"),
     ("resnet18_b1", "dlg"),
 ]
 
@@ -73,7 +86,10 @@ def spec_for(case: str, attack: dict[str, Any], iterations: int, time_limit: flo
     return JobSpec.model_validate(
         {
             "model": {"arch": c["arch"], "knobs": c["knobs"], "init_seed": 0},
-            "update": {"simulate": {"images": PHOTOS[:n], "labels": LABELS[:n]}},
+            "update": {
+                "simulate": {"images": PHOTOS[:n], "labels": LABELS[:n], "training": {"bn_mode": c["bn"]}},
+                "client": {"bn_mode": c["bn"]},
+            },
             "data": {
                 "shape": [3, 32, 32],
                 "num_classes": 10,
@@ -141,8 +157,8 @@ def naive_speed(spec: Any, iterations: int) -> dict[str, Any]:
     from service.data import load_images, normalize
     from service.models import build_model
 
-    model = build_model(spec.model, spec.data).eval()
     sim = spec.update.simulate
+    model = build_model(spec.model, spec.data).train(sim.training.bn_mode == "train")
     x_true, _ = load_images("photos", sim.images, size=32, channels=3, path=None)
     x_true = normalize(x_true, spec.data.resolved_normalization())
     y = torch.tensor(sim.labels)
@@ -187,6 +203,14 @@ def subprocess_run(
     return result
 
 
+def peer_run(case: str, config: str, iterations: int) -> dict:
+    """breaching's own attack on the same problem, in its own process (see bench/peer.py)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(peer.PEER_DIR), str(ROOT)])}
+    cmd = [sys.executable, "-m", "bench.peer", case, config, str(iterations)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -212,12 +236,18 @@ def machine() -> dict[str, Any]:
 def speed(iterations: int) -> list[dict]:
     rows = []
     for case, config in SPEED_PLAN:
-        its = iterations if config != "dlg" else max(4, iterations // 10)
+        its = iterations if not config.startswith("dlg") else max(4, iterations // 10)
         r = subprocess_run(case, config, its, None)
         ref = BREACHING_S_PER_IT.get((case, config))
         if ref and r["s_per_iteration_median"]:
             r["breaching_s_per_iteration"] = ref
             r["speedup_vs_breaching"] = ref / r["s_per_iteration_median"]
+        if peer.available():
+            theirs = peer_run(case, config, its)
+            r["peer"] = theirs["peer"]
+            r["peer_s_per_iteration"] = theirs["s_per_iteration_median"]
+            r["peer_peak_rss_gib"] = theirs["peak_rss_gib"]
+            r["speedup_vs_peer"] = theirs["s_per_iteration_median"] / r["s_per_iteration_median"]
         if config.startswith("ig"):
             naive = subprocess_run(case, config, its, None, naive=True)
             r["naive_s_per_iteration"] = naive["s_per_iteration_median"]
@@ -228,14 +258,22 @@ def speed(iterations: int) -> list[dict]:
     return rows
 
 
-# the foundation issue's quality budgets; ResNet-18 batch 4 is also judged at 200 s
-EXTRA_BUDGETS = {"resnet18_b4": [200.0]}
+# The foundation issue's quality budgets (60, 120, 300 s; ResNet-18 batch 4 is judged at 200 s).
+# LeNet has no target and the train-mode BN case no peer figure: fewer budgets keep a full run
+# under 40 minutes.
+BUDGETS: dict[str, list[float]] = {
+    "convnet_b1": [60.0, 120.0, 300.0],
+    "resnet18_b1": [60.0, 120.0, 300.0],
+    "resnet18_b4": [60.0, 120.0, 200.0, 300.0],
+    "lenet_b1": [60.0, 120.0],
+    "resnet18_b1_bntrain": [120.0],
+}
 
 
-def quality(budgets: list[float], cases: list[str]) -> list[dict]:
+def quality(budgets: list[float] | None, cases: list[str]) -> list[dict]:
     rows = []
     for case in cases:
-        for budget in sorted({*budgets, *EXTRA_BUDGETS.get(case, [])}):
+        for budget in budgets or BUDGETS[case]:
             r = subprocess_run(case, "default", 1_000_000, budget)
             r["budget_s"] = budget
             print(json.dumps(r), file=sys.stderr)
@@ -249,7 +287,7 @@ def main() -> None:
     ap.add_argument("args", nargs="*")
     ap.add_argument("--naive", action="store_true")
     ap.add_argument("--iterations", type=int, default=60)
-    ap.add_argument("--budgets", default="60,120,300")
+    ap.add_argument("--budgets", default=None, help="seconds, comma-separated (default: BUDGETS per case)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu.json")
     a = ap.parse_args()
@@ -263,7 +301,8 @@ def main() -> None:
     if a.mode in ("speed", "all"):
         report["speed"] = speed(a.iterations)
     if a.mode in ("quality", "all"):
-        report["quality"] = quality([float(b) for b in a.budgets.split(",")], a.cases.split(","))
+        budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else None
+        report["quality"] = quality(budgets, a.cases.split(","))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {a.out}")
