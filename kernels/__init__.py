@@ -9,10 +9,11 @@ by layer. The ops here do that for a whole gradient list at once: fused Triton k
 Backend choice. ``backend="triton"`` or ``"reference"`` is obeyed as given. ``"auto"`` (the
 default) first looks for an override, `set_backend(...)` or else the environment variable
 ``GRADLEAK_KERNELS`` (auto | triton | reference), both read at call time; it then picks Triton
-when triton imports and the tensors are CUDA tensors of one supported dtype, and the reference
-otherwise. Triton on CPU tensors needs ``TRITON_INTERPRET=1`` set before triton is first
-imported (this is how the tests run the kernels); without it ``backend="triton"`` on CPU tensors
-raises `BackendUnavailableError`.
+when triton imports and the tensors are CUDA tensors of one supported dtype, and otherwise the
+reference's statistics with the closed-form backward of `kernels.closed_form` (plain tensors) or
+the reference ops themselves (under torch.func transforms, e.g. vmapped restarts). Triton on CPU
+tensors needs ``TRITON_INTERPRET=1`` set before triton is first imported (this is how the tests
+run the kernels); without it ``backend="triton"`` on CPU tensors raises `BackendUnavailableError`.
 
 This package imports torch only; triton is imported on first use.
 """
@@ -220,7 +221,8 @@ def _matching(
             targets, sq_norms = packed.views(), packed.sq_norms
         else:
             targets, sq_norms = [target_list[i].detach() for i in chosen], None
-        if not batched and closed_form.usable(cands):
+        requested = get_backend() if backend == "auto" else backend
+        if requested == "auto" and not batched and closed_form.usable(cands):
             if sq_norms is None:
                 sq_norms = reference.target_sq_norms(targets)
             return closed_form.matching_loss(
