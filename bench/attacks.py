@@ -295,7 +295,14 @@ def main() -> None:
         case, config, its, limit = a.args
         print(json.dumps(run_one(case, config, int(its), float(limit) or None, a.naive)))
         return
-    report: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "cases": CASES,
+        "configs": CONFIGS,
+        "peer": peer.PEER_VERSION if peer.available() else "not installed (make bench-peer)",
+        "breaching_quoted_s_per_iteration": {f"{c}/{k}": v for (c, k), v in BREACHING_S_PER_IT.items()},
+    }
     if a.out.exists():
         report = {**json.loads(a.out.read_text()), **report}
     if a.mode in ("speed", "all"):
