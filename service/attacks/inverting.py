@@ -8,6 +8,7 @@ group-consistency term across restarts.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -27,16 +28,39 @@ def attack_model(problem: AttackProblem) -> nn.Module:
     """The model as the attacker runs it: BN in the client's mode, dropout off.
 
     BN in train mode uses batch statistics without tracking running ones, which is what the
-    client's forward pass computed and what torch.func.vmap can batch.
+    client's forward pass computed and what torch.func.vmap can batch. BN in eval mode is an
+    affine map per channel and runs as one (`_eval_batch_norm_as_affine`).
     """
     model = problem.model
     model.eval()
     if problem.bn_mode == "train":
         torch.func.replace_all_batch_norm_modules_(model)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if problem.bn_mode == "train":
                 m.train()
+            elif m.running_mean is not None and m.running_var is not None:
+                m.forward = types.MethodType(_eval_batch_norm_as_affine, m)  # type: ignore[method-assign]
     return model
+
+
+def _eval_batch_norm_as_affine(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Batch norm in eval mode written as x * scale + shift, with scale and shift built from the
+    weight, bias and running statistics. It has the same value and the same gradients w.r.t. x,
+    weight and bias as batch norm's kernel, but its second-order graph is two elementwise ops
+    instead of batch norm's generic double backward (about 5 % of a ResNet-18 iteration on a CPU).
+    """
+    if self.training:  # only the attacker's eval-mode copy is patched; never rewrite training
+        return type(self).forward(self, x)
+    assert self.running_mean is not None and self.running_var is not None
+    scale = torch.rsqrt(self.running_var + self.eps)
+    if self.weight is not None:
+        scale = scale * self.weight
+    shift = -self.running_mean * scale
+    if self.bias is not None:
+        shift = shift + self.bias
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.view(view) + shift.view(view)
 
 
 def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

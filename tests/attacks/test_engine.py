@@ -215,11 +215,14 @@ def test_dlg_joint_labels_run(tmp_path, strategy):
         update={"simulate": {"images": ["chelsea"], "labels": [2]}},
         data={"shape": [3, 16, 16], "num_images": 1},
         knowledge=0,
-        attack={"name": "dlg", "label_strategy": strategy},
+        attack={"name": "dlg", "label_strategy": strategy, "max_eval": 4},
         budget={"iterations": 3},
     )
     assert manifest["attack"]["label_source"] == "joint optimisation"
     assert len(manifest["attack"]["labels"]) == 1
+    # every L-BFGS step evaluates the objective at least once and at most 1.25 * max_eval times
+    evaluations = manifest["attack"]["details"]["evaluations"]
+    assert manifest["attack"]["iterations"] <= evaluations <= 3 * 5
 
 
 def test_single_value_per_channel_batch_norm_is_a_clear_spec_error(tmp_path):
@@ -303,3 +306,55 @@ def test_the_clients_batch_norm_mode_is_known_at_every_level(tmp_path, knowledge
         budget={"iterations": 2},
     )
     assert manifest["attack"]["bn_mode"] == "eval"
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1),
+        nn.BatchNorm2d(4, affine=False), nn.Flatten(), nn.Linear(4 * 8 * 8, 10),
+    ).double()  # fmt: skip
+    for m in model.modules():  # the server's running statistics, far from the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.2, 3)
+            if m.weight is not None:
+                nn.init.uniform_(m.weight, 0.5, 2)
+                nn.init.uniform_(m.bias, -1, 1)
+    return model.eval()
+
+
+def test_eval_batch_norm_runs_as_an_affine_map_with_the_same_derivatives():
+    """The attacker's eval-mode BN is rewritten as x * scale + shift: value, parameter gradients
+    and the second-order gradient an attack takes w.r.t. the images all equal batch norm's."""
+    import copy
+
+    native = _bn_model()
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([1, 4])
+    patched = attack_model(_problem(copy.deepcopy(native), x, y, bn_mode="eval"))
+    assert all("forward" in vars(m) for m in patched.modules() if isinstance(m, nn.BatchNorm2d)), (
+        "eval-mode BN layers run as affine maps"
+    )
+
+    def second_order(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        xr = x.clone().requires_grad_()
+        out = model(xr)
+        grads = torch.autograd.grad(
+            nn.functional.cross_entropy(out, y), list(model.parameters()), create_graph=True
+        )
+        (gx,) = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), xr)
+        return out, [g.detach() for g in grads], gx
+
+    out_n, grads_n, gx_n = second_order(native)
+    out_p, grads_p, gx_p = second_order(patched)
+    torch.testing.assert_close(out_p, out_n, rtol=1e-12, atol=1e-12)
+    for gp, gn in zip(grads_p, grads_n, strict=True):
+        torch.testing.assert_close(gp, gn, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx_p, gx_n, rtol=1e-10, atol=1e-12)
+
+    # put back in training mode, the layer is batch norm again (batch statistics, running update)
+    patched.train()
+    bn = patched[1]
+    before = bn.running_mean.clone()
+    torch.testing.assert_close(patched(x), native.train()(x))
+    assert not torch.equal(bn.running_mean, before)
