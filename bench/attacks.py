@@ -4,7 +4,9 @@ Cases (the foundation issue's): 32x32 images from the shipped photos, CIFAR-10 n
 untrained models seeded 0, FedSGD, labels known (1, 3, 5, 8 of 10 classes).
 
   python -m bench.attacks speed            # s/iteration of each configuration, per case
-  python -m bench.attacks quality          # the default attack at 60/120/300 s budgets (BUDGETS)
+  python -m bench.attacks quality          # the default attack at 60/120/300 s budgets (BUDGETS),
+                                           # (with `all`: also at the issue's target budgets scaled
+                                           # to this machine by breaching's speed measured here)
   python -m bench.attacks all              # both; writes bench/results/attacks-cpu.json
 
 Every measurement runs in its own subprocess (`one`), so peak memory (max RSS) is that run's.
@@ -130,6 +132,7 @@ def run_one(case: str, config: str, iterations: int, time_limit: float | None, n
     manifest = run_job(spec, ctx).manifest
     steps = [b - a for a, b in itertools.pairwise(stamps)][2:]  # skip warm-up
     m = manifest["metrics"]
+    evaluations = manifest["attack"]["details"].get("evaluations")
     return {
         "case": case,
         "config": config,
@@ -137,6 +140,10 @@ def run_one(case: str, config: str, iterations: int, time_limit: float | None, n
         "iterations": manifest["attack"]["iterations"],
         "attack_s": manifest["timings"]["attack_s"],
         "s_per_iteration_median": statistics.median(steps) if steps else None,
+        # L-BFGS (DLG): a step is a variable number of objective evaluations, so the
+        # like-for-like unit against the peer is the evaluation
+        "evaluations": evaluations,
+        "s_per_evaluation": manifest["timings"]["attack_s"] / evaluations if evaluations else None,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "psnr_mean": m["mean"]["psnr"],
         "psnr_worst_case": m["worst_case"]["psnr"],
@@ -248,6 +255,10 @@ def speed(iterations: int) -> list[dict]:
             r["peer_s_per_iteration"] = theirs["s_per_iteration_median"]
             r["peer_peak_rss_gib"] = theirs["peak_rss_gib"]
             r["speedup_vs_peer"] = theirs["s_per_iteration_median"] / r["s_per_iteration_median"]
+            if r.get("s_per_evaluation") and theirs.get("s_per_evaluation"):
+                r["peer_evaluations"] = theirs["evaluations"]
+                r["peer_s_per_evaluation"] = theirs["s_per_evaluation"]
+                r["speedup_vs_peer_per_evaluation"] = theirs["s_per_evaluation"] / r["s_per_evaluation"]
         if config.startswith("ig"):
             naive = subprocess_run(case, config, its, None, naive=True)
             r["naive_s_per_iteration"] = naive["s_per_iteration_median"]
@@ -270,12 +281,44 @@ BUDGETS: dict[str, list[float]] = {
 }
 
 
-def quality(budgets: list[float] | None, cases: list[str]) -> list[dict]:
+# The foundation issue's quality targets: mean PSNR of the default attack within a wall-clock
+# budget of breaching's reference machine, and the peer configuration that machine was timed on.
+TARGETS: dict[str, dict[str, Any]] = {
+    "convnet_b1": {"budget_s": 120.0, "psnr": 18.5, "peer_config": "ig_tv5e-4"},
+    "resnet18_b1": {"budget_s": 120.0, "psnr": 17.8, "peer_config": "ig_tv5e-4"},
+    "resnet18_b4": {"budget_s": 200.0, "psnr": 19.0, "peer_config": "ig_tv0.2"},
+}
+
+
+def machine_factors(speed_rows: list[dict]) -> dict[str, float]:
+    """How much slower this machine runs breaching than the issue's reference machine, per case.
+
+    The factor is breaching's s/iteration measured here (same run) over its quoted figure; a
+    budget of B seconds there is B * factor seconds here.
+    """
+    factors = {}
+    for case, target in TARGETS.items():
+        for r in speed_rows:
+            if r["case"] == case and r["config"] == target["peer_config"] and r.get("peer_s_per_iteration"):
+                factors[case] = r["peer_s_per_iteration"] / BREACHING_S_PER_IT[(case, target["peer_config"])]
+    return factors
+
+
+def quality(budgets: list[float] | None, cases: list[str], factors: dict[str, float]) -> list[dict]:
     rows = []
     for case in cases:
-        for budget in budgets or BUDGETS[case]:
+        plan: list[tuple[float, dict[str, Any] | None]] = [(b, None) for b in budgets or BUDGETS[case]]
+        if case in factors and budgets is None:
+            plan.append((round(TARGETS[case]["budget_s"] * factors[case], 1), TARGETS[case]))
+        for budget, target in plan:
             r = subprocess_run(case, "default", 1_000_000, budget)
             r["budget_s"] = budget
+            if target is not None:
+                # the issue's target, judged at the budget equivalent to its reference machine's
+                r["reference_machine_budget_s"] = target["budget_s"]
+                r["machine_factor"] = factors[case]
+                r["target_psnr"] = target["psnr"]
+                r["target_met"] = r["psnr_mean"] >= target["psnr"]
             print(json.dumps(r), file=sys.stderr)
             rows.append(r)
     return rows
@@ -309,7 +352,10 @@ def main() -> None:
         report["speed"] = speed(a.iterations)
     if a.mode in ("quality", "all"):
         budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else None
-        report["quality"] = quality(budgets, a.cases.split(","))
+        # the factor needs breaching timed in this run; a stored speed section may be another day's
+        factors = machine_factors(report["speed"]) if a.mode == "all" else {}
+        report["machine_factors_vs_reference"] = factors
+        report["quality"] = quality(budgets, a.cases.split(","), factors)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {a.out}")

@@ -98,11 +98,19 @@ def run(case: str, config: str, iterations: int) -> dict[str, Any]:
         }
     ]
     stamps: list[float] = []
+    evaluations = 0
     compute = attacker._compute_objective
 
     def stamped(*args: Any, **kwargs: Any) -> Any:  # called once per optimiser step
         stamps.append(time.perf_counter())
-        return compute(*args, **kwargs)
+        closure = compute(*args, **kwargs)
+
+        def counted() -> Any:  # the optimiser calls it once per objective evaluation
+            nonlocal evaluations
+            evaluations += 1
+            return closure()
+
+        return counted
 
     attacker._compute_objective = stamped
     t0 = time.perf_counter()
@@ -117,6 +125,8 @@ def run(case: str, config: str, iterations: int) -> dict[str, Any]:
         "iterations": len(stamps),
         "attack_s": total,
         "s_per_iteration_median": statistics.median(steps) if steps else None,
+        "evaluations": evaluations,
+        "s_per_evaluation": total / evaluations if evaluations else None,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "torch_threads": torch.get_num_threads(),
     }

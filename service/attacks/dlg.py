@@ -42,6 +42,7 @@ class DLG:
         restart_losses: list[float] = []
         history: list[float] = []
         iteration = 0
+        evaluations = 0  # objective evaluations: an L-BFGS step makes up to 1.25 * max_eval
         for restart in range(control.budget.restarts):
             x = (torch.randn((n, c, h, w), generator=generator) * params.init_scale).to(problem.device)
             if joint:
@@ -67,6 +68,8 @@ class DLG:
             def closure(
                 x: torch.Tensor = x, y: torch.Tensor = y, variables: list[torch.Tensor] = variables
             ) -> torch.Tensor:
+                nonlocal evaluations
+                evaluations += 1
                 inputs = [v.detach().requires_grad_() for v in variables]
                 loss = objective(inputs[0], inputs[1] if joint else y, no_aux)
                 for var, g in zip(variables, torch.autograd.grad(loss, inputs), strict=True):
@@ -106,5 +109,5 @@ class DLG:
             restart_losses=restart_losses,
             stopped_early=control.stop_reason == "stopped",
             stop_reason=control.stop_reason or "iterations",
-            details={"joint_labels": joint, "optimizer": "lbfgs"},
+            details={"joint_labels": joint, "optimizer": "lbfgs", "evaluations": evaluations},
         )
