@@ -97,7 +97,15 @@ def _uniform_supported_dtype(tensors: Sequence[torch.Tensor]) -> bool:
     return first in SUPPORTED_DTYPES and all(t.dtype == first for t in tensors)
 
 
-def _resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> Literal["triton", "reference"]:
+Resolved = Literal["triton", "closed_form", "reference"]
+
+
+def _resolve_backend(
+    backend: str, tensors: Sequence[torch.Tensor], *, closed_form_ok: bool = False
+) -> Resolved:
+    """What computes the op: an explicit backend as given, else the override, else Triton for
+    CUDA tensors it supports, the closed form for plain tensors where the op has one
+    (`closed_form_ok`), and the reference ops otherwise."""
     if backend not in BACKENDS:
         raise KernelInputError(f"unknown kernel backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -124,6 +132,8 @@ def _resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> Literal["
 
         if not INTERPRETED and _uniform_supported_dtype(tensors):
             return "triton"
+    if closed_form_ok and closed_form.usable(tensors):
+        return "closed_form"
     return "reference"
 
 
@@ -212,17 +222,16 @@ def _matching(
 
     cands = [candidate[i] for i in chosen]
     _check_candidates(cands, chosen, shapes, device, batched)
-    backend_used = _resolve_backend(backend, cands)
+    backend_used = _resolve_backend(backend, cands, closed_form_ok=not batched)
     acc = accumulation_dtype(cands[0].dtype)
     weights = _layer_weights(layer_weights, len(chosen), device, acc, packed)
 
-    if backend_used == "reference":
+    if backend_used != "triton":
         if packed is not None:
             targets, sq_norms = packed.views(), packed.sq_norms
         else:
             targets, sq_norms = [target_list[i].detach() for i in chosen], None
-        requested = get_backend() if backend == "auto" else backend
-        if requested == "auto" and not batched and closed_form.usable(cands):
+        if backend_used == "closed_form":
             if sq_norms is None:
                 sq_norms = reference.target_sq_norms(targets)
             return closed_form.matching_loss(
