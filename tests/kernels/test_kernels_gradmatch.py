@@ -42,10 +42,18 @@ def _assert_close(
 def _problem(
     shapes: list[tuple[int, ...]] | list[torch.Size], dtype: torch.dtype, rows: int | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Targets and candidates; candidates are correlated with the targets, as during an attack."""
+    """Targets and candidates; candidates are correlated with the targets, as during an attack.
+
+    Every layer of a candidate keeps a norm of at least 0.5: a per-layer cosine gradient is a
+    difference of two terms of size 1/|c| (exactly 0 for a one-element layer), so as |c| -> 0 its
+    float32 rounding outgrows any tolerance relative to the largest gradient.
+    """
     targets = [torch.randn(s, dtype=torch.float64) for s in shapes]
     lead = () if rows is None else (rows,)
     cands = [0.7 * t + 0.5 * torch.randn(*lead, *t.shape, dtype=torch.float64) for t in targets]
+    for c in cands:
+        norms = c.reshape(*lead, -1).norm(dim=-1).view(*lead, *([1] * (c.dim() - len(lead))))
+        c.mul_(torch.clamp(0.5 / norms, min=1.0))
     return [t.to(dtype) for t in targets], [c.to(dtype).requires_grad_() for c in cands]
 
 
