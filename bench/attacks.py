@@ -106,32 +106,45 @@ def spec_for(case: str, attack: dict[str, Any], iterations: int, time_limit: flo
     )
 
 
-def run_one(case: str, config: str, iterations: int, time_limit: float | None, naive: bool) -> dict[str, Any]:
-    import torch
-
+def run_spec(spec: Any, name: str, progress: Any = None) -> dict[str, Any]:
+    """One benchmark job through the job runner (scratch store under $TMPDIR); its manifest."""
     from service.jobs.runner import run_job
     from service.jobs.types import JobContext
     from service.storage import LocalStore
+
+    store = LocalStore(Path(os.environ.get("TMPDIR", "/tmp")) / "gradleak-bench")
+    ctx = JobContext(job_id="bench", store=store, prefix=f"bench/{name}", resolve=bytes, progress=progress)
+    return run_job(spec, ctx).manifest
+
+
+def quality_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    m = manifest["metrics"]
+    return {
+        "psnr_mean": m["mean"]["psnr"],
+        "psnr_worst_case": m["worst_case"]["psnr"],
+        "ssim_mean": m["mean"]["ssim"],
+        "ssim_worst_case": m["worst_case"]["ssim"],
+        "label_accuracy": m.get("label_accuracy"),
+    }
+
+
+def run_one(case: str, config: str, iterations: int, time_limit: float | None, naive: bool) -> dict[str, Any]:
+    import torch
 
     stamps: list[float] = []
     spec = spec_for(case, CONFIGS[config], iterations, time_limit)
     if naive:
         return naive_speed(spec, iterations)
-    store = LocalStore(Path(os.environ.get("TMPDIR", "/tmp")) / "gradleak-bench")
 
     def progress(p: Any) -> None:
         if p.stage == "attack":
             stamps.append(time.perf_counter())
 
-    ctx = JobContext(
-        job_id="bench", store=store, prefix=f"bench/{case}-{config}", resolve=bytes, progress=progress
-    )
     import service.jobs.runner as runner
 
     runner.PROGRESS_INTERVAL_S = 0.0  # every iteration stamps its time
-    manifest = run_job(spec, ctx).manifest
+    manifest = run_spec(spec, f"{case}-{config}", progress)
     steps = [b - a for a, b in itertools.pairwise(stamps)][2:]  # skip warm-up
-    m = manifest["metrics"]
     evaluations = manifest["attack"]["details"].get("evaluations")
     return {
         "case": case,
@@ -145,11 +158,7 @@ def run_one(case: str, config: str, iterations: int, time_limit: float | None, n
         "evaluations": evaluations,
         "s_per_evaluation": manifest["timings"]["attack_s"] / evaluations if evaluations else None,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "psnr_mean": m["mean"]["psnr"],
-        "psnr_worst_case": m["worst_case"]["psnr"],
-        "ssim_mean": m["mean"]["ssim"],
-        "ssim_worst_case": m["worst_case"]["ssim"],
-        "label_accuracy": m.get("label_accuracy"),
+        **quality_fields(manifest),
         "matching_cost": manifest["attack"]["matching_cost"],
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_after": os.getloadavg()[0],

@@ -25,28 +25,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.attacks import CASES, RESULTS, ROOT, machine, spec_for
+from bench.attacks import CASES, RESULTS, ROOT, machine, quality_fields, run_spec, spec_for
 
 
 def run_one(case: str, iterations: int, variant: dict[str, Any], seed: int) -> dict[str, Any]:
-    from service.jobs.runner import run_job
-    from service.jobs.types import JobContext
-    from service.storage import LocalStore
-
     spec = spec_for(case, {"name": "inverting_gradients", **variant}, iterations, None, seed=seed)
-    store = LocalStore(Path(os.environ.get("TMPDIR", "/tmp")) / "gradleak-sweep")
-    ctx = JobContext(job_id="sweep", store=store, prefix=f"sweep/{case}-{os.getpid()}", resolve=bytes)
     t0 = time.perf_counter()
-    manifest = run_job(spec, ctx).manifest
-    m = manifest["metrics"]
+    manifest = run_spec(spec, f"sweep-{case}-{os.getpid()}")
     return {
         "case": case,
         "iterations": manifest["attack"]["iterations"],
         "variant": variant,
         "seed": seed,
-        "psnr_mean": m["mean"]["psnr"],
-        "psnr_worst_case": m["worst_case"]["psnr"],
-        "ssim_mean": m["mean"]["ssim"],
+        **quality_fields(manifest),
         "wall_s": time.perf_counter() - t0,
     }
 
