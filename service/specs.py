@@ -232,6 +232,17 @@ class InvertingGradientsParams(AttackParams):
     layer_weights: Literal["uniform", "linear", "exp"] = "uniform"
     init: Literal["randn", "rand", "zeros"] = "randn"
     warmup_iterations: Annotated[int, Field(ge=0)] = 0
+    schedule: Literal["step", "cosine"] = Field(
+        default="step", description="learning-rate schedule over the budget: step decay or cosine"
+    )
+    coarse_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="share of the budget spent on a coarse image (blocks of coarse_block pixels) "
+        "before refining at full resolution; 0 starts at full resolution",
+    )
+    coarse_block: Annotated[int, Field(ge=2, le=16)] = 2
 
 
 class GradInversionParams(InvertingGradientsParams):

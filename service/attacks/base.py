@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from service.specs import Budget, ClientTraining, Knowledge, Normalization
@@ -143,6 +144,30 @@ def layer_weights(kind: str, count: int) -> list[float] | None:
 def step_decay(fraction: float) -> float:
     """Inverting Gradients' schedule: x0.1 at 3/8, 5/8 and 7/8 of the budget."""
     return 0.1 ** sum(fraction >= m for m in (3 / 8, 5 / 8, 7 / 8))
+
+
+def lr_factor(schedule: str, fraction: float) -> float:
+    """The learning-rate multiplier at `fraction` of the budget.
+
+    step: Inverting Gradients' step decay. cosine: half a cosine from 1 down to 1e-3, which
+    keeps a usable step size for longer than step decay (whose last eighth runs at 1e-3).
+    """
+    if schedule == "step":
+        return step_decay(fraction)
+    if schedule == "cosine":
+        floor = 1e-3
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def coarse_projection(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (..., H, W) projected onto images constant on block x block tiles: each tile replaced by
+    its mean (edge tiles of a size not divisible by `block` are smaller). Idempotent."""
+    lead, (h, w) = x.shape[:-2], x.shape[-2:]
+    flat = x.reshape(-1, 1, h, w)
+    pooled = F.avg_pool2d(flat, block, stride=block, ceil_mode=True)
+    up = pooled.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :h, :w]
+    return up.reshape(*lead, h, w)
 
 
 def random_images(

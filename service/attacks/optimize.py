@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad_and_value, vmap
 
-from service.attacks.base import AttackProblem, AttackResult, Control, random_images, step_decay
+from service.attacks.base import (
+    AttackProblem,
+    AttackResult,
+    Control,
+    coarse_projection,
+    lr_factor,
+    random_images,
+)
 from service.specs import InvertingGradientsParams
 
 # objective(images (N,C,H,W), label_logits_or_labels, aux (per restart)) -> scalar loss
@@ -53,6 +60,9 @@ def optimise(
     restarts = control.budget.restarts
     state = init if init is not None else initial_state(problem, params, restarts, generator)
     lo, hi = problem.pixel_bounds()
+    coarse = params.coarse_fraction > 0
+    if coarse:  # coarse-to-fine: start in (and step within) the block-constant images
+        state.images = coarse_projection(state.images, params.coarse_block)
     variables = [state.images.requires_grad_(False)]
     if state.joint_labels:
         variables.append(state.labels)
@@ -72,7 +82,7 @@ def optimise(
         if params.warmup_iterations and iteration < params.warmup_iterations:
             warm = (iteration + 1) / params.warmup_iterations
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = base * step_decay(frac) * warm
+            g["lr"] = base * lr_factor(params.schedule, frac) * warm
 
         aux = _group_consensus(state.images, group_size)
         grads, losses = step_fn(state.images, state.labels, aux)
@@ -90,6 +100,9 @@ def optimise(
             best_images[improved] = state.images.detach()[improved]
             best_labels[improved] = state.labels.detach()[improved]
 
+        if coarse and frac < params.coarse_fraction:
+            # Adam is elementwise: a block-constant gradient keeps the images block-constant
+            grads = (coarse_projection(grads[0], params.coarse_block), *grads[1:])
         for var, step in zip(variables, grads, strict=True):
             var.grad = step.sign() if (params.signed and var is state.images) else step
         opt.step()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from service.attacks import ATTACKS
-from service.attacks.base import AttackProblem, Control
+from service.attacks.base import AttackProblem, Control, coarse_projection, lr_factor
 from service.attacks.fedavg import unroll_objective
 from service.attacks.inverting import attack_model, matching_objective
 from service.attacks.optimize import OptimState, optimise
@@ -144,6 +145,49 @@ def test_batched_restarts_equal_sequential_restarts():
         assert math.isclose(batched.restart_losses[r], seq.restart_losses[0], rel_tol=1e-4, abs_tol=1e-6)
     best = min(range(3), key=lambda r: sequential[r].best_loss)
     assert torch.allclose(batched.images, sequential[best].images, atol=1e-5)
+
+
+def test_learning_rate_schedules():
+    # Inverting Gradients' step decay: x0.1 at 3/8, 5/8 and 7/8 of the budget
+    assert [lr_factor("step", f) for f in (0.0, 0.374, 0.375, 0.625, 0.875)] == pytest.approx(
+        [1.0, 1.0, 0.1, 0.01, 0.001]
+    )
+    cosine = [lr_factor("cosine", i / 100) for i in range(101)]
+    assert cosine[0] == pytest.approx(1.0) and cosine[-1] == pytest.approx(1e-3)
+    assert cosine[50] == pytest.approx(0.5, abs=1e-3)
+    assert all(a > b for a, b in itertools.pairwise(cosine))
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor("exponential", 0.5)
+
+
+def test_coarse_projection_is_the_tile_mean_and_idempotent():
+    x = torch.randn(2, 3, 7, 9)
+    p = coarse_projection(x, 2)
+    assert torch.allclose(p[..., 0, 0], x[..., :2, :2].mean((-2, -1)))
+    assert torch.allclose(p[..., 6, 8], x[..., 6, 8])  # a 1x1 edge tile
+    assert torch.allclose(coarse_projection(p, 2), p)
+    # an orthogonal projection: the residual is orthogonal to every block-constant image
+    assert abs(float(((x - p) * coarse_projection(torch.randn_like(x), 2)).sum())) < 1e-4
+
+
+def test_coarse_to_fine_steps_within_block_images_then_refines():
+    model = _small_model()
+    x, y = torch.rand(1, 3, 8, 8), torch.tensor([3])
+    problem = _problem(model, x, y)
+    model = attack_model(problem)
+    inner = matching_objective(problem, model, functional=False, cost="cosine", tv_weight=1e-2)
+    seen: list[torch.Tensor] = []
+
+    def objective(images: torch.Tensor, labels: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        seen.append(images.detach().clone())
+        return inner(images, labels, aux)
+
+    params = InvertingGradientsParams(coarse_fraction=0.5, coarse_block=2, lr=0.05)
+    optimise(problem, params, Control(Budget(iterations=12)), torch.Generator().manual_seed(0), objective)
+    assert len(seen) == 12
+    coarse = [torch.allclose(coarse_projection(s, 2), s, atol=1e-6) for s in seen]
+    assert all(coarse[:7])  # iterations 0..5 step in the coarse space; the 7th image is their result
+    assert not any(coarse[8:])  # full-resolution steps leave it
 
 
 def test_fedavg_unroll_matches_client_training_at_the_true_images():
