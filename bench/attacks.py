@@ -8,6 +8,10 @@ untrained models seeded 0, FedSGD, labels known (1, 3, 5, 8 of 10 classes).
                                            # (with `all`: also at the issue's target budgets scaled
                                            # to this machine by breaching's speed measured here)
   python -m bench.attacks all              # both; writes bench/results/attacks-cpu.json
+  python -m bench.attacks targets --seeds 0,1,2
+                                           # only the issue's quality targets: breaching timed here
+                                           # for the machine factor, then the default attack at
+                                           # each equivalent budget, once per seed
 
 Every measurement runs in its own subprocess (`one`), so peak memory (max RSS) is that run's.
 Two baselines run in the same benchmark, on the same machine: `naive`, the same Inverting
@@ -128,11 +132,13 @@ def quality_fields(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_one(case: str, config: str, iterations: int, time_limit: float | None, naive: bool) -> dict[str, Any]:
+def run_one(
+    case: str, config: str, iterations: int, time_limit: float | None, naive: bool, seed: int = 0
+) -> dict[str, Any]:
     import torch
 
     stamps: list[float] = []
-    spec = spec_for(case, CONFIGS[config], iterations, time_limit)
+    spec = spec_for(case, CONFIGS[config], iterations, time_limit, seed=seed)
     if naive:
         return naive_speed(spec, iterations)
 
@@ -149,6 +155,7 @@ def run_one(case: str, config: str, iterations: int, time_limit: float | None, n
     return {
         "case": case,
         "config": config,
+        "seed": seed,
         "attack": manifest["spec"]["attack"],
         "iterations": manifest["attack"]["iterations"],
         "attack_s": manifest["timings"]["attack_s"],
@@ -208,9 +215,10 @@ def naive_speed(spec: Any, iterations: int) -> dict[str, Any]:
 
 
 def subprocess_run(
-    case: str, config: str, iterations: int, time_limit: float | None, naive: bool = False
+    case: str, config: str, iterations: int, time_limit: float | None, naive: bool = False, seed: int = 0
 ) -> dict:
     cmd = [sys.executable, "-m", "bench.attacks", "one", case, config, str(iterations), str(time_limit or 0)]
+    cmd.append(f"--seed={seed}")
     if naive:
         cmd.append("--naive")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
@@ -249,9 +257,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def speed(iterations: int) -> list[dict]:
+def speed(iterations: int, plan: list[tuple[str, str]] = SPEED_PLAN) -> list[dict]:
     rows = []
-    for case, config in SPEED_PLAN:
+    for case, config in plan:
         its = iterations if not config.startswith("dlg") else max(4, iterations // 10)
         r = subprocess_run(case, config, its, None)
         ref = BREACHING_S_PER_IT.get((case, config))
@@ -333,19 +341,58 @@ def quality(budgets: list[float] | None, cases: list[str], factors: dict[str, fl
     return rows
 
 
+def targets(iterations: int, seeds: list[int]) -> dict[str, Any]:
+    """The issue's quality targets alone: breaching and gradleak timed on each target's peer
+    configuration (the machine factor), then the default attack at each equivalent budget, per seed.
+    """
+    rows = speed(iterations, [(case, t["peer_config"]) for case, t in TARGETS.items()])
+    factors = machine_factors(rows)
+    if set(factors) != set(TARGETS):
+        raise SystemExit("the targets need breaching timed on this machine: run `make bench-peer` first")
+    judged = []
+    for case, target in TARGETS.items():
+        budget = round(target["budget_s"] * factors[case], 1)
+        runs = []
+        for seed in seeds:
+            r = subprocess_run(case, "default", 1_000_000, budget, seed=seed)
+            print(json.dumps(r), file=sys.stderr)
+            runs.append(r)
+        mean = statistics.fmean(r["psnr_mean"] for r in runs)
+        judged.append(
+            {
+                "case": case,
+                "reference_machine_budget_s": target["budget_s"],
+                "machine_factor": factors[case],
+                "budget_s": budget,
+                "seeds": seeds,
+                "psnr_mean_per_seed": [r["psnr_mean"] for r in runs],
+                "psnr_worst_case_per_seed": [r["psnr_worst_case"] for r in runs],
+                "iterations_per_seed": [r["iterations"] for r in runs],
+                "psnr_mean_over_seeds": mean,
+                "target_psnr": target["psnr"],
+                "target_met": mean >= target["psnr"],
+            }
+        )
+    return {"speed": rows, "judged": judged, "default_attack": CONFIGS["default"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["speed", "quality", "all", "one"])
+    ap.add_argument("mode", choices=["speed", "quality", "all", "targets", "one"])
     ap.add_argument("args", nargs="*")
     ap.add_argument("--naive", action="store_true")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--budgets", default=None, help="seconds, comma-separated (default: BUDGETS per case)")
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu.json")
+    ap.add_argument("--seed", type=int, default=0, help="`one`: the job's seed")
+    ap.add_argument("--seeds", default="0", help="`targets`: seeds, comma-separated")
+    ap.add_argument("--out", type=Path, default=None, help="bench/results/attacks-cpu(-targets).json")
     a = ap.parse_args()
+    if a.out is None:
+        a.out = RESULTS / ("attacks-cpu-targets.json" if a.mode == "targets" else "attacks-cpu.json")
     if a.mode == "one":
         case, config, its, limit = a.args
-        print(json.dumps(run_one(case, config, int(its), float(limit) or None, a.naive)))
+        print(json.dumps(run_one(case, config, int(its), float(limit) or None, a.naive, a.seed)))
         return
     report: dict[str, Any] = {
         "machine": machine(),
@@ -357,6 +404,8 @@ def main() -> None:
     }
     if a.out.exists():
         report = {**json.loads(a.out.read_text()), **report}
+    if a.mode == "targets":
+        report["targets"] = targets(a.iterations, [int(v) for v in a.seeds.split(",")])
     if a.mode in ("speed", "all"):
         report["speed"] = speed(a.iterations)
     if a.mode in ("quality", "all"):
