@@ -119,8 +119,14 @@ def matching_objective(
     tv_weight: float = 0.0,
     bn_weight: float = 0.0,
     group_weight: float = 0.0,
+    relative_l2: bool = False,
 ) -> Objective:
-    """The attack objective of one restart: gradient matching plus the chosen priors."""
+    """The attack objective of one restart: gradient matching plus the chosen priors.
+
+    `relative_l2` divides the L2 cost by the target's squared norm, so that the priors' weights
+    mean the same whatever the model and batch size (a ResNet-18's gradient of one image has a
+    squared norm of ~1e3, a small ConvNet's ~1).
+    """
     names = problem.param_names
     model_params = attack_parameters(model, functional)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -128,6 +134,10 @@ def matching_objective(
     weights = layer_weights(weighting, len(names))
     recorder = BNStatsRecorder(model) if bn_weight > 0 else None
     bn_targets = problem.bn_targets or []
+    match_scale = 1.0
+    if relative_l2 and cost == "l2":
+        norm = float(sum(t.double().pow(2).sum() for t in problem.target))
+        match_scale = 1.0 / norm if norm > 0 else 1.0
 
     def client_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
         if recorder is not None:
@@ -143,6 +153,8 @@ def matching_objective(
     def objective(x: torch.Tensor, y: torch.Tensor, consensus: torch.Tensor) -> torch.Tensor:
         g, bn = parameter_gradients(client_loss, model_params, x, y, functional=functional)
         loss = gradient_matching_loss([g[n] for n in names], packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
+        if match_scale != 1.0:
+            loss = loss * match_scale
         if tv_weight > 0:
             loss = loss + tv_weight * total_variation(x)
         if bn_weight > 0:
@@ -173,6 +185,7 @@ def inverting_objective(
         tv_weight=params.tv_weight,
         bn_weight=bn_weight,
         group_weight=group_weight,
+        relative_l2=True,
     )
 
 

@@ -147,6 +147,32 @@ def test_batched_restarts_equal_sequential_restarts():
     assert torch.allclose(batched.images, sequential[best].images, atol=1e-5)
 
 
+def test_relative_l2_is_the_l2_cost_over_the_targets_squared_norm():
+    model = _small_model()
+    x, y = torch.rand(2, 3, 8, 8), torch.tensor([1, 4])
+    problem = _problem(model, x, y)
+    norm = float(sum(t.double().pow(2).sum() for t in problem.target))
+    start, aux = torch.randn(2, 3, 8, 8), torch.zeros(())
+    relative = matching_objective(
+        problem, attack_model(problem), functional=False, cost="l2", tv_weight=1e-2, relative_l2=True
+    )
+    absolute = matching_objective(
+        problem, attack_model(problem), functional=False, cost="l2", tv_weight=1e-2 * norm
+    )
+    assert norm > 10  # a real rescaling, not a no-op
+    assert float(relative(start, y, aux).detach()) * norm == pytest.approx(
+        float(absolute(start, y, aux).detach()), rel=1e-5
+    )
+    # cosine costs are scale-free already and left alone
+    cos_rel = matching_objective(
+        problem, attack_model(problem), functional=False, cost="cosine", relative_l2=True
+    )
+    cos_abs = matching_objective(problem, attack_model(problem), functional=False, cost="cosine")
+    assert float(cos_rel(start, y, aux).detach()) == pytest.approx(
+        float(cos_abs(start, y, aux).detach()), rel=1e-6
+    )
+
+
 def test_learning_rate_schedules():
     # Inverting Gradients' step decay: x0.1 at 3/8, 5/8 and 7/8 of the budget
     assert [lr_factor("step", f) for f in (0.0, 0.374, 0.375, 0.625, 0.875)] == pytest.approx(
