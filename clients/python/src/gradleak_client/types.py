@@ -73,7 +73,7 @@ class ClientTraining(TypedDict, total=False):
 
 
 class Attack(TypedDict, total=False):
-    """An attack and its parameters, e.g. ``{"name": "inverting_gradients", "tv_weight": 0.01}``;
+    """An attack and its parameters, e.g. ``{"name": "inverting_gradients", "tv_weight": 0.001}``;
     `GET /v1/catalog` lists every attack's parameters."""
 
     name: Literal["dlg", "inverting_gradients", "gradinversion", "fedavg_unroll"]
