@@ -19,6 +19,7 @@ from torch.func import functional_call, grad
 
 from kernels import gradient_matching_loss, pack_targets, total_variation
 from service.attacks.base import AttackProblem, AttackResult, Control, layer_weights
+from service.attacks.conv_grads import ConvTaps
 from service.attacks.optimize import Objective, batched, optimise
 from service.errors import SpecError
 from service.specs import GradInversionParams, InvertingGradientsParams, Knowledge
@@ -90,15 +91,21 @@ def parameter_gradients(
     params: dict[str, torch.Tensor],
     *args: torch.Tensor,
     functional: bool,
+    taps: ConvTaps | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """d loss / d params, differentiable w.r.t. `args`; `loss_fn` returns (loss, aux).
 
     `functional` uses torch.func.grad, which composes with vmap (batched restarts); otherwise
     plain autograd with create_graph, which is faster for a single restart. In plain mode
-    `params` must be leaves that require grad.
+    `params` must be leaves that require grad, and `taps` (installed on the model that `loss_fn`
+    runs) give the convolutions' gradients a leaner second-order graph.
     """
     if functional:
         return grad(loss_fn, has_aux=True)(params, *args)  # type: ignore[no-any-return]
+    if taps is not None:
+        with taps.recording():
+            loss, aux = loss_fn(params, *args)
+        return taps.gradients(loss, params), aux
     loss, aux = loss_fn(params, *args)
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
     return dict(zip(params, grads, strict=True)), aux
@@ -129,6 +136,7 @@ def matching_objective(
     """
     names = problem.param_names
     model_params = attack_parameters(model, functional)
+    taps = None if functional else ConvTaps(model, model_params)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     packed = pack_targets(problem.target)
     weights = layer_weights(weighting, len(names))
@@ -151,7 +159,7 @@ def matching_objective(
         return loss, bn
 
     def objective(x: torch.Tensor, y: torch.Tensor, consensus: torch.Tensor) -> torch.Tensor:
-        g, bn = parameter_gradients(client_loss, model_params, x, y, functional=functional)
+        g, bn = parameter_gradients(client_loss, model_params, x, y, functional=functional, taps=taps)
         loss = gradient_matching_loss([g[n] for n in names], packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
         if match_scale != 1.0:
             loss = loss * match_scale
