@@ -21,6 +21,7 @@ from service.data import load_images, normalize
 from service.defenses import apply_defenses
 from service.errors import ArtifactError, SpecError
 from service.fl import batch_bn_statistics_from_update, delta_to_pseudo_gradient, simulate_client
+from service.jobs.allocator import keep_freed_memory
 from service.jobs.report import render_grid_png, render_report_html
 from service.jobs.types import (
     CONTENT_TYPES,
@@ -34,6 +35,7 @@ from service.jobs.types import (
 )
 from service.metrics import score
 from service.models import build_model
+from service.settings import get_settings
 from service.specs import ClientTraining, JobSpec, Knowledge
 from service.tensorio import STATE_DTYPES, load_safetensors, match_state, save_safetensors
 
@@ -74,6 +76,8 @@ def run_job(spec: JobSpec, ctx: JobContext) -> JobResult:
 
 
 def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
+    if get_settings().malloc_tuning:
+        keep_freed_memory()
     started = time.monotonic()
     timings: dict[str, float] = {}
     emit = _Emitter(ctx, started)
