@@ -231,7 +231,8 @@ class InvertingGradientsParams(AttackParams):
         default=1e-4,
         ge=0,
         description="weight of total variation against the matching cost (the L2 cost is divided "
-        "by the target's squared norm, the cosines are scale-free)",
+        "by the target's squared norm and the TV counted per image; the cosines are scale-free "
+        "and take the batch's mean TV)",
     )
     signed: bool = True
     boxed: bool = True

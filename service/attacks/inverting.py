@@ -127,12 +127,18 @@ def matching_objective(
     bn_weight: float = 0.0,
     group_weight: float = 0.0,
     relative_l2: bool = False,
+    tv_per_image: bool = False,
 ) -> Objective:
     """The attack objective of one restart: gradient matching plus the chosen priors.
 
     `relative_l2` divides the L2 cost by the target's squared norm, so that the priors' weights
-    mean the same whatever the model and batch size (a ResNet-18's gradient of one image has a
-    squared norm of ~1e3, a small ConvNet's ~1).
+    mean the same whatever the model (a ResNet-18's gradient of one image has a squared norm of
+    ~1e3, a small ConvNet's ~1). `tv_per_image` sums the images' total variations instead of
+    averaging them. The target of a batch is the mean of its images' gradients and has a smaller
+    norm than any one of them (a ResNet-18's squared norm falls from ~1450 for one image to ~220
+    for the mean of four), so dividing by it strengthens each image's matching term as the batch
+    grows, while a batch-mean TV gives each image 1/N of the weight: summing keeps the prior in
+    step.
     """
     names = problem.param_names
     model_params = attack_parameters(model, functional)
@@ -146,6 +152,7 @@ def matching_objective(
     if relative_l2 and cost == "l2":
         norm = float(sum(t.double().pow(2).sum() for t in problem.target))
         match_scale = 1.0 / norm if norm > 0 else 1.0
+    tv_scale = tv_weight * (problem.num_images if tv_per_image else 1)
 
     def client_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
         if recorder is not None:
@@ -163,8 +170,8 @@ def matching_objective(
         loss = gradient_matching_loss([g[n] for n in names], packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
         if match_scale != 1.0:
             loss = loss * match_scale
-        if tv_weight > 0:
-            loss = loss + tv_weight * total_variation(x)
+        if tv_scale > 0:
+            loss = loss + tv_scale * total_variation(x)
         if bn_weight > 0:
             loss = loss + bn_weight * bn
         if group_weight > 0:
@@ -183,17 +190,20 @@ def inverting_objective(
     group_weight: float = 0.0,
 ) -> Objective:
     """The Inverting Gradients objective built from the attack's parameters (and GradInversion's
-    extra priors), batched over restarts when the budget asks for several."""
+    extra priors), batched over restarts when the budget asks for several. With the (relative)
+    L2 cost the TV weight counts per image; the cosine costs keep breaching's batch mean."""
+    cost = problem.matching_cost(params.cost)
     return matching_objective(
         problem,
         attack_model(problem),
         functional=batched(control),
-        cost=problem.matching_cost(params.cost),
+        cost=cost,
         weighting=params.layer_weights,
         tv_weight=params.tv_weight,
         bn_weight=bn_weight,
         group_weight=group_weight,
         relative_l2=True,
+        tv_per_image=cost == "l2",
     )
 
 

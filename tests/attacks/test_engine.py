@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from kernels import total_variation
 from service.attacks import ATTACKS
 from service.attacks.base import AttackProblem, Control, coarse_projection, lr_factor
 from service.attacks.fedavg import unroll_objective
-from service.attacks.inverting import attack_model, matching_objective
+from service.attacks.inverting import attack_model, inverting_objective, matching_objective
 from service.attacks.optimize import OptimState, optimise
 from service.jobs.runner import run_job
 from service.jobs.types import GRID_PNG, METRICS_JSON, RECONSTRUCTION, REPORT_HTML, JobContext
@@ -171,6 +172,47 @@ def test_relative_l2_is_the_l2_cost_over_the_targets_squared_norm():
     assert float(cos_rel(start, y, aux).detach()) == pytest.approx(
         float(cos_abs(start, y, aux).detach()), rel=1e-6
     )
+
+
+def test_tv_per_image_sums_the_images_means_and_the_default_l2_attack_uses_it():
+    model = _small_model()
+    start, aux = torch.randn(3, 3, 8, 8), torch.zeros(())
+    x, y = torch.rand(3, 3, 8, 8), torch.tensor([1, 4, 6])
+    problem = _problem(model, x, y)
+    tv = float(total_variation(start))
+
+    def value(**kw) -> float:
+        objective = matching_objective(
+            problem, attack_model(problem), functional=False, relative_l2=True, **kw
+        )
+        return float(objective(start, y, aux).detach())
+
+    match = value(cost="l2")
+    assert value(cost="l2", tv_weight=0.1) == pytest.approx(match + 0.1 * tv, rel=1e-5)
+    assert value(cost="l2", tv_weight=0.1, tv_per_image=True) == pytest.approx(match + 0.3 * tv, rel=1e-5)
+    # one image: per-image and batch-mean TV are the same prior
+    single = _problem(model, x[:1], y[:1])
+    one = [
+        float(
+            matching_objective(
+                single,
+                attack_model(single),
+                functional=False,
+                cost="l2",
+                tv_weight=0.1,
+                relative_l2=True,
+                tv_per_image=p,
+            )(start[:1], y[:1], aux).detach()
+        )
+        for p in (False, True)
+    ]
+    assert one[0] == one[1]
+
+    control = Control(Budget(iterations=1))
+    for cost, images in (("l2", 3), ("cosine", 1)):
+        params = InvertingGradientsParams(cost=cost, tv_weight=0.1)
+        got = float(inverting_objective(problem, params, control)(start, y, aux).detach())
+        assert got == pytest.approx(value(cost=cost) + 0.1 * images * tv, rel=1e-5)
 
 
 def test_learning_rate_schedules():
