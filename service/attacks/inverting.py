@@ -133,12 +133,12 @@ def matching_objective(
 
     `relative_l2` divides the L2 cost by the target's squared norm, so that the priors' weights
     mean the same whatever the model (a ResNet-18's gradient of one image has a squared norm of
-    ~1e3, a small ConvNet's ~1). `tv_per_image` sums the images' total variations instead of
-    averaging them. The target of a batch is the mean of its images' gradients and has a smaller
-    norm than any one of them (a ResNet-18's squared norm falls from ~1450 for one image to ~220
-    for the mean of four), so dividing by it strengthens each image's matching term as the batch
-    grows, while a batch-mean TV gives each image 1/N of the weight: summing keeps the prior in
-    step.
+    ~1e3, a small ConvNet's ~1). `tv_per_image` sums the images' total variations (N times their
+    mean). The target of a batch is the mean of its images' gradients, with a smaller norm than
+    one image's (a ResNet-18's squared norm falls from ~1450 for one image to ~220 for the mean of
+    four), so against the relative cost each image's matching term pulls about sqrt(1450/220) =
+    2.6 times harder than at batch 1 while a batch-mean TV does not move; the sum keeps the prior
+    near its batch-1 balance (measured on batch 4: bench/results/attacks-cpu-*-b4-tv.json).
     """
     names = problem.param_names
     model_params = attack_parameters(model, functional)
