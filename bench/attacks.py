@@ -403,10 +403,15 @@ def main() -> None:
         "peer": peer.PEER_VERSION if peer.available() else "not installed (make bench-peer)",
         "breaching_quoted_s_per_iteration": {f"{c}/{k}": v for (c, k), v in BREACHING_S_PER_IT.items()},
     }
+    unknown = [c for c in a.cases.split(",") if c not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; the cases are {', '.join(CASES)}")
     if a.out.exists():
         report = {**json.loads(a.out.read_text()), **report}
     if a.mode == "targets":
         cases = [c for c in a.cases.split(",") if c in TARGETS]
+        if not cases:
+            raise SystemExit(f"no target among --cases; the targets are {', '.join(TARGETS)}")
         report["targets"] = targets(a.iterations, [int(v) for v in a.seeds.split(",")], cases)
     if a.mode in ("speed", "all"):
         report["speed"] = speed(a.iterations)
