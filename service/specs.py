@@ -228,7 +228,7 @@ class InvertingGradientsParams(AttackParams):
     name: Literal["inverting_gradients"] = "inverting_gradients"
     lr: Annotated[float, Field(gt=0)] = 0.1
     tv_weight: float = Field(
-        default=1e-4,
+        default=2e-4,
         ge=0,
         description="weight of total variation against the matching cost (the L2 cost is divided "
         "by the target's squared norm and the TV counted per image; the cosines are scale-free "
@@ -278,6 +278,11 @@ class FedAvgParams(InvertingGradientsParams):
     name: Literal["fedavg_unroll"] = "fedavg_unroll"  # type: ignore[assignment]
     # weight changes are lr-sized: a scale-free cost keeps the TV weight meaningful
     cost: Literal["auto", "cosine", "cosine_global", "l2"] = "cosine"
+    # the sweeps that raised Inverting Gradients' default judged the relative L2 cost only; the
+    # unrolled attack's cosine cost keeps the weight it had
+    tv_weight: float = Field(
+        default=1e-4, ge=0, description="weight of total variation against the matching cost"
+    )
 
 
 AttackSpec = Annotated[

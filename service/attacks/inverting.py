@@ -134,11 +134,14 @@ def matching_objective(
     `relative_l2` divides the L2 cost by the target's squared norm, so that the priors' weights
     mean the same whatever the model (a ResNet-18's gradient of one image has a squared norm of
     ~1e3, a small ConvNet's ~1). `tv_per_image` sums the images' total variations (N times their
-    mean). The target of a batch is the mean of its images' gradients, with a smaller norm than
-    one image's (a ResNet-18's squared norm falls from ~1450 for one image to ~220 for the mean of
-    four), so against the relative cost each image's matching term pulls about sqrt(1450/220) =
-    2.6 times harder than at batch 1 while a batch-mean TV does not move; the sum keeps the prior
-    near its batch-1 balance (measured on batch 4: bench/results/attacks-cpu-*-b4-tv.json).
+    mean), so each image of a batch keeps the prior it would have alone. Its matching term does
+    not: the target of a batch is the mean of its images' gradients, in which each image weighs
+    1/N, and its squared norm falls by less than N^2 (~1450 for one ResNet-18 image, ~220 for the
+    mean of four), so under the relative cost an error in one image's gradient costs about
+    1450 / (16 * 220) = 0.41 times what it costs alone. A batch-mean TV would cut each image's
+    prior to 1/N on top of that. A batch is the less determined problem, and measurements favour
+    the stronger prior (batch 4: bench/results/attacks-cpu-*-b4-tv.json; the weight itself:
+    attacks-cpu-sweep-tv.json).
     """
     names = problem.param_names
     model_params = attack_parameters(model, functional)
