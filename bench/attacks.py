@@ -138,6 +138,7 @@ def run_one(
     import torch
 
     stamps: list[float] = []
+    faults: list[int] = []
     spec = spec_for(case, CONFIGS[config], iterations, time_limit, seed=seed)
     if naive:
         return naive_speed(spec, iterations)
@@ -145,12 +146,14 @@ def run_one(
     def progress(p: Any) -> None:
         if p.stage == "attack":
             stamps.append(time.perf_counter())
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
     import service.jobs.runner as runner
 
     runner.PROGRESS_INTERVAL_S = 0.0  # every iteration stamps its time
     manifest = run_spec(spec, f"{case}-{config}", progress)
     steps = [b - a for a, b in itertools.pairwise(stamps)][2:]  # skip warm-up
+    step_faults = [b - a for a, b in itertools.pairwise(faults)][2:]
     evaluations = manifest["attack"]["details"].get("evaluations")
     return {
         "case": case,
@@ -160,6 +163,7 @@ def run_one(
         "iterations": manifest["attack"]["iterations"],
         "attack_s": manifest["timings"]["attack_s"],
         "s_per_iteration_median": statistics.median(steps) if steps else None,
+        "minor_faults_per_iteration_median": statistics.median(step_faults) if step_faults else None,
         # L-BFGS (DLG): a step is a variable number of objective evaluations, so the
         # like-for-like unit against the peer is the evaluation
         "evaluations": evaluations,

@@ -2,13 +2,13 @@
 
 An attack iteration allocates and frees the same few hundred tensors, several of them megabytes
 large. glibc serves blocks above its mmap threshold with fresh mmap()s and returns them on free,
-so every iteration page-faults tens of megabytes back in and the kernel zeroes them: ~7,000
-minor faults and 5-10 % of an iteration of a CPU attack (bench/results/attacks-cpu-targets.json
-says what it is worth per case). Raising the mmap threshold to its maximum and the trim threshold
-far above it keeps those blocks in the heap for reuse, as the allocators PyTorch's CPU tuning
-guides recommend (jemalloc, tcmalloc) do by design. The cost is that the process keeps its peak
-heap rather than handing it back between jobs, which a worker that runs one attack after another
-reuses anyway.
+so every iteration page-faults tens of megabytes back in and the kernel zeroes them: 4,800 to
+29,000 minor faults per iteration of a CPU attack, and 6 to 24 % of its time
+(`python -m bench.allocator`, bench/results/allocator-cpu.json). Raising the mmap threshold to
+its maximum and the trim threshold far above it keeps those blocks in the heap for reuse, as the
+allocators PyTorch's CPU tuning guides recommend (jemalloc, tcmalloc) do by design. The cost
+is that the process keeps its peak heap rather than handing it back between jobs, which a worker
+that runs one attack after another reuses anyway (peak RSS was unchanged in that benchmark).
 
 Applied once per process from the job runner, on Linux with glibc; `GRADLEAK_MALLOC_TUNING=false`
 turns it off. A no-op elsewhere (macOS, musl): the attacks are the same, only slower on a CPU.
