@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ def measure(cases: list[str], iterations: int, repeats: int) -> dict:
     for case in cases:
         for repeat in range(repeats):
             for tuning in (True, False):  # alternating, so drift hits both alike
-                os.environ["GRADLEAK_MALLOC_TUNING"] = str(tuning).lower()
-                r = subprocess_run(case, "default", iterations, None)
+                env = {"GRADLEAK_MALLOC_TUNING": str(tuning).lower()}
+                r = subprocess_run(case, "default", iterations, None, env=env)
                 rows.append(
                     {
                         "case": case,
@@ -38,7 +37,6 @@ def measure(cases: list[str], iterations: int, repeats: int) -> dict:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    os.environ.pop("GRADLEAK_MALLOC_TUNING", None)
     summary = {}
     for case in cases:
 

@@ -219,13 +219,20 @@ def naive_speed(spec: Any, iterations: int) -> dict[str, Any]:
 
 
 def subprocess_run(
-    case: str, config: str, iterations: int, time_limit: float | None, naive: bool = False, seed: int = 0
+    case: str,
+    config: str,
+    iterations: int,
+    time_limit: float | None,
+    naive: bool = False,
+    seed: int = 0,
+    env: dict[str, str] | None = None,
 ) -> dict:
     cmd = [sys.executable, "-m", "bench.attacks", "one", case, config, str(iterations), str(time_limit or 0)]
     cmd.append(f"--seed={seed}")
     if naive:
         cmd.append("--naive")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    run_env = {**os.environ, **env} if env else None
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=run_env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["case"], result["config"] = case, config if not naive else "naive"
     return result
