@@ -148,7 +148,7 @@ class JobCreate(Input):
 
 
 class ProgressOut(Output):
-    stage: Literal["setup", "attack", "scoring", "done"]
+    stage: Literal["setup", "training", "attack", "scoring", "done"]
     iteration: int
     total: int
     loss: float | None

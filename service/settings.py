@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     max_restarts: int = 16
     max_time_limit_s: float = 6 * 3600.0
     default_time_limit_s: float = 3600.0
+    # federations: local trainings (clients per round x rounds), clients, and wall-clock
+    max_federation_client_rounds: int = 5_000
+    max_federation_clients: int = 10_000
+    max_federation_time_limit_s: float = 24 * 3600.0
+    default_federation_time_limit_s: float = 6 * 3600.0
 
     # privacy: uploads, reconstructions and reports are private data
     retention_hours: float = 7 * 24.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +23,37 @@ JsonScalar = str | int | float | bool | None
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class YamlSpec(Frozen):
+    """A spec that reads and writes itself as JSON or YAML (JSON is YAML)."""
+
+    what: ClassVar[str] = "spec"
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(self.to_json()), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Self:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SpecError(f"not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"a {cls.what} is a mapping")
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Self:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise SpecError(f"cannot read spec {p}: {e.strerror}") from None
+        return cls.from_yaml(text)
 
 
 class Knowledge(IntEnum):
@@ -343,7 +374,8 @@ class Budget(Frozen):
 # ---------------------------------------------------------------------------------------------
 
 
-class JobSpec(Frozen):
+class JobSpec(YamlSpec):
+    what: ClassVar[str] = "job spec"
     model: ModelSpec
     update: UpdateSpec
     data: DataSpec = Field(default_factory=DataSpec)
@@ -375,33 +407,6 @@ class JobSpec(Frozen):
     def check_knowledge(self) -> None:
         """Refuse a spec whose attack needs knowledge not granted, naming what is missing."""
         check_knowledge(self.attack, self.knowledge)
-
-    # --- serialisation ------------------------------------------------------------------------
-
-    def to_json(self) -> str:
-        return self.model_dump_json(exclude_defaults=False)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(json.loads(self.to_json()), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, text: str) -> JobSpec:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise SpecError(f"not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise SpecError("a job spec is a mapping")
-        return cls.model_validate(data)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> JobSpec:
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise SpecError(f"cannot read spec {p}: {e.strerror}") from None
-        return cls.from_yaml(text)  # JSON is YAML
 
 
 def check_knowledge(attack: AttackParams, granted: Knowledge) -> None:

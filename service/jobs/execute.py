@@ -22,6 +22,7 @@ from service.errors import GradleakError, NotFoundError
 from service.jobs.records import RUNNABLE, JobError, JobProgress, JobRecord, JobStatus, error_code
 from service.jobs.state import StateStore
 from service.jobs.types import JobContext, JobResult, Progress
+from service.federations.spec import FederationSpec
 from service.specs import JobSpec
 from service.storage import ArtifactStore
 
@@ -40,7 +41,8 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     urllib3.exceptions.HTTPError,
 )
 
-Runner = Callable[[JobSpec, JobContext], JobResult]
+AnySpec = JobSpec | FederationSpec
+Runner = Callable[[AnySpec, JobContext], JobResult]
 
 _SMALLER = "lower the batch size or the image size, or use a worker with more memory"
 
@@ -144,7 +146,19 @@ def upload_resolver(state: StateStore, store: ArtifactStore, tenant: str) -> Cal
 
 
 def job_prefix(job: JobRecord) -> str:
-    return f"{job.tenant}/jobs/{job.id}"
+    return f"{job.tenant}/{'federations' if job.kind == 'federation' else 'jobs'}/{job.id}"
+
+
+def record_spec(job: JobRecord) -> AnySpec:
+    """The spec a stored record runs: a JobSpec, or a FederationSpec for a federation."""
+    if job.kind == "federation":
+        return FederationSpec.model_validate_json(job.spec_json)
+    return JobSpec.model_validate_json(job.spec_json)
+
+
+def time_limit(spec: AnySpec) -> float | None:
+    """The wall-clock limit of a run: an attack's budget, or a whole federation's."""
+    return spec.time_limit_s if isinstance(spec, FederationSpec) else spec.budget.time_limit_s
 
 
 def execute_job(
@@ -173,9 +187,10 @@ def execute_job(
         runner = run_job
 
     stopper = stopper or Stopper()
-    spec = JobSpec.model_validate_json(job.spec_json)
-    if spec.budget.time_limit_s is not None:
-        stopper.deadline = time.monotonic() + spec.budget.time_limit_s + SETUP_GRACE_S
+    spec = record_spec(job)
+    limit = time_limit(spec)
+    if limit is not None:
+        stopper.deadline = time.monotonic() + limit + SETUP_GRACE_S
     ctx = JobContext(
         job_id=job.id,
         store=store,
@@ -198,7 +213,7 @@ def execute_job(
 
 def _run_and_record(
     job: JobRecord,
-    spec: JobSpec,
+    spec: AnySpec,
     ctx: JobContext,
     runner: Runner,
     state: StateStore,
@@ -238,9 +253,10 @@ def _run_and_record(
         back = JobError(code="interrupted", message="the worker shut down during the run")
         return _release(state, job, worker_id, back)
     if result.status == "cancelled" and stopped == StopReason.DEADLINE:
+        field = "time_limit_s" if isinstance(spec, FederationSpec) else "budget.time_limit_s"
         message = (
-            f"the run outlived its time limit ({spec.budget.time_limit_s:g} s, budget.time_limit_s) plus "
-            f"{SETUP_GRACE_S:g} s for setup and scoring; raise the time limit or lower budget.iterations"
+            f"the run outlived its time limit ({time_limit(spec):g} s, {field}) plus "
+            f"{SETUP_GRACE_S:g} s for setup and scoring; raise the time limit or ask for less work"
         )
         return fail("time_limit", message, result)
     status = JobStatus.CANCELLED if result.status == "cancelled" else JobStatus.SUCCEEDED

@@ -20,10 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 UploadKind = Literal["model", "update", "ground_truth"]
 UPLOAD_PREFIXES: dict[str, str] = {"model": "mdl", "update": "upd", "ground_truth": "gt"}
 JOB_PREFIX = "job"
+FEDERATION_PREFIX = "fed"
 KEY_PREFIX = "key"
 
 # Ids sort by creation time: 12 hex digits of milliseconds, then 80 random bits.
-_ID_RE = re.compile(r"^(job|mdl|upd|gt|key)_[0-9a-f]{32}$")
+_ID_RE = re.compile(r"^(job|fed|mdl|upd|gt|key)_[0-9a-f]{32}$")
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 LOCAL_TENANT = "local"
 
@@ -92,7 +93,7 @@ RUNNABLE = frozenset({JobStatus.QUEUED, JobStatus.INTERRUPTED})
 
 
 class JobProgress(Record):
-    stage: Literal["setup", "attack", "scoring", "done"]
+    stage: Literal["setup", "training", "attack", "scoring", "done"]
     iteration: int = 0
     total: int = 0
     loss: float | None = None
@@ -132,6 +133,11 @@ class JobRecord(Record):
     queue_ref: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+
+    @property
+    def kind(self) -> Literal["job", "federation"]:
+        """What the record runs, told by its id: an attack job, or a federation."""
+        return "federation" if self.id.startswith(FEDERATION_PREFIX + "_") else "job"
 
 
 class UploadRecord(Record):

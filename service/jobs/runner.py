@@ -20,6 +20,7 @@ from service.attacks.labels import idlg_label, infer_label_counts, last_layer_gr
 from service.data import load_images, normalize
 from service.defenses import apply_defenses
 from service.errors import ArtifactError, SpecError
+from service.federations.spec import FederationSpec
 from service.fl import batch_bn_statistics_from_update, delta_to_pseudo_gradient, simulate_client
 from service.jobs.allocator import keep_freed_memory
 from service.jobs.report import render_grid_png, render_report_html
@@ -61,7 +62,12 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_job(spec: JobSpec, ctx: JobContext) -> JobResult:
+def run_job(spec: JobSpec | FederationSpec, ctx: JobContext) -> JobResult:
+    """Run a job, or a federation (FedAvg over rounds whose audits are jobs run through here)."""
+    if isinstance(spec, FederationSpec):
+        from service.federations.loop import run_federation
+
+        return run_federation(spec, ctx)
     try:
         return _run(spec, ctx)
     except ValueError as e:

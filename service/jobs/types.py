@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from service.storage import ArtifactStore
 
-Stage = Literal["setup", "attack", "scoring", "done"]
+Stage = Literal["setup", "training", "attack", "scoring", "done"]
 
 # Names of the artifacts a job writes under its prefix.
 METRICS_JSON = "metrics.json"

@@ -122,6 +122,10 @@ class Limits:
     max_restarts: int
     max_time_limit_s: float
     default_time_limit_s: float
+    max_federation_client_rounds: int = 5_000
+    max_federation_clients: int = 10_000
+    max_federation_time_limit_s: float = 24 * 3600.0
+    default_federation_time_limit_s: float = 6 * 3600.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -131,6 +135,12 @@ class Limits:
             max_restarts=settings.max_restarts,
             max_time_limit_s=settings.max_time_limit_s,
             default_time_limit_s=min(settings.default_time_limit_s, settings.max_time_limit_s),
+            max_federation_client_rounds=settings.max_federation_client_rounds,
+            max_federation_clients=settings.max_federation_clients,
+            max_federation_time_limit_s=settings.max_federation_time_limit_s,
+            default_federation_time_limit_s=min(
+                settings.default_federation_time_limit_s, settings.max_federation_time_limit_s
+            ),
         )
 
     def check_batch(self, what: str, count: int | None) -> None:

@@ -177,7 +177,7 @@ class GroundTruthUpload(Upload):
 
 
 class JobProgress(_Model):
-    stage: Literal["setup", "attack", "scoring", "done"]
+    stage: Literal["setup", "training", "attack", "scoring", "done"]
     iteration: int
     total: int
     loss: float | None = None
