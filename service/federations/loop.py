@@ -107,6 +107,7 @@ def run_federation(spec: FederationSpec, ctx: JobContext) -> JobResult:
     checkpoints = set(spec.checkpoints())
     audits = set(spec.audit.rounds)
     state = _State()
+    chance = float(torch.bincount(test_y).max()) / len(test_y)  # always guessing the commonest class
     setup_s = time.monotonic() - started
 
     def save(name: str, data: bytes, content_type: str) -> None:
@@ -201,14 +202,14 @@ def run_federation(spec: FederationSpec, ctx: JobContext) -> JobResult:
             message += f", attack PSNR {row['psnr_mean']:.1f} dB"
         emit(Progress(stage="training", iteration=r, total=spec.rounds, loss=train_loss,
                       elapsed_s=time.monotonic() - started, message=message))  # fmt: skip
-        write_outputs(spec, state.rows, initial, save, final=False, grid_for=grid_for)
+        write_outputs(spec, state.rows, initial, save, final=False, grid_for=grid_for, chance=chance)
         if status == "cancelled":
             break
 
     emit(
         Progress(stage="scoring", iteration=len(state.rows), total=spec.rounds, message="writing the report")
     )
-    write_outputs(spec, state.rows, initial, save, final=True, grid_for=grid_for)
+    write_outputs(spec, state.rows, initial, save, final=True, grid_for=grid_for, chance=chance)
     last = state.rows[-1] if state.rows else None
     manifest = {
         "job_id": ctx.job_id,

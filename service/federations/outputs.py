@@ -65,13 +65,14 @@ def write_outputs(
     *,
     final: bool,
     grid_for: GridFor,
+    chance: float,
 ) -> None:
     """The tables after every round (so a crash keeps what was done); plot and report at the end."""
     save(ROUNDS_JSON, json.dumps(rows, indent=2).encode(), CONTENT_TYPES[ROUNDS_JSON])
     save(ROUNDS_CSV, rounds_csv(rows), CONTENT_TYPES[ROUNDS_CSV])
     if not final or not rows:
         return
-    plot = render_rounds_png(rows, initial[0])
+    plot = render_rounds_png(rows, initial[0], chance)
     save(ROUNDS_PNG, plot, CONTENT_TYPES[ROUNDS_PNG])
     save(
         REPORT_HTML,
@@ -80,19 +81,22 @@ def write_outputs(
     )
 
 
-def render_rounds_png(rows: list[dict[str, Any]], initial_accuracy: float) -> bytes:
-    """Three panels over the round: test accuracy; IGSA (probe batch, audited client); attack PSNR
+def render_rounds_png(rows: list[dict[str, Any]], initial_accuracy: float, chance: float) -> bytes:
+    """Three panels over the round: test accuracy (and chance); IGSA (probe batch, audited client); attack PSNR
     (mean, worst case) with SSIM on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [row["round"] for row in rows]
     audited = [row for row in rows if row.get("psnr_mean") is not None]
     fig, axes = plt.subplots(3, 1, figsize=(7, 7.5), sharex=True, constrained_layout=True)
     acc, smooth, leak = axes
     acc.plot([0, *rounds], [initial_accuracy, *(row["test_accuracy"] for row in rows)], marker="o", ms=3)
+    acc.axhline(chance, color="grey", linestyle=":", label="chance")
+    acc.legend(fontsize=8)
     acc.set_ylabel("test accuracy")
     acc.set_ylim(0, 1)
     acc.grid(alpha=0.3)
@@ -119,6 +123,7 @@ def render_rounds_png(rows: list[dict[str, Any]], initial_accuracy: float) -> by
     else:
         leak.text(0.5, 0.5, "no audited round", ha="center", va="center", transform=leak.transAxes)
     leak.set_xlabel("round")
+    leak.xaxis.set_major_locator(MaxNLocator(integer=True))
     leak.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
