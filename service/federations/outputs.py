@@ -82,8 +82,8 @@ def write_outputs(
 
 
 def render_rounds_png(rows: list[dict[str, Any]], initial_accuracy: float, chance: float) -> bytes:
-    """Three panels over the round: test accuracy (and chance); IGSA (probe batch, audited client); attack PSNR
-    (mean, worst case) with SSIM on a second axis."""
+    """Three panels over the round: test accuracy (and chance); IGSA (probe batch, audited
+    client); attack PSNR (mean, worst case) with SSIM on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")

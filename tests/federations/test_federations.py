@@ -180,7 +180,7 @@ def test_contradictory_specs_are_refused_by_the_spec(changes: dict, message: str
 
 def test_an_unknown_dataset_path_is_a_clear_error(tmp_path: Path) -> None:
     spec = small(data={"source": "cifar10", "path": str(tmp_path / "nowhere")})
-    with pytest.raises(GradleakError, match="CIFAR-10 not found: looked in .*nowhere"):
+    with pytest.raises(GradleakError, match=r"CIFAR-10 not found: looked in .*nowhere"):
         run(spec, tmp_path)
 
 
