@@ -19,10 +19,10 @@ import redis.exceptions
 import urllib3.exceptions
 
 from service.errors import GradleakError, NotFoundError
+from service.federations.spec import FederationSpec
 from service.jobs.records import RUNNABLE, JobError, JobProgress, JobRecord, JobStatus, error_code
 from service.jobs.state import StateStore
 from service.jobs.types import JobContext, JobResult, Progress
-from service.federations.spec import FederationSpec
 from service.specs import JobSpec
 from service.storage import ArtifactStore
 
