@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.federations.spec import FederationSpec
 from service.jobs.records import JobRecord, JobStatus, UploadRecord
 from service.jobs.uploads import GroundTruthUpload, ModelUpload, UpdateUpload, refuse_non_finite
 from service.specs import AttackSpec, Budget, DefenseSpec, JobSpec, Knowledge
@@ -170,7 +171,9 @@ class JobLinks(Output):
     artifacts: str
 
 
-class JobOut(Output):
+class RunOut(Output):
+    """What a job and a federation share: their life, progress and error."""
+
     id: str
     status: JobStatus
     created_at: datetime
@@ -183,19 +186,30 @@ class JobOut(Output):
     cancel_requested: bool
     progress: ProgressOut | None
     error: JobErrorOut | None = Field(description="why it failed, or why it was interrupted")
+    links: JobLinks
+
+
+class JobOut(RunOut):
     metrics: dict[str, Any] | None = Field(description="the result's metrics (PSNR, SSIM, ...), when scored")
     result: dict[str, Any] | None = Field(
         description="the result manifest without the spec: attack summary, versions, timings, device"
     )
     spec: JobSpec
-    links: JobLinks
 
 
 def job_out(job: JobRecord) -> JobOut:
     manifest = job.manifest
     result = None if manifest is None else {k: v for k, v in manifest.items() if k != "spec"}
-    base = f"/v1/jobs/{job.id}"
     return JobOut(
+        **_run_fields(job, f"/v1/jobs/{job.id}"),
+        metrics=None if manifest is None else manifest.get("metrics"),
+        result=result,
+        spec=JobSpec.model_validate_json(job.spec_json),
+    )
+
+
+def _run_fields(job: JobRecord, base: str) -> dict[str, Any]:
+    return dict(
         id=job.id,
         status=job.status,
         created_at=at(job.created_at),
@@ -212,15 +226,44 @@ def job_out(job: JobRecord) -> JobOut:
             **job.progress.model_dump(exclude={"updated_at"}), updated_at=when(job.progress.updated_at)
         ),
         error=None if job.error is None else JobErrorOut(code=job.error.code, message=job.error.message),
-        metrics=None if manifest is None else manifest.get("metrics"),
-        result=result,
-        spec=JobSpec.model_validate_json(job.spec_json),
         links=JobLinks(self=base, events=f"{base}/events", artifacts=f"{base}/artifacts"),
     )
 
 
 class JobList(Output):
     items: list[JobOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page; null at the end")
+
+
+class FederationCreate(Input):
+    spec: FederationSpec
+
+
+class FederationOut(RunOut):
+    rounds: list[dict[str, Any]] | None = Field(
+        description="per round: test accuracy and loss, train loss, IGSA, and at audited rounds the "
+        "attack's PSNR/SSIM/LPIPS and label accuracy (when finished; progress tells the round meanwhile)"
+    )
+    result: dict[str, Any] | None = Field(
+        description="the manifest without the spec and rounds: initial and final accuracy, data, "
+        "versions, timings, device"
+    )
+    spec: FederationSpec
+
+
+def federation_out(job: JobRecord) -> FederationOut:
+    manifest = job.manifest
+    result = None if manifest is None else {k: v for k, v in manifest.items() if k not in ("spec", "rounds")}
+    return FederationOut(
+        **_run_fields(job, f"/v1/federations/{job.id}"),
+        rounds=None if manifest is None else manifest.get("rounds"),
+        result=result,
+        spec=FederationSpec.model_validate_json(job.spec_json),
+    )
+
+
+class FederationList(Output):
+    items: list[FederationOut]
     next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page; null at the end")
 
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from service import cli_service
+from service import cli_federation, cli_service
 from service.errors import GradleakError
 from service.specs import (
     ATTACK_PARAMS,
@@ -66,6 +66,17 @@ def parse_pairs(items: list[str] | None, what: str) -> dict[str, Any]:
                 raise fail(f"{what} {part!r}: expected key=value")
             out[key.strip()] = parse_value(value.strip())
     return out
+
+
+def set_path(base: dict[str, Any], path: str, value: Any) -> None:
+    """Set base["a"]["b"]["c"] for path "a.b.c", creating the mappings on the way; None sets nothing."""
+    if value is None:
+        return
+    node = base
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
 
 
 def parse_defense(text: str) -> Any:
@@ -355,6 +366,7 @@ def catalog(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 cli_service.register(app)
+cli_federation.register(app)
 
 
 def main() -> None:

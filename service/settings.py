@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     max_federation_clients: int = 10_000
     max_federation_time_limit_s: float = 24 * 3600.0
     default_federation_time_limit_s: float = 6 * 3600.0
+    max_federation_parameter_rounds: float = 1e11  # parameters x local trainings
 
     # privacy: uploads, reconstructions and reports are private data
     retention_hours: float = 7 * 24.0

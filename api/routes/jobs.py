@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
@@ -14,6 +14,7 @@ from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel
 
 from api.deps import OwnedJob, RuntimeDep, Tenant
 from api.errors import ApiError
@@ -22,7 +23,7 @@ from api.schemas import ArtifactList, ArtifactOut, JobCreate, JobList, JobOut, j
 from service.errors import NotFoundError
 from service.jobs.records import JOB_PREFIX, JobRecord, JobStatus, is_id
 from service.jobs.submit import check_references, check_spec, get_upload_of_kind, new_job, spec_from_uploads
-from service.jobs.types import CONTENT_TYPES, REPORT_HTML
+from service.jobs.types import CONTENT_TYPES
 from service.jobs.uploads import UpdateUpload
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -136,16 +137,21 @@ async def get_job(job: OwnedJob) -> JobOut:
 )
 async def cancel_job(job: OwnedJob, rt: RuntimeDep, tenant: Tenant, response: Response) -> JobOut:
     """A waiting job is cancelled at once (200); a running one stops at its next iteration (202)."""
+    return job_out(await cancel_record(job, rt, tenant, response))
+
+
+async def cancel_record(job: JobRecord, rt: Runtime, tenant: str, response: Response) -> JobRecord:
+    """Cancel a waiting record at once, flag a running one (202), refuse a finished one (409)."""
     if job.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         job = await run_in_threadpool(rt.state.request_cancel, tenant, job.id)
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise ApiError(
-            409, f"job {job.id} has already {job.status.value}; there is nothing to cancel", code="conflict"
+            409, f"{job.id} has already {job.status.value}; there is nothing to cancel", code="conflict"
         )
     if job.status == JobStatus.RUNNING:
         await rt.queue.cancel(job)
         response.status_code = status.HTTP_202_ACCEPTED
-    return job_out(job)
+    return job
 
 
 @router.get(
@@ -157,13 +163,21 @@ async def cancel_job(job: OwnedJob, rt: RuntimeDep, tenant: Tenant, response: Re
 async def job_events(job: OwnedJob, rt: RuntimeDep, tenant: Tenant) -> AsyncIterator[ServerSentEvent]:
     """An event each time the job's status (`status`) or progress (`progress`) changes, with the
     job (JobOut) as its data; the stream ends after the final status."""
+    async for event in record_events(job, rt, tenant, job_out):
+        yield event
+
+
+async def record_events(
+    job: JobRecord, rt: Runtime, tenant: str, out: Callable[[JobRecord], BaseModel]
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent `status` and `progress` events of a stored record, `out(record)` as the data."""
     seen: tuple[JobStatus, object] | None = None
     sequence = 0
     while True:
         if seen is None or job.status != seen[0] or job.progress != seen[1]:
             sequence += 1
             kind = "status" if seen is None or job.status != seen[0] else "progress"
-            data = job_out(job).model_dump(mode="json")
+            data = out(job).model_dump(mode="json")
             yield ServerSentEvent(event=kind, id=str(sequence), data=data, retry=EVENT_RETRY_MS)
             seen = (job.status, job.progress)
         if job.status.terminal:
@@ -184,6 +198,10 @@ def _presign(rt: Runtime, key: str) -> tuple[str | None, datetime | None]:
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="A job's artifacts")
 def list_artifacts(job: OwnedJob, rt: RuntimeDep) -> ArtifactList:
     """metrics.json, grid.png (truth vs reconstruction), reconstruction.safetensors, report.html."""
+    return artifact_list(job, rt, f"/v1/jobs/{job.id}")
+
+
+def artifact_list(job: JobRecord, rt: Runtime, base: str) -> ArtifactList:
     items = []
     for name, key in sorted(job.artifacts.items()):
         try:
@@ -195,8 +213,8 @@ def list_artifacts(job: OwnedJob, rt: RuntimeDep) -> ArtifactList:
             ArtifactOut(
                 name=name,
                 size=size,
-                content_type=CONTENT_TYPES.get(name, "application/octet-stream"),
-                url=f"/v1/jobs/{job.id}/artifacts/{name}",
+                content_type=content_type(name),
+                url=f"{base}/artifacts/{name}",
                 presigned_url=url,
                 presigned_expires_at=expires,
             )
@@ -217,10 +235,15 @@ def list_artifacts(job: OwnedJob, rt: RuntimeDep) -> ArtifactList:
     },
 )
 def get_artifact(job: OwnedJob, name: str, rt: RuntimeDep) -> Response:
+    return artifact_response(job, name, rt)
+
+
+def artifact_response(job: JobRecord, name: str, rt: Runtime) -> Response:
+    """An artifact's bytes streamed, or a redirect to a presigned URL on S3."""
     key = job.artifacts.get(name)
     if key is None:
         have = ", ".join(sorted(job.artifacts)) or "none yet"
-        raise NotFoundError(f"job {job.id} has no artifact {name!r}; it has: {have}")
+        raise NotFoundError(f"{job.id} has no artifact {name!r}; it has: {have}")
     url, _ = _presign(rt, key)
     if url is not None:
         return RedirectResponse(
@@ -231,12 +254,19 @@ def get_artifact(job: OwnedJob, name: str, rt: RuntimeDep) -> Response:
     headers = {
         "Content-Length": str(size),
         "Cache-Control": "private, no-store",
-        "Content-Disposition": f'{disposition}; filename="{job.id}-{name}"',
+        "Content-Disposition": f'{disposition}; filename="{job.id}-{name.replace("/", "-")}"',
     }
-    if name == REPORT_HTML:
+    if name.endswith(".html"):
         headers["Content-Security-Policy"] = REPORT_CSP
-    return StreamingResponse(
-        rt.store.iter_bytes(key),
-        media_type=CONTENT_TYPES.get(name, "application/octet-stream"),
-        headers=headers,
-    )
+    return StreamingResponse(rt.store.iter_bytes(key), media_type=content_type(name), headers=headers)
+
+
+def content_type(name: str) -> str:
+    """By the artifact's file extension (a federation's artifacts sit in folders)."""
+    suffix = name.rsplit(".", 1)[-1]
+    return _BY_SUFFIX.get(suffix, "application/octet-stream")
+
+
+_BY_SUFFIX = {name.rsplit(".", 1)[-1]: kind for name, kind in CONTENT_TYPES.items()} | {
+    "csv": "text/csv; charset=utf-8"
+}

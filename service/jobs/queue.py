@@ -26,6 +26,7 @@ from service.settings import Settings
 log = logging.getLogger("gradleak.queue")
 
 ARQ_FUNCTION = "run_attack"
+ARQ_FEDERATION = "run_federation"  # the same work function, with a federation's longer timeout
 ABORT_WAIT_S = 10.0
 
 
@@ -95,8 +96,9 @@ class ArqQueue:
         ref = queue_ref(job)
         # arq drops a job nobody picked up before it expires; ours live as long as their retention.
         expires_s = max(60.0, job.expires_at - job.created_at)
+        function = ARQ_FEDERATION if job.kind == "federation" else ARQ_FUNCTION
         await self.pool.enqueue_job(
-            ARQ_FUNCTION, job.id, _job_id=ref, _queue_name=self.settings.queue_name, _expires=expires_s
+            function, job.id, _job_id=ref, _queue_name=self.settings.queue_name, _expires=expires_s
         )
         await asyncio.to_thread(self.state.set_queue_ref, job.id, ref)
 

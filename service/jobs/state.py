@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from service.jobs.records import (
+    JOB_PREFIX,
     ApiKeyRecord,
     Heartbeat,
     JobError,
@@ -58,9 +59,15 @@ class StateStore(Protocol):
         ...
 
     def list_jobs(
-        self, tenant: str, status: JobStatus | None = None, limit: int = 50, before: str | None = None
+        self,
+        tenant: str,
+        status: JobStatus | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        kind: str = JOB_PREFIX,
     ) -> list[JobRecord]:
-        """Newest first; `before` is the id of the last job of the previous page."""
+        """Newest first; `before` is the id of the last job of the previous page; `kind` is the id
+        prefix of the records listed (jobs, or federations)."""
         ...
 
     def request_cancel(self, tenant: str, job_id: str) -> JobRecord:

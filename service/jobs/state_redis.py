@@ -17,6 +17,7 @@ from redis.exceptions import WatchError
 
 from service.errors import NotFoundError
 from service.jobs.records import (
+    JOB_PREFIX,
     RUNNABLE,
     TERMINAL,
     ApiKeyRecord,
@@ -199,10 +200,17 @@ class RedisStateStore:
         return job
 
     def list_jobs(
-        self, tenant: str, status: JobStatus | None = None, limit: int = 50, before: str | None = None
+        self,
+        tenant: str,
+        status: JobStatus | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        kind: str = JOB_PREFIX,
     ) -> list[JobRecord]:
         index = self._tenant_index(tenant, status)
-        ids = self.r.zrevrangebylex(index, f"({before}" if before else "+", "-", start=0, num=limit)
+        # ids are "<kind>_<hex>": "_" sorts right before "`", so these bounds hold one kind
+        top = f"({before}" if before else f"({kind}`"
+        ids = self.r.zrevrangebylex(index, top, f"({kind}_", start=0, num=limit)
         return self._load(ids)
 
     def request_cancel(self, tenant: str, job_id: str) -> JobRecord:

@@ -19,6 +19,7 @@ from typing import Any
 
 from service.errors import NotFoundError
 from service.jobs.records import (
+    JOB_PREFIX,
     RUNNABLE,
     TERMINAL,
     ApiKeyRecord,
@@ -228,9 +229,18 @@ class SQLiteStateStore:
         return _job_from_row(rows[0])
 
     def list_jobs(
-        self, tenant: str, status: JobStatus | None = None, limit: int = 50, before: str | None = None
+        self,
+        tenant: str,
+        status: JobStatus | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        kind: str = JOB_PREFIX,
     ) -> list[JobRecord]:
-        sql, params = "SELECT * FROM jobs WHERE tenant = ?", [tenant]
+        # ids are "<kind>_<hex>": "_" sorts right before "`", so these bounds hold one kind
+        sql, params = (
+            "SELECT * FROM jobs WHERE tenant = ? AND id > ? AND id < ?",
+            [tenant, f"{kind}_", f"{kind}`"],
+        )
         if status is not None:
             sql += " AND status = ?"
             params.append(status.value)

@@ -11,7 +11,15 @@ from __future__ import annotations
 import time
 
 from service.errors import NotFoundError, SpecError
-from service.jobs.records import JOB_PREFIX, UPLOAD_PREFIXES, JobRecord, UploadRecord, new_id
+from service.federations.spec import FederationSpec
+from service.jobs.records import (
+    FEDERATION_PREFIX,
+    JOB_PREFIX,
+    UPLOAD_PREFIXES,
+    JobRecord,
+    UploadRecord,
+    new_id,
+)
 from service.jobs.state import StateStore
 from service.jobs.uploads import Limits, ModelUpload, UpdateUpload
 from service.settings import Settings
@@ -86,17 +94,7 @@ def check_spec(spec: JobSpec, limits: Limits) -> JobSpec:
     limits.check_batch("update.client.num_samples", client.num_samples)
 
     budget = spec.budget
-    if budget.iterations > limits.max_iterations:
-        raise SpecError(
-            f"budget.iterations is {budget.iterations}; this server's limit is {limits.max_iterations}"
-        )
-    if budget.restarts > limits.max_restarts:
-        raise SpecError(f"budget.restarts is {budget.restarts}; this server's limit is {limits.max_restarts}")
-    if budget.time_limit_s is not None and budget.time_limit_s > limits.max_time_limit_s:
-        raise SpecError(
-            f"budget.time_limit_s is {budget.time_limit_s:g}; "
-            f"this server's limit is {limits.max_time_limit_s:g} s"
-        )
+    limits.check_budget(budget)
     if not 0 <= spec.seed < 2**63:
         raise SpecError(f"seed must lie in 0..{2**63 - 1}")
     if budget.time_limit_s is None:
@@ -178,16 +176,17 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def new_job(
-    spec: JobSpec,
+    spec: JobSpec | FederationSpec,
     tenant: str,
     settings: Settings,
     *,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
 ) -> JobRecord:
+    """The stored record of a new job, or of a federation (id prefix fed_)."""
     now = time.time()
     return JobRecord(
-        id=new_id(JOB_PREFIX),
+        id=new_id(FEDERATION_PREFIX if isinstance(spec, FederationSpec) else JOB_PREFIX),
         tenant=tenant,
         spec_json=spec.to_json(),
         created_at=now,

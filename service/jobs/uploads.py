@@ -17,7 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from service.errors import ArtifactError, SpecError
 from service.settings import Settings
-from service.specs import MAX_IMAGE_SIDE, ClientTraining, DataSpec, JsonScalar, ModelSpec, Normalization
+from service.specs import (
+    MAX_IMAGE_SIDE,
+    Budget,
+    ClientTraining,
+    DataSpec,
+    JsonScalar,
+    ModelSpec,
+    Normalization,
+)
 
 GROUND_TRUTH_DTYPES = ("F16", "BF16", "F32", "F64", "I64", "I32")
 
@@ -126,6 +134,7 @@ class Limits:
     max_federation_clients: int = 10_000
     max_federation_time_limit_s: float = 24 * 3600.0
     default_federation_time_limit_s: float = 6 * 3600.0
+    max_federation_parameter_rounds: float = 1e11
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -141,11 +150,28 @@ class Limits:
             default_federation_time_limit_s=min(
                 settings.default_federation_time_limit_s, settings.max_federation_time_limit_s
             ),
+            max_federation_parameter_rounds=settings.max_federation_parameter_rounds,
         )
 
     def check_batch(self, what: str, count: int | None) -> None:
         if count is not None and count > self.max_batch_size:
             raise SpecError(f"{what} is {count}; this server's limit is {self.max_batch_size} images per job")
+
+    def check_budget(self, budget: Budget, where: str = "budget") -> None:
+        """Refuse an attack budget above the server's iterations, restarts or time limit."""
+        if budget.iterations > self.max_iterations:
+            raise SpecError(
+                f"{where}.iterations is {budget.iterations}; this server's limit is {self.max_iterations}"
+            )
+        if budget.restarts > self.max_restarts:
+            raise SpecError(
+                f"{where}.restarts is {budget.restarts}; this server's limit is {self.max_restarts}"
+            )
+        if budget.time_limit_s is not None and budget.time_limit_s > self.max_time_limit_s:
+            raise SpecError(
+                f"{where}.time_limit_s is {budget.time_limit_s:g}; "
+                f"this server's limit is {self.max_time_limit_s:g} s"
+            )
 
 
 def check_model_upload(data: bytes, meta: ModelUpload) -> int:

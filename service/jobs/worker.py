@@ -25,7 +25,14 @@ from arq.worker import Worker, create_worker
 
 from service.jobs.execute import SETUP_GRACE_S, Outcome, Runner, Stopper, StopReason, execute_job
 from service.jobs.maintenance import Housekeeper
-from service.jobs.queue import ARQ_FUNCTION, ArqQueue, json_deserializer, json_serializer, redis_settings
+from service.jobs.queue import (
+    ARQ_FEDERATION,
+    ARQ_FUNCTION,
+    ArqQueue,
+    json_deserializer,
+    json_serializer,
+    redis_settings,
+)
 from service.jobs.records import MAX_ATTEMPTS, JobError
 from service.jobs.state import StateStore, open_state_store
 from service.settings import Settings
@@ -114,11 +121,15 @@ def worker_settings(settings: Settings, runner: Runner | None = None) -> dict[st
         "functions": [
             func(
                 run_attack,
-                name=ARQ_FUNCTION,
-                timeout=settings.max_time_limit_s + SETUP_GRACE_S + STOP_WAIT_S,
+                name=name,
+                timeout=limit + SETUP_GRACE_S + STOP_WAIT_S,
                 # The state store counts tries (MAX_ATTEMPTS); arq must not give up before it does.
                 max_tries=2 * MAX_ATTEMPTS,
                 keep_result=KEEP_RESULT_S,
+            )
+            for name, limit in (
+                (ARQ_FUNCTION, settings.max_time_limit_s),
+                (ARQ_FEDERATION, settings.max_federation_time_limit_s),
             )
         ],
         "queue_name": settings.queue_name,
