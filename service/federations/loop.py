@@ -288,7 +288,7 @@ def _client_round(
     generator: torch.Generator,
 ) -> _Shared:
     training = client_training(spec, len(y), client, round_)
-    kind = "gradient" if training.protocol == "fedsgd" else "delta"
+    kind: Literal["gradient", "delta"] = "gradient" if training.protocol == "fedsgd" else "delta"
     out = simulate_client(model, x, y, training, kind)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     params = {n: v for n, v in out.items() if n in trainable}
@@ -363,7 +363,7 @@ def _mean_train_loss(
     return total / n
 
 
-def _mean_norm(updates: list[dict[str, torch.Tensor]]) -> float:
+def _mean_norm(updates: list[dict[str, torch.Tensor]]) -> float | None:
     return _mean([math.sqrt(sum(float(v.double().square().sum()) for v in u.values())) for u in updates])
 
 

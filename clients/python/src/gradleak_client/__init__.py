@@ -35,6 +35,7 @@ from gradleak_client._version import __version__
 from gradleak_client.types import (
     Artifact,
     Catalog,
+    Federation,
     GroundTruthUpload,
     Job,
     JobEvent,
@@ -59,6 +60,7 @@ __all__ = [
     "Catalog",
     "Client",
     "ConflictError",
+    "Federation",
     "GradleakError",
     "GroundTruthUpload",
     "Job",

@@ -27,11 +27,13 @@ from gradleak_client._resources import (
     Artifacts,
     AsyncArtifacts,
     AsyncCatalogResource,
+    AsyncFederations,
     AsyncGroundTruth,
     AsyncJobs,
     AsyncModels,
     AsyncUpdates,
     CatalogResource,
+    Federations,
     FileInput,
     GroundTruth,
     Jobs,
@@ -80,6 +82,7 @@ class Client(BaseClient):
         self.updates = Updates(self)
         self.ground_truth = GroundTruth(self)
         self.jobs = Jobs(self)
+        self.federations = Federations(self)
         self.artifacts = Artifacts(self)
         self.catalog = CatalogResource(self)
 
@@ -248,6 +251,7 @@ class AsyncClient(BaseClient):
         self.updates = AsyncUpdates(self)
         self.ground_truth = AsyncGroundTruth(self)
         self.jobs = AsyncJobs(self)
+        self.federations = AsyncFederations(self)
         self.artifacts = AsyncArtifacts(self)
         self.catalog = AsyncCatalogResource(self)
 

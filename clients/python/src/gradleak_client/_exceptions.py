@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from gradleak_client.types import Job
+    from gradleak_client.types import Run
 
 __all__ = [
     "APIConnectionError",
@@ -205,7 +205,7 @@ class APITimeoutError(APIConnectionError):
 class JobFailedError(GradleakError):
     """A job ended without a result: `job.status` is failed or cancelled, `job.error` says why."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Run) -> None:
         self.job = job
         reason = f": {job.error.code}: {job.error.message}" if job.error is not None else ""
         super().__init__(f"job {job.id} {job.status}{reason}")
@@ -214,7 +214,7 @@ class JobFailedError(GradleakError):
 class WaitTimeoutError(GradleakError):
     """`jobs.wait` timed out; the job goes on (`job` is its last known state)."""
 
-    def __init__(self, job: Job, timeout: float) -> None:
+    def __init__(self, job: Run, timeout: float) -> None:
         self.job = job
         self.timeout = timeout
         super().__init__(f"job {job.id} is still {job.status} after {timeout:g}s")

@@ -7,13 +7,13 @@ import sys
 import time
 from typing import TextIO
 
-from gradleak_client.types import Job
+from gradleak_client.types import Run
 
 BAR_WIDTH = 30
 LOG_INTERVAL_S = 10.0
 
 
-def describe(job: Job) -> str:
+def describe(job: Run) -> str:
     """One line: id, status, stage, iteration, losses, elapsed time."""
     parts = [job.id, job.status]
     p = job.progress
@@ -37,7 +37,7 @@ class ProgressBar:
         self._last_key: tuple[str, str | None] | None = None
         self._last_log = 0.0
 
-    def update(self, job: Job) -> None:
+    def update(self, job: Run) -> None:
         line = describe(job)
         if self.tty:
             p = job.progress
@@ -57,7 +57,7 @@ class ProgressBar:
             self.stream.flush()
             self._last_key, self._last_log = key, now
 
-    def close(self, job: Job | None = None) -> None:
+    def close(self, job: Run | None = None) -> None:
         if job is not None:
             self.update(job)
         if self.tty and self._last_line:

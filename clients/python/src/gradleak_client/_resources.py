@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 
@@ -28,6 +28,8 @@ from gradleak_client.types import (
     Catalog,
     ClientTraining,
     Defense,
+    Federation,
+    FederationList,
     GroundTruthUpload,
     Job,
     JobEvent,
@@ -35,6 +37,7 @@ from gradleak_client.types import (
     JobStatus,
     ModelUpload,
     Normalization,
+    Run,
     UpdateKind,
     UpdateUpload,
 )
@@ -44,9 +47,11 @@ if TYPE_CHECKING:
 
 FileInput = str | os.PathLike[str] | bytes | IO[bytes]
 """A safetensors file: a path, its bytes, or a binary file object."""
-Progress = bool | Callable[[Job], None]
+Progress = bool | Callable[[Any], None]
 DEFAULT_POLL_INTERVAL_S = 1.0
+DEFAULT_PATCH_CLASSES = 10  # the service's patch task: ten photos unless a federation names its own
 SAFETENSORS = "application/octet-stream"
+R = TypeVar("R", bound=Run)
 
 
 def _file_part(file: FileInput, default_name: str) -> tuple[str, bytes, str]:
@@ -145,22 +150,33 @@ def _job_body(
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _parse_event(event: str, data: str, event_id: str | None) -> JobEvent:
+def _parse_event(event: str, data: str, event_id: str | None, model: type[Any] = Job) -> JobEvent:
     try:
-        return JobEvent(event=event, id=event_id, job=Job.model_validate_json(data))
+        return JobEvent(event=event, id=event_id, job=model.model_validate_json(data))
     except ValueError:
         raise APIResponseValidationError(
             f"the job event stream sent an event that is not a job: {data[:200]!r}"
         ) from None
 
 
-def _progress_sink(progress: Progress) -> tuple[Callable[[Job], None] | None, ProgressBar | None]:
+def _progress_sink(progress: Progress) -> tuple[Callable[[Run], None] | None, ProgressBar | None]:
     if progress is True:
         bar = ProgressBar()
         return bar.update, bar
     if callable(progress):
         return progress, None
     return None, None
+
+
+def _checkpoint_model(fed: Federation) -> dict[str, Any]:
+    """The model upload's metadata of a federation's checkpoint: its architecture and data."""
+    data = fed.spec["data"]
+    return {
+        "arch": fed.spec["model"]["arch"],
+        "knobs": fed.spec["model"].get("knobs") or None,
+        "image_shape": (data["channels"], data["size"], data["size"]),
+        "num_classes": len(data["photos"]) if data.get("photos") else DEFAULT_PATCH_CLASSES,
+    }
 
 
 def _artifact_target(to: str | os.PathLike[str], name: str) -> Path:
@@ -338,71 +354,49 @@ class AsyncGroundTruth(_AsyncResource):
 # ---------------------------------------------------------------------------------------------
 
 
-def _create_options(body: dict[str, Any], idempotency_key: str | None, timeout: Timeout) -> RequestOptions:
-    return RequestOptions("POST", "/v1/jobs", json=body, idempotency_key=idempotency_key, timeout=timeout)
+def _create_options(
+    path: str, body: dict[str, Any], idempotency_key: str | None, timeout: Timeout
+) -> RequestOptions:
+    return RequestOptions("POST", path, json=body, idempotency_key=idempotency_key, timeout=timeout)
 
 
-def _list_options(status: JobStatus | None, limit: int | None, cursor: str | None) -> RequestOptions:
-    return RequestOptions("GET", "/v1/jobs", params={"status": status, "limit": limit, "cursor": cursor})
+def _list_options(
+    path: str, status: JobStatus | None, limit: int | None, cursor: str | None
+) -> RequestOptions:
+    return RequestOptions("GET", path, params={"status": status, "limit": limit, "cursor": cursor})
 
 
-def _events_options(job_id: str) -> RequestOptions:
+def _events_options(path: str, job_id: str) -> RequestOptions:
     # No read timeout: a running job may go quiet between events for longer than any default.
     timeout = httpx.Timeout(None, connect=10.0)
     return RequestOptions(
         "GET",
-        f"/v1/jobs/{job_id}/events",
+        f"{path}/{job_id}/events",
         headers={"Accept": "text/event-stream"},
         timeout=timeout,
         stream=True,
     )
 
 
-class Jobs(_Resource):
-    """Attack jobs: submit, follow, list, cancel."""
+class _Runs(_Resource, Generic[R]):
+    """What jobs and federations share: get, list, iterate, cancel, wait for and follow a run.
+    `_path` is the collection's route, `_model` the run's type."""
 
-    def create(
-        self,
-        *,
-        update_id: str | None = None,
-        model_id: str | None = None,
-        ground_truth_id: str | None = None,
-        attack: Attack | Mapping[str, Any] | None = None,
-        knowledge: int | None = None,
-        defenses: Sequence[Defense | Mapping[str, Any]] | None = None,
-        budget: Budget | Mapping[str, Any] | None = None,
-        seed: int | None = None,
-        spec: Mapping[str, Any] | None = None,
-        idempotency_key: str | None = None,
-        timeout: Timeout = None,
-    ) -> Job:
-        """Queue an attack on an uploaded update (or give a full JobSpec as `spec`). Retries of
-        this call reuse one idempotency key, so a lost response never makes a second job.
+    _path = "/v1/jobs"
+    _model: type[Any] = Job
+    _list_model: type[Any] = JobList
 
-        >>> job = client.jobs.create(
-        ...     update_id=update.id, ground_truth_id=truth.id,
-        ...     attack={"name": "inverting_gradients"}, budget={"iterations": 2000},
-        ...     defenses=[{"name": "quantize", "bits": 8}],
-        ... )
-        >>> job.status
-        'queued'
-        """
-        body = _job_body(
-            update_id, model_id, ground_truth_id, attack, knowledge, defenses, budget, seed, spec
-        )
-        return self._client._call(_create_options(body, idempotency_key, timeout), Job)
-
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str) -> R:
         """The job's status, progress, and when it is done, its metrics and result."""
-        return self._client._call(RequestOptions("GET", f"/v1/jobs/{job_id}"), Job)
+        return self._client._call(RequestOptions("GET", f"{self._path}/{job_id}"), self._model)
 
     def list(
         self, *, status: JobStatus | None = None, limit: int | None = None, cursor: str | None = None
-    ) -> JobList:
+    ) -> Any:
         """One page of jobs, newest first; pass `next_cursor` as `cursor` for the next page."""
-        return self._client._call(_list_options(status, limit, cursor), JobList)
+        return self._client._call(_list_options(self._path, status, limit, cursor), self._list_model)
 
-    def iter(self, *, status: JobStatus | None = None, page_size: int = 50) -> Iterator[Job]:
+    def iter(self, *, status: JobStatus | None = None, page_size: int = 50) -> Iterator[R]:
         """Every job, newest first, fetching pages as needed."""
         cursor: str | None = None
         while True:
@@ -412,10 +406,10 @@ class Jobs(_Resource):
                 return
             cursor = page.next_cursor
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str) -> R:
         """Cancel a job: a waiting one at once, a running one at its next iteration. A finished
         job cannot be cancelled (ConflictError)."""
-        return self._client._call(RequestOptions("DELETE", f"/v1/jobs/{job_id}"), Job)
+        return self._client._call(RequestOptions("DELETE", f"{self._path}/{job_id}"), self._model)
 
     def wait(
         self,
@@ -424,7 +418,7 @@ class Jobs(_Resource):
         timeout: float | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
         progress: Progress = False,
-    ) -> Job:
+    ) -> R:
         """Poll the job until it has finished and return it (check `job.status`, or call
         `job.raise_for_status()`). `progress=True` shows a progress bar on stderr; a callable
         receives each state seen. Raises WaitTimeoutError after `timeout` seconds; the job
@@ -466,16 +460,16 @@ class Jobs(_Resource):
         ...     print(event.event, event.job.progress)
         """
         failures = 0
-        last: Job | None = None
+        last: Run | None = None
         while True:
             try:
-                with self._client._stream(_events_options(job_id)) as response:
+                with self._client._stream(_events_options(self._path, job_id)) as response:
                     decoder = SSEDecoder()
                     for line in response.iter_lines():
                         sse = decoder.decode(line)
                         if sse is None:
                             continue
-                        event = _parse_event(sse.event, sse.data, sse.id)
+                        event = _parse_event(sse.event, sse.data, sse.id, self._model)
                         last, failures = event.job, 0
                         yield event
                 return
@@ -488,45 +482,10 @@ class Jobs(_Resource):
                 self._client._sleep(min(2.0**failures, 8.0))
 
 
-class Artifacts(_Resource):
-    """A finished job's outputs: metrics.json, grid.png, reconstruction.safetensors, report.html."""
-
-    def list(self, job_id: str) -> builtins.list[Artifact]:
-        return self._client._call(RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts"), ArtifactList).items
-
-    def read(self, job_id: str, name: str) -> bytes:
-        """An artifact's bytes.
-
-        >>> png = client.artifacts.read(job.id, "grid.png")
-        """
-        options = RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=True)
-        with self._client._stream(options) as response:
-            return response.read()
-
-    def download(self, job_id: str, name: str, to: str | os.PathLike[str]) -> Path:
-        """Save an artifact to `to` (a file path, or a directory to save it in under its own
-        name) and return the path. The file appears complete or not at all.
-
-        >>> client.artifacts.download(job.id, "report.html", "out/")
-        PosixPath('out/report.html')
-        """
-        target = _artifact_target(to, name)
-        partial = target.with_name(target.name + ".part")
-        options = RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=True)
-        try:
-            with self._client._stream(options) as response, partial.open("wb") as f:
-                for chunk in response.iter_bytes():
-                    f.write(chunk)
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
-        return target
-
-
-class AsyncJobs(_AsyncResource):
+class Jobs(_Runs[Job]):
     """Attack jobs: submit, follow, list, cancel."""
 
-    async def create(
+    def create(
         self,
         *,
         update_id: str | None = None,
@@ -541,21 +500,116 @@ class AsyncJobs(_AsyncResource):
         idempotency_key: str | None = None,
         timeout: Timeout = None,
     ) -> Job:
-        """See `Jobs.create`."""
+        """Queue an attack on an uploaded update (or give a full JobSpec as `spec`). Retries of
+        this call reuse one idempotency key, so a lost response never makes a second job.
+
+        >>> job = client.jobs.create(
+        ...     update_id=update.id, ground_truth_id=truth.id,
+        ...     attack={"name": "inverting_gradients"}, budget={"iterations": 2000},
+        ...     defenses=[{"name": "quantize", "bits": 8}],
+        ... )
+        >>> job.status
+        'queued'
+        """
         body = _job_body(
             update_id, model_id, ground_truth_id, attack, knowledge, defenses, budget, seed, spec
         )
-        return await self._client._call(_create_options(body, idempotency_key, timeout), Job)
+        return self._client._call(_create_options(self._path, body, idempotency_key, timeout), Job)
 
-    async def get(self, job_id: str) -> Job:
-        return await self._client._call(RequestOptions("GET", f"/v1/jobs/{job_id}"), Job)
+
+class Federations(_Runs[Federation]):
+    """Federations: a model trained over FL rounds by simulated clients, with test accuracy and
+    IGSA per round and attacks on chosen rounds; follow, list, cancel like jobs."""
+
+    _path = "/v1/federations"
+    _model = Federation
+    _list_model = FederationList
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
+        self.artifacts = Artifacts(client, self._path)
+
+    def create(
+        self, spec: Mapping[str, Any], *, idempotency_key: str | None = None, timeout: Timeout = None
+    ) -> Federation:
+        """Queue a federation (a FederationSpec as a mapping).
+
+        >>> fed = client.federations.create({
+        ...     "model": {"arch": "lenet"}, "num_clients": 10, "rounds": 20,
+        ...     "client": {"protocol": "fedavg", "lr": 0.05, "batch_size": 8},
+        ...     "audit": {"rounds": [1, 5, 20], "budget": {"iterations": 500}},
+        ... })
+        >>> fed = client.federations.wait(fed.id, progress=True).raise_for_status()
+        >>> [r["test_accuracy"] for r in fed.rounds]
+        """
+        options = _create_options(self._path, {"spec": dict(spec)}, idempotency_key, timeout)
+        return self._client._call(options, Federation)
+
+    def checkpoint_as_model(self, federation_id: str, round: int) -> ModelUpload:
+        """Upload the global model of a round (a stored checkpoint) as a model, for attack jobs."""
+        fed = self.get(federation_id)
+        weights = self.artifacts.read(federation_id, f"checkpoints/round-{round:03d}.safetensors")
+        return self._client.models.upload(weights, **_checkpoint_model(fed))
+
+
+class Artifacts(_Resource):
+    """A finished job's outputs: metrics.json, grid.png, reconstruction.safetensors, report.html
+    (a federation's: `client.federations.artifacts`)."""
+
+    def __init__(self, client: Client, path: str = "/v1/jobs") -> None:
+        super().__init__(client)
+        self._path = path
+
+    def list(self, job_id: str) -> builtins.list[Artifact]:
+        return self._client._call(
+            RequestOptions("GET", f"{self._path}/{job_id}/artifacts"), ArtifactList
+        ).items
+
+    def read(self, job_id: str, name: str) -> bytes:
+        """An artifact's bytes.
+
+        >>> png = client.artifacts.read(job.id, "grid.png")
+        """
+        options = RequestOptions("GET", f"{self._path}/{job_id}/artifacts/{name}", follow_redirects=True)
+        with self._client._stream(options) as response:
+            return response.read()
+
+    def download(self, job_id: str, name: str, to: str | os.PathLike[str]) -> Path:
+        """Save an artifact to `to` (a file path, or a directory to save it in under its own
+        name) and return the path. The file appears complete or not at all.
+
+        >>> client.artifacts.download(job.id, "report.html", "out/")
+        PosixPath('out/report.html')
+        """
+        target = _artifact_target(to, name)
+        partial = target.with_name(target.name + ".part")
+        options = RequestOptions("GET", f"{self._path}/{job_id}/artifacts/{name}", follow_redirects=True)
+        try:
+            with self._client._stream(options) as response, partial.open("wb") as f:
+                for chunk in response.iter_bytes():
+                    f.write(chunk)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+
+
+class _AsyncRuns(_AsyncResource, Generic[R]):
+    """See `_Runs`."""
+
+    _path = "/v1/jobs"
+    _model: type[Any] = Job
+    _list_model: type[Any] = JobList
+
+    async def get(self, job_id: str) -> R:
+        return await self._client._call(RequestOptions("GET", f"{self._path}/{job_id}"), self._model)
 
     async def list(
         self, *, status: JobStatus | None = None, limit: int | None = None, cursor: str | None = None
-    ) -> JobList:
-        return await self._client._call(_list_options(status, limit, cursor), JobList)
+    ) -> Any:
+        return await self._client._call(_list_options(self._path, status, limit, cursor), self._list_model)
 
-    async def iter(self, *, status: JobStatus | None = None, page_size: int = 50) -> AsyncIterator[Job]:
+    async def iter(self, *, status: JobStatus | None = None, page_size: int = 50) -> AsyncIterator[R]:
         cursor: str | None = None
         while True:
             page = await self.list(status=status, limit=page_size, cursor=cursor)
@@ -565,8 +619,8 @@ class AsyncJobs(_AsyncResource):
                 return
             cursor = page.next_cursor
 
-    async def cancel(self, job_id: str) -> Job:
-        return await self._client._call(RequestOptions("DELETE", f"/v1/jobs/{job_id}"), Job)
+    async def cancel(self, job_id: str) -> R:
+        return await self._client._call(RequestOptions("DELETE", f"{self._path}/{job_id}"), self._model)
 
     async def wait(
         self,
@@ -575,7 +629,7 @@ class AsyncJobs(_AsyncResource):
         timeout: float | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
         progress: Progress = False,
-    ) -> Job:
+    ) -> R:
         """See `Jobs.wait`."""
         sink, bar = _progress_sink(progress)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -603,16 +657,16 @@ class AsyncJobs(_AsyncResource):
     async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
         """See `Jobs.events`."""
         failures = 0
-        last: Job | None = None
+        last: Run | None = None
         while True:
             try:
-                async with self._client._stream(_events_options(job_id)) as response:
+                async with self._client._stream(_events_options(self._path, job_id)) as response:
                     decoder = SSEDecoder()
                     async for line in response.aiter_lines():
                         sse = decoder.decode(line)
                         if sse is None:
                             continue
-                        event = _parse_event(sse.event, sse.data, sse.id)
+                        event = _parse_event(sse.event, sse.data, sse.id, self._model)
                         last, failures = event.job, 0
                         yield event
                 return
@@ -625,15 +679,69 @@ class AsyncJobs(_AsyncResource):
                 await self._client._sleep(min(2.0**failures, 8.0))
 
 
+class AsyncJobs(_AsyncRuns[Job]):
+    """Attack jobs: submit, follow, list, cancel."""
+
+    async def create(
+        self,
+        *,
+        update_id: str | None = None,
+        model_id: str | None = None,
+        ground_truth_id: str | None = None,
+        attack: Attack | Mapping[str, Any] | None = None,
+        knowledge: int | None = None,
+        defenses: Sequence[Defense | Mapping[str, Any]] | None = None,
+        budget: Budget | Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        spec: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: Timeout = None,
+    ) -> Job:
+        """See `Jobs.create`."""
+        body = _job_body(
+            update_id, model_id, ground_truth_id, attack, knowledge, defenses, budget, seed, spec
+        )
+        return await self._client._call(_create_options(self._path, body, idempotency_key, timeout), Job)
+
+
+class AsyncFederations(_AsyncRuns[Federation]):
+    """See `Federations`."""
+
+    _path = "/v1/federations"
+    _model = Federation
+    _list_model = FederationList
+
+    def __init__(self, client: AsyncClient) -> None:
+        super().__init__(client)
+        self.artifacts = AsyncArtifacts(client, self._path)
+
+    async def create(
+        self, spec: Mapping[str, Any], *, idempotency_key: str | None = None, timeout: Timeout = None
+    ) -> Federation:
+        """See `Federations.create`."""
+        options = _create_options(self._path, {"spec": dict(spec)}, idempotency_key, timeout)
+        return await self._client._call(options, Federation)
+
+    async def checkpoint_as_model(self, federation_id: str, round: int) -> ModelUpload:
+        """See `Federations.checkpoint_as_model`."""
+        fed = await self.get(federation_id)
+        weights = await self.artifacts.read(federation_id, f"checkpoints/round-{round:03d}.safetensors")
+        return await self._client.models.upload(weights, **_checkpoint_model(fed))
+
+
 class AsyncArtifacts(_AsyncResource):
-    """A finished job's outputs: metrics.json, grid.png, reconstruction.safetensors, report.html."""
+    """See `Artifacts`."""
+
+    def __init__(self, client: AsyncClient, path: str = "/v1/jobs") -> None:
+        super().__init__(client)
+        self._path = path
 
     async def list(self, job_id: str) -> builtins.list[Artifact]:
-        options = RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts")
+        options = RequestOptions("GET", f"{self._path}/{job_id}/artifacts")
         return (await self._client._call(options, ArtifactList)).items
 
     async def read(self, job_id: str, name: str) -> bytes:
-        options = RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=True)
+        options = RequestOptions("GET", f"{self._path}/{job_id}/artifacts/{name}", follow_redirects=True)
         async with self._client._stream(options) as response:
             return await response.aread()
 
@@ -641,7 +749,7 @@ class AsyncArtifacts(_AsyncResource):
         """See `Artifacts.download`."""
         target = _artifact_target(to, name)
         partial = target.with_name(target.name + ".part")
-        options = RequestOptions("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=True)
+        options = RequestOptions("GET", f"{self._path}/{job_id}/artifacts/{name}", follow_redirects=True)
         try:
             async with self._client._stream(options) as response:
                 with partial.open("wb") as f:

@@ -265,7 +265,7 @@ def run_audit(
         try:
             run.job = client.jobs.wait(run.job.id, timeout=remaining, progress=progress)
         except WaitTimeoutError as e:
-            assert timeout is not None
+            assert timeout is not None and isinstance(e.job, Job)
             run.job, run.error = e.job, f"not finished within the audit's timeout of {timeout:g}s"
             for pending in runs[i:]:
                 _cancel(client, pending)

@@ -8,7 +8,7 @@ and type checkers; the server validates them and answers 422 with the reason.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, Self, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +22,8 @@ __all__ = [
     "ClientTraining",
     "ClientTrainingInfo",
     "Defense",
+    "Federation",
+    "FederationList",
     "GroundTruthInfo",
     "GroundTruthUpload",
     "Job",
@@ -226,7 +228,9 @@ class Metrics(_Model):
         }
 
 
-class Job(_Model):
+class Run(_Model):
+    """What a job and a federation share: their life, progress and error."""
+
     id: str
     status: JobStatus
     created_at: datetime
@@ -239,26 +243,42 @@ class Job(_Model):
     cancel_requested: bool = False
     progress: JobProgress | None = None
     error: JobError | None = None
-    metrics: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     spec: dict[str, Any]
     links: JobLinks
 
     @property
     def done(self) -> bool:
-        """Whether the job has finished (succeeded, failed or cancelled)."""
+        """Whether it has finished (succeeded, failed or cancelled)."""
         return self.status in TERMINAL_STATUSES
+
+    def raise_for_status(self) -> Self:
+        """Return it if it succeeded; raise JobFailedError if it failed or was cancelled."""
+        if self.status in ("failed", "cancelled"):
+            raise JobFailedError(self)
+        return self
+
+
+class Job(Run):
+    metrics: dict[str, Any] | None = None
 
     @property
     def scores(self) -> Metrics | None:
         """The typed metrics, when the job was scored against ground truth."""
         return None if self.metrics is None else Metrics.model_validate(self.metrics)
 
-    def raise_for_status(self) -> Job:
-        """Return the job if it succeeded; raise JobFailedError if it failed or was cancelled."""
-        if self.status in ("failed", "cancelled"):
-            raise JobFailedError(self)
-        return self
+
+class Federation(Run):
+    """A federation: `rounds` holds, per round, test accuracy and loss, train loss, IGSA and, at
+    audited rounds, the attack's PSNR/SSIM/LPIPS (when finished); `progress.iteration` is the
+    round it is in meanwhile."""
+
+    rounds: list[dict[str, Any]] | None = None
+
+
+class FederationList(_Model):
+    items: list[Federation]
+    next_cursor: str | None = None
 
 
 class JobList(_Model):
@@ -271,7 +291,7 @@ class JobEvent(_Model):
 
     event: str
     id: str | None = None
-    job: Job
+    job: Job | Federation = Field(description="the job (or, for a federation's stream, the federation)")
 
 
 class Artifact(_Model):
