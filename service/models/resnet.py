@@ -65,14 +65,37 @@ def cut_skip_connections(model: tv.ResNet, indices: list[int], arch: str = "resn
         block.downsample = None
 
 
+def narrow(model: tv.ResNet, width: int, num_classes: int) -> None:
+    """Rebuild the stages with `width` channels in the first (2x, 4x, 8x in the next), the depth
+    and module names unchanged; initialised as torchvision initialises them."""
+    block = type(model.layer1[0])
+    depths = [len(layer) for layer in (model.layer1, model.layer2, model.layer3, model.layer4)]
+    model.inplanes = width
+    model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    model.layer1 = model._make_layer(block, width, depths[0])
+    model.layer2 = model._make_layer(block, 2 * width, depths[1], stride=2)
+    model.layer3 = model._make_layer(block, 4 * width, depths[2], stride=2)
+    model.layer4 = model._make_layer(block, 8 * width, depths[3], stride=2)
+    model.fc = nn.Linear(8 * width * block.expansion, num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            kaiming_fan_out(m.weight)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def _resnet(arch: str, constructor: Callable[..., tv.ResNet]) -> Builder:
     def build(
-        num_classes: int, image_shape: tuple[int, int, int], *, stem: str, cut_skips: list[int]
+        num_classes: int, image_shape: tuple[int, int, int], *, stem: str, cut_skips: list[int], width: int
     ) -> nn.Module:
         model: tv.ResNet = constructor(num_classes=num_classes)
+        if width != 64:
+            narrow(model, width, num_classes)
         channels = image_shape[0]
         if stem == "cifar":
-            model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            model.conv1 = nn.Conv2d(channels, width, kernel_size=3, stride=1, padding=1, bias=False)
             kaiming_fan_out(model.conv1.weight)
             model.maxpool = nn.Identity()  # type: ignore[assignment]
         elif channels != 3:
@@ -111,6 +134,15 @@ for _name, (_constructor, _block, _count) in _RESNETS.items():
                     "list[int]",
                     (),
                     f"residual blocks (0..{_count - 1}, in forward order) whose skip connection is removed",
+                ),
+                Knob(
+                    "width",
+                    "int",
+                    64,
+                    "channels of the first stage, doubled at each of the next three (64: torchvision's "
+                    "network; smaller: the same depth, narrower, for CPU runs)",
+                    minimum=4,
+                    maximum=512,
                 ),
             ),
         ),

@@ -86,3 +86,15 @@ def test_cut_models_are_seeded_like_intact_ones(arch: str) -> None:
     a, b = resnet(arch, cut=[2], seed=4), resnet(arch, cut=[2], seed=4)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     assert type(residual_blocks(a)[2]) in (BasicBlockNoSkip, BottleneckNoSkip)
+
+
+def test_a_narrow_resnet_keeps_the_depth_and_the_weight_names() -> None:
+    full = build_model(ModelSpec(arch="resnet18"), DataSpec())
+    narrow = build_model(ModelSpec(arch="resnet18", knobs={"width": 16}), DataSpec())
+    assert list(narrow.state_dict()) == list(full.state_dict())
+    params = sum(p.numel() for p in narrow.parameters())
+    assert params < sum(p.numel() for p in full.parameters()) / 10
+    assert narrow.conv1.out_channels == 16 and narrow.fc.in_features == 128
+    assert narrow(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    again = build_model(ModelSpec(arch="resnet18", knobs={"width": 16}), DataSpec())
+    assert all(torch.equal(a, b) for a, b in zip(narrow.parameters(), again.parameters(), strict=True))
