@@ -149,6 +149,7 @@ def run_federation(spec: FederationSpec, ctx: JobContext) -> JobResult:
         )
         _aggregate(model, shared, [len(shards[s.client]) for s in shared], spec.server_lr)
         accuracy, loss = _evaluate(model, test_xn, test_y)
+        t_igsa = time.monotonic()
         probe_igsa = igsa(
             sent_model,
             test_xn[probe],
@@ -167,7 +168,8 @@ def run_federation(spec: FederationSpec, ctx: JobContext) -> JobResult:
             "update_norm": _mean_norm([s.update for s in shared]),
             "igsa": probe_igsa.score,
             "igsa_sensitivity": probe_igsa.sensitivity,
-            "train_s": time.monotonic() - t0,
+            "igsa_s": time.monotonic() - t_igsa,
+            "train_s": t_igsa - t0,
         }
         if r in checkpoints:
             save(
@@ -397,6 +399,7 @@ def _audit(
     from service.jobs.runner import run_job
 
     audit = spec.audit
+    t = time.monotonic()
     client_igsa = igsa(
         sent_model,
         images_normalised,
@@ -406,6 +409,7 @@ def _audit(
         bn_mode=spec.client.bn_mode,
         generator=torch.Generator().manual_seed(spec.seed + round_),
     )
+    igsa_s = time.monotonic() - t
     kind: Literal["gradient", "delta"] = "gradient" if target.training.protocol == "fedsgd" else "delta"
     shared = dict(target.update)
     if kind == "delta":
@@ -454,14 +458,17 @@ def _audit(
     result = run_job(job, sub)
     for name, key in result.artifacts.items():
         artifacts[f"{prefix}/{name}"] = key
+    iterations = result.manifest["attack"]["iterations"]
     out: dict[str, Any] = {
         "audited_client": target.client,
         "audit_status": result.status,
         "audit_images": len(labels),
         "audit_s": time.monotonic() - t,
-        "attack_iterations": result.manifest["attack"]["iterations"],
+        "attack_iterations": iterations,
         "igsa_client": client_igsa.score,
         "igsa_client_sensitivity": client_igsa.sensitivity,
+        "igsa_client_s": igsa_s,
+        "attack_s_per_iteration": result.manifest["timings"]["attack_s"] / max(1, iterations),
     }
     metrics = result.manifest.get("metrics")
     if metrics:
