@@ -13,10 +13,12 @@ import pytest
 import redis
 from jobtools import REDIS_URL, FakeRunner, make_job, redis_client
 
+from service.federations.spec import FederationSpec
 from service.jobs import execute, worker
 from service.jobs.queue import ArqQueue
 from service.jobs.records import JobStatus
 from service.jobs.state_redis import RedisStateStore
+from service.jobs.submit import new_job
 from service.jobs.types import JobContext, JobResult
 from service.settings import Settings
 from service.specs import JobSpec
@@ -38,7 +40,7 @@ def arq_settings(redis_prefix: str, tmp_path: Path) -> Iterator[Settings]:
     client = redis_client()
     assert client is not None
     state = RedisStateStore(client, redis_prefix)
-    ids = {j.id for j in state.list_jobs("acme", limit=200)}
+    ids = {j.id for kind in ("job", "fed") for j in state.list_jobs("acme", limit=200, kind=kind)}
     for key in client.scan_iter("arq:*job_*"):
         if any(i in key for i in ids):
             client.delete(key)
@@ -112,6 +114,33 @@ def test_a_worker_runs_the_job(arq_settings: Settings, state: RedisStateStore) -
     done = state.get_job(None, job.id)
     assert done.status == JobStatus.SUCCEEDED and done.manifest is not None
     assert done.progress is not None and done.progress.iteration == 3
+
+
+def test_a_federation_goes_to_its_own_arq_function_and_reaches_the_runner(
+    arq_settings: Settings, state: RedisStateStore
+) -> None:
+    spec = FederationSpec(model={"arch": "mlp"}, rounds=2)  # type: ignore[arg-type]
+    fed, _ = state.create_job(new_job(spec, "acme", arq_settings))
+    seen: list[object] = []
+
+    def runner(got: object, ctx: JobContext) -> JobResult:
+        seen.append(got)
+        return FakeRunner()(got, ctx)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        queue = ArqQueue(arq_settings, state)
+        await queue.start()
+        await queue.enqueue(fed)
+        await queue.close()
+        await run_worker_until(
+            arq_settings, runner, lambda: status_of(state, fed.id) == JobStatus.SUCCEEDED, 30
+        )
+
+    asyncio.run(scenario())
+    ref = state.get_job(None, fed.id).queue_ref
+    assert fed.id.startswith("fed_") and seen == [spec]
+    raw: Any = redis.Redis.from_url(REDIS_URL).get(f"arq:result:{ref}")
+    assert raw is None or json.loads(raw)["f"] == "run_federation"
 
 
 class FlakyRunner(FakeRunner):
