@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from service.errors import NotFoundError
-from service.jobs.execute import job_prefix
+from service.jobs.execute import LEASE_S, TRANSIENT_ERRORS, job_prefix
 from service.jobs.queue import JobQueue
 from service.jobs.records import RUNNABLE, JobError
 from service.jobs.state import StateStore
@@ -32,11 +32,15 @@ STALE_WAIT_S = 300.0  # a waiting job untouched this long is checked against the
 _LOST_WORKER = JobError(code="worker_lost", message="the worker running this job stopped responding")
 
 
-async def reap(state: StateStore, queue: JobQueue, now: float | None = None) -> int:
-    """Release running jobs with expired leases and queue them again; return how many."""
+async def reap(
+    state: StateStore, queue: JobQueue, now: float | None = None, *, release_leases: bool = True
+) -> int:
+    """Release running jobs with expired leases and queue them again; return how many.
+    `release_leases=False` only checks the queue (see Housekeeper: right after a store outage)."""
     now = time.time() if now is None else now
     count = 0
-    for job in await asyncio.to_thread(state.expired_leases, now):
+    expired = await asyncio.to_thread(state.expired_leases, now) if release_leases else []
+    for job in expired:
         released = await asyncio.to_thread(state.release, job.id, None, _LOST_WORKER)
         if released is None:
             continue  # another reaper got there first, or the worker came back
@@ -95,14 +99,24 @@ class Housekeeper:
 
     async def _loop(self) -> None:
         last_sweep = 0.0
+        # Leases expire while the store is down (a Redis restart) although their workers live on.
+        # Once it is back, give them a lease's time to renew before taking their jobs away.
+        hold_leases_until = 0.0
         while True:
             try:
-                await reap(self.state, self.queue)
+                await reap(self.state, self.queue, release_leases=time.monotonic() >= hold_leases_until)
                 if time.monotonic() - last_sweep >= self.sweep_interval_s:
                     await asyncio.to_thread(sweep, self.state, self.store)
                     last_sweep = time.monotonic()
             except asyncio.CancelledError:
                 raise
+            except TRANSIENT_ERRORS as e:
+                hold_leases_until = time.monotonic() + LEASE_S
+                log.warning(
+                    "housekeeping: a store is unreachable (%s); trying again in %.0fs",
+                    e,
+                    self.reap_interval_s,
+                )
             except Exception:  # a store hiccup must not end housekeeping for the process' lifetime
                 log.exception("housekeeping failed; trying again in %.0fs", self.reap_interval_s)
             await asyncio.sleep(self.reap_interval_s)
