@@ -24,6 +24,7 @@ from multiprocessing.process import BaseProcess
 from typing import Literal, Protocol
 
 from service.jobs.execute import Outcome, Runner, Stopper, StopReason, execute_job
+from service.jobs.queue import QueueEntry
 from service.jobs.records import JobError, JobRecord
 from service.jobs.state import StateStore, open_state_store
 from service.settings import Settings
@@ -210,6 +211,12 @@ class EmbeddedQueue:
 
     async def ensure_queued(self, job: JobRecord) -> None:
         self._wake.set()
+
+    async def entries(self, before: float, limit: int) -> list[QueueEntry]:
+        return []  # waiting jobs are the state store's records: there is no entry to go stale
+
+    async def discard(self, ref: str) -> None:
+        """Nothing to remove (see `entries`)."""
 
     async def ping(self) -> None:
         if self._task is None or self._task.done():

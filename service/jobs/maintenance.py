@@ -1,8 +1,11 @@
 """Housekeeping every API process and every worker runs: the reaper and the retention sweep.
 
 The reaper finds running jobs whose lease expired (their worker was killed or lost its network)
-and gives them another try, or fails them with the reason once their tries are used up. It also
-re-queues jobs that have waited suspiciously long, in case their queue entry was lost. The sweep
+and gives them another try, or fails them with the reason once their tries are used up; the dead
+run's queue entry goes with it. It removes other queue entries no run will complete (their job
+ended or is gone, or a dead worker held them), so the queue's size, which autoscaling reads, is
+the true backlog, and re-queues jobs that have waited suspiciously long, in case their queue
+entry was lost. The sweep
 deletes uploads and finished jobs (records and artifacts) past their retention: uploads and
 reconstructions are private data. Several processes may run both at once; every step is a
 compare-and-set in the state store, so each job is handled once.
@@ -18,8 +21,8 @@ from dataclasses import dataclass
 
 from service.errors import NotFoundError
 from service.jobs.execute import LEASE_S, TRANSIENT_ERRORS, job_prefix
-from service.jobs.queue import JobQueue
-from service.jobs.records import RUNNABLE, JobError
+from service.jobs.queue import JobQueue, QueueEntry
+from service.jobs.records import RUNNABLE, JobError, JobRecord, JobStatus
 from service.jobs.state import StateStore
 from service.storage import ArtifactStore
 
@@ -28,6 +31,10 @@ log = logging.getLogger("gradleak.maintenance")
 REAP_INTERVAL_S = 5.0
 SWEEP_INTERVAL_S = 300.0
 STALE_WAIT_S = 300.0  # a waiting job untouched this long is checked against the queue
+# A queue entry younger than this is left alone: its job may be between being queued and recording
+# its queue reference, or a finished run may still be clearing it.
+ENTRY_GRACE_S = 30.0
+ENTRIES_PER_PASS = 500
 
 _LOST_WORKER = JobError(code="worker_lost", message="the worker running this job stopped responding")
 
@@ -48,12 +55,43 @@ async def reap(
         log.warning(
             "job %s: worker %s stopped responding; job is now %s", job.id, job.worker_id, released.status
         )
+        if job.queue_ref is not None:
+            await queue.discard(job.queue_ref)
         if released.status in RUNNABLE:
             await queue.enqueue(released)
+    await prune_queue(state, queue, now)
     for job in await asyncio.to_thread(state.runnable, 100):
         if now - job.updated_at > STALE_WAIT_S:
             await queue.ensure_queued(job)
     return count
+
+
+async def prune_queue(state: StateStore, queue: JobQueue, now: float | None = None) -> int:
+    """Remove the queue entries no run will complete; return how many."""
+    now = time.time() if now is None else now
+    removed = 0
+    for entry in await queue.entries(now - ENTRY_GRACE_S, ENTRIES_PER_PASS):
+        try:
+            job: JobRecord | None = await asyncio.to_thread(state.get_job, None, entry.job_id)
+        except NotFoundError:
+            job = None
+        if _stale(entry, job, now):
+            await queue.discard(entry.ref)
+            removed += 1
+    if removed:
+        log.info("queue: removed %d stale entries", removed)
+    return removed
+
+
+def _stale(entry: QueueEntry, job: JobRecord | None, now: float) -> bool:
+    if job is None or job.status.terminal:
+        return True  # a worker would only skip it
+    current = entry.ref == job.queue_ref
+    if job.status == JobStatus.RUNNING:
+        return not current  # an older entry of a job that runs under its newest one
+    # Waiting: an entry a worker took without starting the job is a dead worker's, if it is not the
+    # job's newest entry or the job has not moved since long.
+    return entry.in_progress and (not current or now - job.updated_at > STALE_WAIT_S)
 
 
 def sweep(state: StateStore, store: ArtifactStore, now: float | None = None) -> tuple[int, int]:

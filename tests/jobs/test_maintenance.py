@@ -12,6 +12,7 @@ from jobtools import make_job, upload
 from service.errors import NotFoundError
 from service.jobs import maintenance
 from service.jobs.maintenance import Housekeeper, reap, sweep
+from service.jobs.queue import QueueEntry
 from service.jobs.records import MAX_ATTEMPTS, JobRecord, JobStatus
 from service.jobs.state import StateStore
 from service.settings import Settings
@@ -22,6 +23,7 @@ class RecordingQueue:
     def __init__(self) -> None:
         self.enqueued: list[str] = []
         self.ensured: list[str] = []
+        self.discarded: list[str] = []
 
     async def start(self) -> None: ...
 
@@ -32,6 +34,12 @@ class RecordingQueue:
 
     async def ensure_queued(self, job: JobRecord) -> None:
         self.ensured.append(job.id)
+
+    async def entries(self, before: float, limit: int) -> list[QueueEntry]:
+        return []
+
+    async def discard(self, ref: str) -> None:
+        self.discarded.append(ref)
 
     async def ping(self) -> None: ...
 
