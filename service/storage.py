@@ -38,6 +38,10 @@ class ArtifactStore(Protocol):
 
     def list(self, prefix: str) -> list[str]: ...
 
+    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
+        """The keys under `prefix` with their last-modified time (epoch seconds)."""
+        ...
+
     def delete_prefix(self, prefix: str) -> int: ...
 
     def presigned_url(self, key: str, expires: timedelta) -> str | None:
@@ -104,6 +108,15 @@ class LocalStore:
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(".tmp-")
         )
+
+    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
+        out = []
+        for key in self.list(prefix):
+            try:
+                out.append((key, self.path(key).stat().st_mtime))
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+        return out
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(check_key(prefix.rstrip("/")))

@@ -7,7 +7,10 @@ ended or is gone, or a dead worker held them), so the queue's size, which autosc
 the true backlog, and re-queues jobs that have waited suspiciously long, in case their queue
 entry was lost. The sweep
 deletes uploads and finished jobs (records and artifacts) past their retention: uploads and
-reconstructions are private data. Several processes may run both at once; every step is a
+reconstructions are private data. The orphan sweep deletes stored objects that no record claims
+(after Redis lost its data, say) once they are older than the retention period, when their
+record would have expired too: the age keeps it from touching anything live, even against a
+wrongly configured, empty state store. Several processes may run these at once; every step is a
 compare-and-set in the state store, so each job is handled once.
 """
 
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.errors import NotFoundError
@@ -30,6 +34,7 @@ log = logging.getLogger("gradleak.maintenance")
 
 REAP_INTERVAL_S = 5.0
 SWEEP_INTERVAL_S = 300.0
+ORPHAN_SWEEP_INTERVAL_S = 3600.0  # it lists the whole store
 STALE_WAIT_S = 300.0  # a waiting job untouched this long is checked against the queue
 # A queue entry younger than this is left alone: its job may be between being queued and recording
 # its queue reference, or a finished run may still be clearing it.
@@ -112,15 +117,53 @@ def sweep(state: StateStore, store: ArtifactStore, now: float | None = None) -> 
     return jobs, uploads
 
 
+def sweep_orphans(
+    state: StateStore, store: ArtifactStore, older_than_s: float, now: float | None = None
+) -> int:
+    """Delete the uploads and job folders (`<tenant>/uploads/<id>/`, `<tenant>/jobs/<id>/`) that have
+    no record and whose newest object is older than `older_than_s`; return how many folders."""
+    now = time.time() if now is None else now
+    newest: dict[tuple[str, str, str], float] = {}
+    for key, modified in store.list_modified(""):
+        parts = key.split("/")
+        if len(parts) >= 4 and parts[1] in _RECORD_OF:
+            folder = (parts[0], parts[1], parts[2])
+            newest[folder] = max(newest.get(folder, 0.0), modified)
+    deleted = 0
+    for (tenant, kind, record_id), modified in sorted(newest.items()):
+        if now - modified < older_than_s:
+            continue
+        try:
+            _RECORD_OF[kind](state, tenant, record_id)
+            continue
+        except NotFoundError:
+            pass
+        store.delete_prefix(f"{tenant}/{kind}/{record_id}")
+        deleted += 1
+    if deleted:
+        log.warning("orphan sweep: deleted %d stored folders that no record claims", deleted)
+    return deleted
+
+
+# How the orphan sweep finds the record of a folder: it raises NotFoundError when there is none.
+_RECORD_OF: dict[str, Callable[[StateStore, str, str], object]] = {
+    "uploads": lambda state, tenant, record_id: state.get_upload(tenant, record_id),
+    "jobs": lambda state, tenant, record_id: state.get_job(tenant, record_id),
+}
+
+
 @dataclass
 class Housekeeper:
-    """Runs `reap` and `sweep` periodically in the background of an API process or a worker."""
+    """Runs `reap`, `sweep` and (with `orphan_age_s`) `sweep_orphans` periodically in the
+    background of an API process or a worker."""
 
     state: StateStore
     store: ArtifactStore
     queue: JobQueue
     reap_interval_s: float = REAP_INTERVAL_S
     sweep_interval_s: float = SWEEP_INTERVAL_S
+    orphan_age_s: float | None = None  # the retention period
+    orphan_interval_s: float = ORPHAN_SWEEP_INTERVAL_S
 
     def __post_init__(self) -> None:
         self._task: asyncio.Task[None] | None = None
@@ -136,7 +179,7 @@ class Housekeeper:
             self._task = None
 
     async def _loop(self) -> None:
-        last_sweep = 0.0
+        last_sweep = last_orphan_sweep = 0.0
         # Leases expire while the store is down (a Redis restart) although their workers live on.
         # Once it is back, give them a lease's time to renew before taking their jobs away.
         hold_leases_until = 0.0
@@ -146,6 +189,12 @@ class Housekeeper:
                 if time.monotonic() - last_sweep >= self.sweep_interval_s:
                     await asyncio.to_thread(sweep, self.state, self.store)
                     last_sweep = time.monotonic()
+                if (
+                    self.orphan_age_s is not None
+                    and time.monotonic() - last_orphan_sweep >= self.orphan_interval_s
+                ):
+                    await asyncio.to_thread(sweep_orphans, self.state, self.store, self.orphan_age_s)
+                    last_orphan_sweep = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except TRANSIENT_ERRORS as e:

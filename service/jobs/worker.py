@@ -65,7 +65,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     state = open_state_store(settings)
     store = make_store(settings)
     queue = ArqQueue(settings, state, pool=ctx["redis"])
-    housekeeper = Housekeeper(state, store, queue)
+    housekeeper = Housekeeper(state, store, queue, orphan_age_s=settings.retention_hours * 3600.0)
     housekeeper.start()
     executor = ThreadPoolExecutor(max_workers=settings.worker_concurrency, thread_name_prefix="gradleak-job")
     ctx.update(
