@@ -36,11 +36,11 @@ class ArtifactStore(Protocol):
 
     def size(self, key: str) -> int: ...
 
-    def list(self, prefix: str) -> list[str]: ...
-
     def list_modified(self, prefix: str) -> list[tuple[str, float]]:
         """The keys under `prefix` with their last-modified time (epoch seconds)."""
         ...
+
+    def list(self, prefix: str) -> list[str]: ...
 
     def delete_prefix(self, prefix: str) -> int: ...
 
@@ -99,6 +99,15 @@ class LocalStore:
         except FileNotFoundError:
             raise NotFoundError(f"no artifact {key!r}") from None
 
+    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
+        out = []
+        for key in self.list(prefix):
+            try:
+                out.append((key, self.path(key).stat().st_mtime))
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+        return out
+
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix if prefix else self.root
         if not base.exists():
@@ -108,15 +117,6 @@ class LocalStore:
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(".tmp-")
         )
-
-    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
-        out = []
-        for key in self.list(prefix):
-            try:
-                out.append((key, self.path(key).stat().st_mtime))
-            except FileNotFoundError:  # deleted meanwhile
-                continue
-        return out
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(check_key(prefix.rstrip("/")))

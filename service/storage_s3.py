@@ -165,9 +165,6 @@ class S3Store:
             raise OSError(f"S3 stat of {key!r} on {self.endpoint}/{self.bucket} returned no size")
         return stat.size
 
-    def list(self, prefix: str) -> list[str]:
-        return [key for key, _ in self.list_modified(prefix)]
-
     def list_modified(self, prefix: str) -> list[tuple[str, float]]:
         # A prefix names a folder, as in LocalStore: "a/b" covers "a/b/c" but not "a/bc".
         folder = check_key(prefix.rstrip("/")) + "/" if prefix else None
@@ -178,6 +175,9 @@ class S3Store:
                 for obj in self.client.list_objects(self.bucket, prefix=folder, recursive=True)
                 if obj.object_name is not None and not obj.is_dir
             )
+
+    def list(self, prefix: str) -> list[str]:
+        return [key for key, _ in self.list_modified(prefix)]
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(check_key(prefix.rstrip("/")))

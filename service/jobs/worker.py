@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import secrets
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,8 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.exceptions.TimeoutError,
     OSError,
 )
+# ResponseError: LOADING, while a restarted Redis reads its snapshot.
+REDIS_NOT_READY: tuple[type[Exception], ...] = (*REDIS_DOWN, redis.exceptions.ResponseError)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -176,18 +179,18 @@ async def supervise(arq_worker: Worker) -> None:
                 type(e).__name__,
                 running,
             )
+        await _wait_for_redis(arq_worker)  # meanwhile, the done-callbacks of ended jobs have run
         _recount_slots(arq_worker)
-        await _wait_for_redis(arq_worker)
         log.info("Redis is back after %.1fs; polling the queue again", time.monotonic() - lost)
 
 
 def _recount_slots(arq_worker: Worker) -> None:
     # arq counts a job slot before the Redis calls that start the job; an error in between would
-    # leak the slot for the worker's lifetime. Count the slots again from the jobs really running
-    # (their done-callbacks release into the new semaphore, so the count stays right).
+    # leak the slot for the worker's lifetime. Give back what the jobs really running do not hold.
     running = sum(not t.done() for t in arq_worker.tasks.values())
-    arq_worker.job_counter = running
-    arq_worker.sem = asyncio.Semaphore(max(arq_worker.max_jobs - running, 0))
+    for _ in range(max(arq_worker.job_counter - running, 0)):
+        arq_worker.sem.release()
+        arq_worker.job_counter -= 1
 
 
 async def _wait_for_redis(arq_worker: Worker) -> None:
@@ -201,7 +204,7 @@ async def _wait_for_redis(arq_worker: Worker) -> None:
         try:
             await pool.ping()
             return
-        except (*REDIS_DOWN, redis.exceptions.ResponseError):  # LOADING while Redis reads its snapshot
+        except REDIS_NOT_READY:
             continue
 
 
@@ -211,8 +214,12 @@ def run_worker(settings: Settings) -> None:
     arq_worker = build_worker(settings)
     loop = arq_worker.loop
     supervisor = loop.create_task(supervise(arq_worker))
-    # arq's signal handler cancels the running jobs and its poll loop; this ends the supervision.
-    arq_worker.on_stop = lambda _signal: supervisor.cancel()
+
+    def stop(_signal: signal.Signals) -> None:
+        # arq's signal handler cancels the running jobs and its poll loop; this ends the supervision.
+        supervisor.cancel()
+
+    arq_worker.on_stop = stop
     try:
         with contextlib.suppress(asyncio.CancelledError):
             loop.run_until_complete(supervisor)
