@@ -175,17 +175,22 @@ def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _internal(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
-    # This response is sent from outside the request-id middleware, so it sets the header itself.
-    request_id = request_id_of(request.scope)
-    return _problem(
-        request,
+def internal_error(exc: Exception, request_id: str | None, path: str) -> JSONResponse:
+    """The 500 for an unexpected error; the log has the details, the client gets the request id."""
+    log.error("unhandled error on %s (request %s)", path, request_id, exc_info=exc)
+    return problem_response(
         500,
         "an internal error occurred; quote the request id when you report it",
-        "internal",
+        code="internal",
+        request_id=request_id,
+        instance=path,
         headers={"X-Request-ID": request_id} if request_id else None,
     )
+
+
+def _internal(request: Request, exc: Exception) -> JSONResponse:
+    # Reached only by errors outside RequestContextMiddleware, which answers the others itself.
+    return internal_error(exc, request_id_of(request.scope), request.url.path)
 
 
 def install(app: FastAPI) -> None:

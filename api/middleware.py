@@ -2,7 +2,10 @@
 
 RequestContextMiddleware gives each request an id (the client's X-Request-ID when it is sane),
 returns it as a header, puts it in the logs, writes one access-log line (method, route, status,
-time: never bodies or query strings) and records the Prometheus request metrics.
+time: never bodies or query strings) and records the Prometheus request metrics. It also answers
+an unexpected error with the 500 problem itself: inside the request's context the error's log line
+carries the request id, and the exception ends here instead of reaching the server, which would
+close the keep-alive connection.
 
 BodyLimitMiddleware enforces the size limits while the body streams in: a Content-Length above
 the limit is refused with 413 before a byte of the body is read; a body without one is counted
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import ApiError, problem_response, request_id_of
+from api.errors import ApiError, internal_error, problem_response, request_id_of
 from api.observability import Metrics, request_id_var
 
 access_log = logging.getLogger("gradleak.access")
@@ -43,11 +46,12 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
+        started_response = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
                 headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -55,6 +59,11 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if started_response:
+                raise  # half a response is out: only closing the connection can tell the client
+            response = internal_error(exc, request_id, scope["path"])
+            await response(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")

@@ -106,7 +106,7 @@ class Runtime:
         store = make_store(settings)
         queue = queue_factory(settings, state, store)
         await queue.start()
-        housekeeper = Housekeeper(state, store, queue)
+        housekeeper = Housekeeper(state, store, queue, orphan_age_s=settings.retention_hours * 3600.0)
         housekeeper.start()
         return cls(
             settings=settings,

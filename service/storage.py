@@ -36,6 +36,10 @@ class ArtifactStore(Protocol):
 
     def size(self, key: str) -> int: ...
 
+    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
+        """The keys under `prefix` with their last-modified time (epoch seconds)."""
+        ...
+
     def list(self, prefix: str) -> list[str]: ...
 
     def delete_prefix(self, prefix: str) -> int: ...
@@ -94,6 +98,15 @@ class LocalStore:
             return self.path(key).stat().st_size
         except FileNotFoundError:
             raise NotFoundError(f"no artifact {key!r}") from None
+
+    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
+        out = []
+        for key in self.list(prefix):
+            try:
+                out.append((key, self.path(key).stat().st_mtime))
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+        return out
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix if prefix else self.root

@@ -165,16 +165,19 @@ class S3Store:
             raise OSError(f"S3 stat of {key!r} on {self.endpoint}/{self.bucket} returned no size")
         return stat.size
 
-    def list(self, prefix: str) -> list[str]:
+    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
         # A prefix names a folder, as in LocalStore: "a/b" covers "a/b/c" but not "a/bc".
         folder = check_key(prefix.rstrip("/")) + "/" if prefix else None
         self._ensure_bucket()
         with self._errors("list"):
             return sorted(
-                obj.object_name
+                (obj.object_name, obj.last_modified.timestamp() if obj.last_modified else 0.0)
                 for obj in self.client.list_objects(self.bucket, prefix=folder, recursive=True)
                 if obj.object_name is not None and not obj.is_dir
             )
+
+    def list(self, prefix: str) -> list[str]:
+        return [key for key, _ in self.list_modified(prefix)]
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(check_key(prefix.rstrip("/")))

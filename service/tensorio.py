@@ -21,6 +21,11 @@ from torch import nn
 from service.errors import ArtifactError, ShapeMismatchError, UnsupportedFormatError
 
 DEFAULT_MAX_HEADER_BYTES = 16 * 2**20
+# torch's own limits: a tensor has at most 64 dimensions, and its size arithmetic (the running
+# product of the dimensions, times the element size) must fit in an int64 even when a zero
+# dimension makes the tensor empty.
+MAX_DIMS = 64
+MAX_EXTENT_BYTES = 2**63 - 1
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # A full state dict: floats plus the int64 num_batches_tracked of batch-norm layers.
 STATE_DTYPES = (*FLOAT_DTYPES, "I64")
@@ -90,7 +95,7 @@ def load_safetensors(
             if not bool(finite.all()):
                 bad = int(finite.numel() - finite.sum())
                 raise ArtifactError(
-                    f"{prefix}tensor {key!r} contains NaN or Inf values ({bad} of {tensor.numel()})"
+                    f"{prefix}tensor {_brief(key)} contains NaN or Inf values ({bad} of {tensor.numel()})"
                 )
         tensors[key] = tensor
     return tensors
@@ -173,11 +178,12 @@ def _parse_header(
     for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if begin < end_so_far:
             raise ArtifactError(
-                f"not a valid safetensors file: tensors {previous!r} and {key!r} overlap in the data section"
+                f"not a valid safetensors file: tensors {_brief(previous)} and {_brief(key)} overlap in the "
+                "data section"
             )
         if begin > end_so_far:
             raise ArtifactError(
-                f"not a valid safetensors file: {begin - end_so_far} unused bytes before tensor {key!r}"
+                f"not a valid safetensors file: {begin - end_so_far} unused bytes before tensor {_brief(key)}"
             )
         end_so_far, previous = end, key
     if end_so_far != data_len:
@@ -191,7 +197,7 @@ def _parse_header(
 def _check_entry(
     key: str, info: Any, allowed_dtypes: Collection[str]
 ) -> tuple[torch.dtype, list[int], int, int]:
-    bad = f"not a valid safetensors file: tensor {key!r}"
+    bad = f"not a valid safetensors file: tensor {_brief(key)}"
     if not key:
         raise ArtifactError("not a valid safetensors file: a tensor has an empty name")
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
@@ -201,14 +207,18 @@ def _check_entry(
         raise ArtifactError(f"{bad} has a dtype that is not a string")
     if dtype_name not in allowed_dtypes:
         raise ArtifactError(
-            f"tensor {key!r} has dtype {dtype_name}; allowed here: {', '.join(allowed_dtypes)}"
+            f"tensor {_brief(key)} has dtype {_cut(dtype_name)}; allowed here: {', '.join(allowed_dtypes)}"
         )
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise ArtifactError(f"{bad} has an invalid shape {shape!r}")
+        raise ArtifactError(f"{bad} has an invalid shape {_brief(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise ArtifactError(f"{bad} has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
-        raise ArtifactError(f"{bad} has invalid data_offsets {offsets!r}")
+        raise ArtifactError(f"{bad} has invalid data_offsets {_brief(offsets)}")
     begin, end = offsets
     dtype = _DTYPES[dtype_name]
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > MAX_EXTENT_BYTES:
+        raise ArtifactError(f"{bad} has a shape too large to allocate: {_brief(shape)}")
     expected = math.prod(shape) * dtype.itemsize
     if end - begin != expected:
         raise ArtifactError(
@@ -216,6 +226,15 @@ def _check_entry(
             f"shape {shape} needs {expected}"
         )
     return dtype, shape, begin, end
+
+
+def _brief(value: Any) -> str:
+    """A value's repr cut short: a hostile header's names and lists can be megabytes long."""
+    return _cut(repr(value))
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_uint(value: Any) -> bool:
@@ -226,7 +245,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {_brief(key)}")
         out[key] = value
     return out
 

@@ -141,3 +141,4 @@ def test_human_summary_names_metrics_and_artifacts(tmp_path):
     report = next(line for line in r.stdout.splitlines() if line.startswith("report.html: "))
     html = Path(report.removeprefix("report.html: ")).read_text()
     assert "label accuracy" in html and "(multiset)" in html
+    assert '<meta http-equiv="Content-Security-Policy" content="default-src \'none\';' in html

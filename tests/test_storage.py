@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -117,6 +118,15 @@ def test_missing_key_is_not_found(store: ArtifactStore) -> None:
         store.size("t/absent")
     with pytest.raises(NotFoundError):
         list(store.iter_bytes("t/absent"))
+
+
+def test_list_modified_gives_each_key_its_time(store: ArtifactStore) -> None:
+    before = time.time() - 5  # S3 keeps whole seconds
+    store.put_bytes("t/a/x", b"1")
+    store.put_bytes("t/b", b"2")
+    listed = store.list_modified("t")
+    assert [k for k, _ in listed] == ["t/a/x", "t/b"] == store.list("t")
+    assert all(before <= modified <= time.time() + 5 for _, modified in listed)
 
 
 def test_list_and_delete_prefix(store: ArtifactStore) -> None:

@@ -375,3 +375,24 @@ def test_many_mismatches_list_the_first_ten() -> None:
     with pytest.raises(ShapeMismatchError, match=r"\(first 10 of 17\)") as info:
         match_state(model, {"extra": torch.zeros(1)}, what="gradient")
     assert info.value.mismatches == [f"missing: {n}" for n, _ in model.named_parameters()][:10]
+
+
+@pytest.mark.parametrize(
+    ("shape", "accepted"),
+    [
+        ([1] * 64, True),
+        ([1] * 65, False),
+        ([2**60, 0], True),  # 2**62 bytes of extent: torch's size arithmetic still fits an int64
+        ([2**61, 0], False),  # 2**63 bytes: it would not
+        ([2**70, 0], False),
+        ([2**40, 2**40, 0], False),
+    ],
+)
+def test_every_accepted_shape_can_be_allocated(shape: list[int], accepted: bool) -> None:
+    size = 4 * int(np.prod(shape, dtype=object))
+    data = raw_file({"w": f32_entry(0, size, shape)}, bytes(size))
+    if accepted:
+        assert list(load_safetensors(data)["w"].shape) == shape
+    else:
+        with pytest.raises(ArtifactError, match=r"dimensions|too large to allocate"):
+            load_safetensors(data)

@@ -23,7 +23,7 @@ from api.schemas import ArtifactList, ArtifactOut, JobCreate, JobList, JobOut, j
 from service.errors import NotFoundError
 from service.jobs.records import JOB_PREFIX, JobRecord, JobStatus, is_id
 from service.jobs.submit import check_references, check_spec, get_upload_of_kind, new_job, spec_from_uploads
-from service.jobs.types import CONTENT_TYPES
+from service.jobs.types import CONTENT_TYPES, REPORT_HTML, REPORT_POLICY
 from service.jobs.uploads import UpdateUpload
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -32,7 +32,11 @@ EVENT_POLL_S = 0.5
 EVENT_RETRY_MS = 2000
 IDEMPOTENCY_KEY = r"^[A-Za-z0-9._:-]{1,200}$"
 # Reports are HTML built from the job: show them sandboxed, with nothing loaded from elsewhere.
-REPORT_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+REPORT_CSP = "sandbox; " + REPORT_POLICY
+# Served by the API even from S3: an S3 response cannot carry a Content-Security-Policy header
+# (S3 keeps Content-Type, -Disposition, -Encoding, -Language, Cache-Control and Expires, nothing
+# else), so a presigned link would show the report without its sandbox.
+NOT_PRESIGNED = frozenset({REPORT_HTML})  # also in a federation's folders: rounds/round-001/report.html
 
 
 def _submit(
@@ -189,7 +193,9 @@ async def record_events(
             return
 
 
-def _presign(rt: Runtime, key: str) -> tuple[str | None, datetime | None]:
+def _presign(rt: Runtime, name: str, key: str) -> tuple[str | None, datetime | None]:
+    if name.rsplit("/", 1)[-1] in NOT_PRESIGNED:
+        return None, None
     ttl = timedelta(minutes=rt.settings.presign_minutes)
     url = rt.store.presigned_url(key, ttl)
     return url, None if url is None else datetime.now(UTC) + ttl
@@ -208,7 +214,7 @@ def artifact_list(job: JobRecord, rt: Runtime, base: str) -> ArtifactList:
             size = rt.store.size(key)
         except NotFoundError:
             continue
-        url, expires = _presign(rt, key)
+        url, expires = _presign(rt, name, key)
         items.append(
             ArtifactOut(
                 name=name,
@@ -244,7 +250,7 @@ def artifact_response(job: JobRecord, name: str, rt: Runtime) -> Response:
     if key is None:
         have = ", ".join(sorted(job.artifacts)) or "none yet"
         raise NotFoundError(f"{job.id} has no artifact {name!r}; it has: {have}")
-    url, _ = _presign(rt, key)
+    url, _ = _presign(rt, name, key)
     if url is not None:
         return RedirectResponse(
             url, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers={"Cache-Control": "no-store"}

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from service.federations.spec import FederationSpec
+from service.jobs.types import REPORT_POLICY
 
 ROUNDS_JSON, ROUNDS_CSV, ROUNDS_PNG, REPORT_HTML = "rounds.json", "rounds.csv", "rounds.png", "report.html"
 CONTENT_TYPES = {
@@ -193,7 +194,8 @@ def render_report_html(
                 + _img(grid, f"round {row['round']} reconstruction")
             )
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>gradleak federation report</title>
+<html><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{REPORT_POLICY}"><title>gradleak federation report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:90%;text-align:right}}th{{background:#f3f3f3}}
 img{{max-width:100%}}.l{{text-align:left}}</style></head><body>

@@ -6,12 +6,18 @@ a crash in it cannot take the API down, and it runs at a lower CPU priority so s
 stay fast while it works. (`isolation="thread"` runs jobs in a thread of the API process instead;
 tests use it to run stand-in runners.) Nothing waits only in memory: the dispatcher takes the
 oldest waiting job from the store, so a restarted server picks up where the last one stopped.
+
+A server killed with SIGKILL cannot stop its worker process, which would go on with its attack
+beside the next server's. So the worker watches its parent and exits when it is gone, and the
+server records the worker (pid and start time, with its own) in `embedded-worker.pid` under the
+data directory: a server starting on that directory kills a recorded worker whose server is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -19,11 +25,16 @@ import secrets
 import signal
 import socket
 import threading
+import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Literal, Protocol
 
+import psutil
+
 from service.jobs.execute import Outcome, Runner, Stopper, StopReason, execute_job
+from service.jobs.queue import QueueEntry
 from service.jobs.records import JobError, JobRecord
 from service.jobs.state import StateStore, open_state_store
 from service.settings import Settings
@@ -35,6 +46,8 @@ IDLE_POLL_S = 2.0  # a safety net: enqueue() wakes the dispatcher at once
 SKIP_PAUSE_S = 0.5
 CHILD_NICENESS = 10
 CLOSE_WAIT_S = 30.0
+PARENT_CHECK_S = 1.0  # how soon a worker process notices that its server is gone
+PID_FILE = "embedded-worker.pid"
 
 Isolation = Literal["process", "thread"]
 
@@ -81,6 +94,58 @@ class _ThreadWorker:
         self.stop()
 
 
+def _identity(pid: int) -> list[float] | None:
+    """A process as [pid, start time], which a reused pid cannot match; None if there is none."""
+    try:
+        return [pid, psutil.Process(pid).create_time()]
+    except psutil.Error:
+        return None
+
+
+def _alive(identity: object) -> bool:
+    return isinstance(identity, list) and len(identity) == 2 and _identity(int(identity[0])) == identity
+
+
+def reap_orphan_worker(data_dir: Path) -> int | None:
+    """Kill the worker process a previous server on `data_dir` left running; return its pid if
+    there was one. A worker whose server still runs (another server on the same directory) is
+    left alone."""
+    path = data_dir / PID_FILE
+    try:
+        recorded = json.loads(path.read_text())
+        worker, server = recorded["worker"], recorded["server"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not _alive(worker):
+        path.unlink(missing_ok=True)
+        return None
+    if _alive(server):
+        log.warning("another gradleak server (pid %s) uses %s; leaving its worker alone", server[0], data_dir)
+        return None
+    pid = int(worker[0])
+    log.warning("killing worker process %d, left running by a server that was killed", pid)
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        proc.kill()
+        proc.wait(10.0)
+    path.unlink(missing_ok=True)
+    return pid
+
+
+def _record_worker(data_dir: Path, pid: int) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    record = {"worker": _identity(pid), "server": _identity(os.getpid())}
+    (data_dir / PID_FILE).write_text(json.dumps(record))
+
+
+def _exit_with_parent(parent: int) -> None:
+    # POSIX reparents an orphan (to init or a subreaper): a changed parent pid means the server is gone.
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    log.warning("the gradleak server (pid %d) is gone; stopping its worker process", parent)
+    os._exit(1)
+
+
 class _ProcessWorker:
     """One long-lived child process (spawned, not forked: the parent runs threads) fed job ids."""
 
@@ -96,11 +161,16 @@ class _ProcessWorker:
                 ctx = multiprocessing.get_context("spawn")
                 parent, child = ctx.Pipe()
                 self._proc = ctx.Process(
-                    target=child_main, args=(child, self.settings), name="gradleak-worker", daemon=True
+                    target=child_main,
+                    args=(child, self.settings, os.getpid()),
+                    name="gradleak-worker",
+                    daemon=True,
                 )
                 self._proc.start()
                 child.close()
                 self._conn = parent
+                if self._proc.pid is not None:
+                    _record_worker(self.settings.data_dir, self._proc.pid)
             return self._proc, self._conn
 
     def run(self, job_id: str, worker_id: str) -> Outcome:
@@ -135,13 +205,16 @@ class _ProcessWorker:
             proc.kill()
             proc.join(5.0)
         conn.close()
+        (self.settings.data_dir / PID_FILE).unlink(missing_ok=True)
 
 
-def child_main(conn: Connection, settings: Settings) -> None:
-    """The worker process: runs the job ids it is sent, one at a time, until told to stop."""
+def child_main(conn: Connection, settings: Settings, parent: int) -> None:
+    """The worker process: runs the job ids it is sent, one at a time, until told to stop or until
+    its server is gone."""
     # The parent decides when to stop; a Ctrl-C in the terminal reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     with contextlib.suppress(OSError):
         os.nice(CHILD_NICENESS)
     import torch
@@ -188,6 +261,7 @@ class EmbeddedQueue:
         if isolation == "process" and runner is not None:
             raise ValueError("a custom runner needs isolation='thread'; the worker process uses the real one")
         self.state = state
+        self._data_dir = settings.data_dir if isolation == "process" else None
         self._worker: _Worker = (
             _ProcessWorker(settings)
             if isolation == "process"
@@ -200,6 +274,8 @@ class EmbeddedQueue:
         self._worker_prefix = f"embedded:{socket.gethostname()}:{os.getpid()}"
 
     async def start(self) -> None:
+        if self._data_dir is not None:
+            await asyncio.to_thread(reap_orphan_worker, self._data_dir)
         self._task = asyncio.create_task(self._dispatch(), name="gradleak-dispatcher")
 
     async def enqueue(self, job: JobRecord) -> None:
@@ -210,6 +286,12 @@ class EmbeddedQueue:
 
     async def ensure_queued(self, job: JobRecord) -> None:
         self._wake.set()
+
+    async def entries(self, before: float, limit: int) -> list[QueueEntry]:
+        return []  # waiting jobs are the state store's records: there is no entry to go stale
+
+    async def discard(self, ref: str) -> None:
+        """Nothing to remove (see `entries`)."""
 
     async def ping(self) -> None:
         if self._task is None or self._task.done():

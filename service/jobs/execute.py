@@ -3,7 +3,9 @@
 Both the embedded worker process and the arq worker call `execute_job`; it calls the one runner.
 While the runner works, a heartbeat thread renews the job's lease and watches for a cancel; the
 runner polls `Stopper` between iterations. A worker that dies stops renewing, and the reaper
-(service/jobs/maintenance.py) hands the job to another try.
+(service/jobs/maintenance.py) hands the job to another try. A run that ends while the state store
+is unreachable (Redis restarting) keeps its lease beating and records its outcome once the store
+is back, rather than losing the work.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ log = logging.getLogger("gradleak.worker")
 LEASE_S = 15.0  # a worker silent this long is presumed dead
 HEARTBEAT_S = 1.0  # also how quickly a running job notices a cancel
 SETUP_GRACE_S = 300.0  # beyond budget.time_limit_s, for building the model, scoring and writing artifacts
+RECORD_PATIENCE_S = 600.0  # how long a finished run waits for an unreachable state store to record it
+RECORD_RETRY_MAX_S = 5.0
 
 # Failures worth another try: the network or a backing service hiccuped, not the job. (The artifact
 # stores raise OSError for an unreachable S3 endpoint or a failing disk.)
@@ -263,8 +267,28 @@ def _run_and_record(
     return _finish(state, job, worker_id, status, result=result)
 
 
+def _patiently(job_id: str, record: Callable[[], JobRecord | None]) -> JobRecord | None:
+    """`record()`, tried again with backoff while the state store is unreachable."""
+    deadline = time.monotonic() + RECORD_PATIENCE_S
+    delay = 0.25
+    while True:
+        try:
+            return record()
+        except TRANSIENT_ERRORS as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "job %s: cannot record the outcome yet (%s); trying again in %.1fs",
+                job_id,
+                type(e).__name__,
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, RECORD_RETRY_MAX_S)
+
+
 def _release(state: StateStore, job: JobRecord, worker_id: str, reason: JobError) -> Outcome:
-    back = state.release(job.id, worker_id, reason)
+    back = _patiently(job.id, lambda: state.release(job.id, worker_id, reason))
     if back is None:
         return Outcome.LOST
     log.info("job %s: released as %s", job.id, back.status.value)
@@ -280,13 +304,16 @@ def _finish(
     error: JobError | None = None,
     result: JobResult | None = None,
 ) -> Outcome:
-    done = state.finish(
+    done = _patiently(
         job.id,
-        worker_id,
-        status,
-        error=error,
-        manifest=None if result is None else result.manifest,
-        artifacts=None if result is None else result.artifacts,
+        lambda: state.finish(
+            job.id,
+            worker_id,
+            status,
+            error=error,
+            manifest=None if result is None else result.manifest,
+            artifacts=None if result is None else result.artifacts,
+        ),
     )
     if done is None:
         return Outcome.LOST

@@ -4,6 +4,10 @@ The queue carries the job id only; everything else is in the state store, which 
 a queue entry for a job that is no longer waiting is skipped by the worker. arq's payloads are
 JSON (never pickle). Each enqueue gets its own arq job id (`<job id>:<try>:<random>`), so a job the
 reaper takes from a dead worker can be queued again while arq still remembers the old entry.
+
+arq keeps an entry in its queue set (and an in-progress key) until the run ends; a killed worker's
+entry would stay for the arq function's whole timeout, hours. KEDA scales the workers on that set's
+size, so the reaper removes such entries (`entries`, `discard`; see maintenance.py).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import asyncio
 import json
 import logging
 import secrets
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.jobs import Job
 from arq.jobs import JobStatus as ArqJobStatus
 
@@ -28,6 +34,17 @@ log = logging.getLogger("gradleak.queue")
 ARQ_FUNCTION = "run_attack"
 ARQ_FEDERATION = "run_federation"  # the same work function, with a federation's longer timeout
 ABORT_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    ref: str  # the arq job id: <job id>:<try>:<random>
+    queued_at: float  # epoch seconds (for a deferred retry: when it becomes due)
+    in_progress: bool  # a worker took it (and may since have died)
+
+    @property
+    def job_id(self) -> str:
+        return self.ref.split(":", 1)[0]
 
 
 class JobQueue(Protocol):
@@ -43,6 +60,15 @@ class JobQueue(Protocol):
 
     async def ensure_queued(self, job: JobRecord) -> None:
         """Queue a job that has waited long, in case its queue entry was lost."""
+        ...
+
+    async def entries(self, before: float, limit: int) -> list[QueueEntry]:
+        """The oldest queue entries due before `before` (epoch seconds); none for a queue kept in
+        the state store."""
+        ...
+
+    async def discard(self, ref: str) -> None:
+        """Remove a queue entry that no run will complete (its job ended, or its worker died)."""
         ...
 
     async def ping(self) -> None: ...
@@ -130,6 +156,25 @@ class ArqQueue:
                 return
         log.warning("job %s: waiting without a queue entry; queueing it again", job.id)
         await self.enqueue(job)
+
+    async def entries(self, before: float, limit: int) -> list[QueueEntry]:
+        name = self.settings.queue_name
+        raw = await self.pool.zrangebyscore(name, "-inf", before * 1000, start=0, num=limit, withscores=True)
+        refs = [r.decode() if isinstance(r, bytes) else str(r) for r, _ in raw]
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for ref in refs:
+                pipe.exists(in_progress_key_prefix + ref)
+            running = await pipe.execute()
+        return [
+            QueueEntry(ref=ref, queued_at=score / 1000, in_progress=bool(busy))
+            for ref, (_, score), busy in zip(refs, raw, running, strict=True)
+        ]
+
+    async def discard(self, ref: str) -> None:
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.settings.queue_name, ref)
+            pipe.delete(in_progress_key_prefix + ref, job_key_prefix + ref, retry_key_prefix + ref)
+            await pipe.execute()
 
     async def ping(self) -> None:
         await self.pool.ping()

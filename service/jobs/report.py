@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from service.attacks import AttackResult
+from service.jobs.types import REPORT_POLICY
 from service.specs import JobSpec
 
 MIN_TILE = 96  # small images are upscaled (nearest) so a person can see them
@@ -86,7 +87,8 @@ def render_report_html(
         "top: the client's images; bottom: reconstructions" if metrics is not None else "reconstructions"
     )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>gradleak report</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{REPORT_POLICY}"><title>gradleak report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}}</style>
 </head><body>

@@ -22,6 +22,10 @@ CONTENT_TYPES = {
     GRID_PNG: "image/png",
     REPORT_HTML: "text/html; charset=utf-8",
 }
+# A report shows only what it holds: no script, nothing loaded from elsewhere. The report carries
+# this policy in a <meta> tag, so any copy of it keeps it; the API adds `sandbox` (which only a
+# header can set) when it serves one.
+REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 @dataclass(frozen=True)

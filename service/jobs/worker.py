@@ -7,19 +7,30 @@ timeout is the largest budget a tenant may ask for plus the setup grace, and eac
 stopped at its own budget (`budget.time_limit_s` plus the grace). Retries: only transient
 failures (connections, timeouts: `Retry`) and dead workers (the reaper) give a job another try.
 Cancelling: the API flags the job in the store and aborts the arq job; either reaches the run.
+
+Redis restarts: arq's poll loop ends on the first Redis error, and its `run()` would then wait for
+the running jobs and exit. `supervise` runs the same arq Worker again once Redis answers, with
+backoff: its running jobs are tasks of that Worker and simply carry on (a run records its outcome
+once the store is back, see execute.py), its job slots stay counted, and polling resumes where
+it stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
+import random
 import secrets
+import signal
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import redis.exceptions
 from arq import Retry, func
 from arq.worker import Worker, create_worker
 
@@ -42,16 +53,29 @@ log = logging.getLogger("gradleak.worker")
 RETRY_DELAY_S = 5.0
 STOP_WAIT_S = 60.0  # how long a stopped run may take to reach the runner's next stop check
 KEEP_RESULT_S = 300  # arq's own result record; the job's result lives in the state store
+RECONNECT_MIN_S = 0.25  # first wait after losing Redis; doubles up to RECONNECT_MAX_S, with jitter
+RECONNECT_MAX_S = 5.0
+# What a lost or restarting Redis raises (redis-py wraps socket errors; BusyLoadingError, a Redis
+# still loading its snapshot, is a ConnectionError).
+REDIS_DOWN: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
+# ResponseError: LOADING, while a restarted Redis reads its snapshot.
+REDIS_NOT_READY: tuple[type[Exception], ...] = (*REDIS_DOWN, redis.exceptions.ResponseError)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
+    if "state" in ctx:
+        return  # arq calls this again each time `supervise` resumes its poll loop
     from service.storage_s3 import make_store
 
     settings: Settings = ctx["settings"]
     state = open_state_store(settings)
     store = make_store(settings)
     queue = ArqQueue(settings, state, pool=ctx["redis"])
-    housekeeper = Housekeeper(state, store, queue)
+    housekeeper = Housekeeper(state, store, queue, orphan_age_s=settings.retention_hours * 3600.0)
     housekeeper.start()
     executor = ThreadPoolExecutor(max_workers=settings.worker_concurrency, thread_name_prefix="gradleak-job")
     ctx.update(
@@ -72,6 +96,9 @@ def _warm_up() -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if ctx.get("closed"):
+        return
+    ctx["closed"] = True
     await ctx["housekeeper"].stop()
     ctx["executor"].shutdown(wait=True)
     ctx["state"].close()
@@ -149,6 +176,73 @@ def build_worker(settings: Settings, runner: Runner | None = None, **overrides: 
     return create_worker(worker_settings(settings, runner), **overrides)
 
 
+async def supervise(arq_worker: Worker) -> None:
+    """Run `arq_worker` until it is stopped, through any number of Redis outages."""
+    while True:
+        try:
+            await arq_worker.async_run()
+            return  # a burst worker that emptied its queue
+        except REDIS_DOWN as e:
+            lost = time.monotonic()
+            running = sum(not t.done() for t in arq_worker.tasks.values())
+            log.warning(
+                "lost Redis (%s); %d running job(s) carry on; reconnecting with backoff",
+                type(e).__name__,
+                running,
+            )
+        await _wait_for_redis(arq_worker)  # meanwhile, the done-callbacks of ended jobs have run
+        _recount_slots(arq_worker)
+        log.info("Redis is back after %.1fs; polling the queue again", time.monotonic() - lost)
+
+
+def _recount_slots(arq_worker: Worker) -> None:
+    # arq counts a job slot before the Redis calls that start the job; an error in between would
+    # leak the slot for the worker's lifetime. Give back what the jobs really running do not hold.
+    running = sum(not t.done() for t in arq_worker.tasks.values())
+    for _ in range(max(arq_worker.job_counter - running, 0)):
+        arq_worker.sem.release()
+        arq_worker.job_counter -= 1
+
+
+async def _wait_for_redis(arq_worker: Worker) -> None:
+    delay = RECONNECT_MIN_S
+    while True:
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(2 * delay, RECONNECT_MAX_S)
+        pool = arq_worker.ctx.get("redis")
+        if pool is None:
+            return  # arq had not connected yet: its next run connects (or fails, and we wait again)
+        try:
+            await pool.ping()
+            return
+        except REDIS_NOT_READY:
+            continue
+
+
 def run_worker(settings: Settings) -> None:
-    """Run an arq worker until SIGINT/SIGTERM; a running job goes back to the queue on shutdown."""
-    build_worker(settings).run()
+    """Run an arq worker until SIGINT/SIGTERM, through Redis outages; a running job goes back to the
+    queue on shutdown."""
+    arq_worker = build_worker(settings)
+    loop = arq_worker.loop
+    supervisor = loop.create_task(supervise(arq_worker))
+
+    def stop(_signal: signal.Signals) -> None:
+        # arq's signal handler cancels the running jobs and its poll loop; this ends the supervision.
+        supervisor.cancel()
+
+    arq_worker.on_stop = stop
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(supervisor)
+    finally:
+        loop.run_until_complete(close_worker(arq_worker))
+
+
+async def close_worker(arq_worker: Worker) -> None:
+    """arq's close, which needs Redis for its last bookkeeping; without Redis, our own resources."""
+    try:
+        await arq_worker.close()
+    except REDIS_DOWN as e:
+        log.warning("Redis unreachable at shutdown (%s); closing without it", type(e).__name__)
+        if "state" in arq_worker.ctx:
+            await shutdown(arq_worker.ctx)  # does nothing if arq's close got as far as calling it

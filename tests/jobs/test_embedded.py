@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
-from jobtools import TINY_SPEC, FakeRunner, make_job
+from jobtools import TINY_SPEC, FakeRunner, make_job, wait_for
 
+from service.jobs import embedded
 from service.jobs.embedded import EmbeddedQueue
-from service.jobs.records import JobStatus
+from service.jobs.records import JobProgress, JobStatus
 from service.jobs.state_sqlite import SQLiteStateStore
 from service.settings import Settings
 from service.storage import LocalStore
@@ -144,3 +150,97 @@ def test_worker_process_killed_mid_job_is_retried_and_succeeds(
     assert done.status == JobStatus.SUCCEEDED, done.error
     assert done.attempts == 2
     assert set(done.artifacts) == {"metrics.json", "grid.png", "reconstruction.safetensors", "report.html"}
+
+
+# An embedded server (its queue with a worker process) on a data directory, until it is killed.
+SERVER = """
+import asyncio, sys
+from pathlib import Path
+from service.jobs.embedded import EmbeddedQueue
+from service.jobs.state_sqlite import SQLiteStateStore
+from service.settings import Settings
+from service.storage import LocalStore
+
+async def serve() -> None:
+    settings = Settings(data_dir=Path(sys.argv[1]), redis_url=None, s3_endpoint=None)
+    state = SQLiteStateStore(settings.data_dir / "gradleak.db")
+    queue = EmbeddedQueue(settings, state, LocalStore(settings.data_dir / "artifacts"))
+    await queue.start()
+    await asyncio.sleep(3600)
+
+asyncio.run(serve())
+"""
+
+
+def _iteration(progress: JobProgress | None) -> int:
+    return 0 if progress is None else progress.iteration
+
+
+def recorded_worker(data_dir: Path) -> psutil.Process:
+    record = json.loads((data_dir / embedded.PID_FILE).read_text())
+    return psutil.Process(record["worker"][0])
+
+
+def test_the_worker_of_a_killed_server_stops(
+    sqlite_state: SQLiteStateStore, settings: Settings, tmp_path: Path
+) -> None:
+    """`kill -9` of the server mid-attack: its worker process must not attack on beside the next one."""
+    spec = {**TINY_SPEC, "budget": {"iterations": 1000, "time_limit_s": 600}}
+    job = make_job(sqlite_state, settings, spec=spec)
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(settings.data_dir)])
+    try:
+        wait_for(lambda: _iteration(sqlite_state.get_job(None, job.id).progress) > 0, 90.0, "the attack")
+        worker = recorded_worker(settings.data_dir)
+        assert worker.is_running()
+    finally:
+        server.kill()
+        server.wait(10.0)
+    try:
+        worker.wait(5 * embedded.PARENT_CHECK_S)  # psutil.TimeoutExpired if it attacks on
+    finally:
+        if worker.is_running():
+            worker.kill()
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc
+    proc.kill()
+    proc.wait(10.0)
+
+
+@pytest.mark.parametrize("server_alive", [False, True])
+def test_a_starting_server_kills_an_orphaned_worker_only(
+    sqlite_state: SQLiteStateStore,
+    store: LocalStore,
+    settings: Settings,
+    sleeper: subprocess.Popen[bytes],
+    server_alive: bool,
+) -> None:
+    """The pid file: a recorded worker whose server is gone is killed; one whose server runs is not
+    (another server on the same directory), nor a process that merely reuses the recorded pid."""
+    worker = psutil.Process(sleeper.pid)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    server = (
+        [os.getpid(), psutil.Process().create_time()] if server_alive else [int(gone.stdout), time.time()]
+    )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    record = {"worker": [sleeper.pid, worker.create_time()], "server": server}
+    (settings.data_dir / embedded.PID_FILE).write_text(json.dumps(record))
+
+    async def start_and_close() -> None:
+        queue = EmbeddedQueue(settings, sqlite_state, store)
+        await queue.start()
+        await queue.close()
+
+    asyncio.run(start_and_close())
+    assert worker.is_running() == server_alive
+    if server_alive:  # and a process that only reuses the pid is not the recorded worker
+        record["worker"][1] -= 1000
+        record["server"] = [int(gone.stdout), time.time()]
+        (settings.data_dir / embedded.PID_FILE).write_text(json.dumps(record))
+        asyncio.run(start_and_close())
+        assert worker.is_running()

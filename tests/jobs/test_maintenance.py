@@ -1,27 +1,34 @@
-"""The reaper (dead workers) and the retention sweep (private data expires)."""
+"""The reaper (dead workers), the retention sweep (private data expires) and the orphan sweep (stored
+objects no record claims; on a local folder and on moto's S3 server)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from jobtools import make_job, upload
+from moto.server import ThreadedMotoServer
 
 from service.errors import NotFoundError
 from service.jobs import maintenance
-from service.jobs.maintenance import Housekeeper, reap, sweep
+from service.jobs.maintenance import Housekeeper, reap, sweep, sweep_orphans
+from service.jobs.queue import QueueEntry
 from service.jobs.records import MAX_ATTEMPTS, JobRecord, JobStatus
 from service.jobs.state import StateStore
 from service.settings import Settings
-from service.storage import LocalStore
+from service.storage import ArtifactStore, LocalStore
+from service.storage_s3 import S3Store
 
 
 class RecordingQueue:
     def __init__(self) -> None:
         self.enqueued: list[str] = []
         self.ensured: list[str] = []
+        self.discarded: list[str] = []
 
     async def start(self) -> None: ...
 
@@ -32,6 +39,12 @@ class RecordingQueue:
 
     async def ensure_queued(self, job: JobRecord) -> None:
         self.ensured.append(job.id)
+
+    async def entries(self, before: float, limit: int) -> list[QueueEntry]:
+        return []
+
+    async def discard(self, ref: str) -> None:
+        self.discarded.append(ref)
 
     async def ping(self) -> None: ...
 
@@ -119,3 +132,53 @@ def test_housekeeper_reaps_in_the_background(state: StateStore, settings: Settin
 
     asyncio.run(scenario())
     assert queue.enqueued == [job.id]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def artifact_store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
+    if request.param == "local":
+        return LocalStore(tmp_path / "artifacts")
+    bucket = f"gradleak-test-{uuid.uuid4().hex[:12]}"
+    return S3Store(
+        request.getfixturevalue("s3_endpoint"), "test-access", "test-secret", bucket, region="us-east-1"
+    )
+
+
+def test_orphan_sweep_deletes_what_no_record_claims_once_past_retention(
+    state: StateStore, settings: Settings, artifact_store: ArtifactStore
+) -> None:
+    # As after Redis lost its data: objects of uploads and jobs whose records are gone.
+    kept_upload, kept_job = upload(), make_job(state, settings)
+    state.add_upload(kept_upload)
+    lost_upload, lost_job = upload(), make_job(state, settings)
+    state.delete_job(lost_job.id)
+    for key in (kept_upload.key, lost_upload.key, "acme/uploads/not-a-folder"):
+        artifact_store.put_bytes(key, b"weights")
+    for job in (kept_job, lost_job):
+        artifact_store.put_bytes(f"acme/jobs/{job.id}/grid.png", b"png")
+        artifact_store.put_bytes(f"acme/jobs/{job.id}/report.html", b"<html>")
+    everything = artifact_store.list("")
+    retention = settings.retention_hours * 3600.0
+
+    assert sweep_orphans(state, artifact_store, retention) == 0  # younger than the retention period
+    assert artifact_store.list("") == everything
+    assert sweep_orphans(state, artifact_store, retention, now=time.time() + retention + 60) == 2
+    assert sorted(artifact_store.list("")) == sorted(
+        [
+            kept_upload.key,
+            "acme/uploads/not-a-folder",  # not an upload's folder: not the sweep's to judge
+            f"acme/jobs/{kept_job.id}/grid.png",
+            f"acme/jobs/{kept_job.id}/report.html",
+        ]
+    )

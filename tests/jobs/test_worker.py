@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from jobtools import REDIS_URL, FakeRunner, make_job, redis_client
+from jobtools import REDIS_URL, FakeRunner, make_job, redis_client, wait_for
 
 from service.federations.spec import FederationSpec
-from service.jobs import execute, worker
+from service.jobs import execute, maintenance, worker
 from service.jobs.queue import ArqQueue
 from service.jobs.records import JobStatus
 from service.jobs.state_redis import RedisStateStore
@@ -227,3 +231,99 @@ def test_a_worker_shutting_down_mid_job_hands_it_to_the_next(
     asyncio.run(scenario())
     done = state.get_job(None, job.id)
     assert done.status == JobStatus.SUCCEEDED and done.attempts == 2
+
+
+# A worker process whose every run hangs, so that the test can kill it mid-job (with a short lease,
+# so that the test need not wait long for it to run out).
+HANGING_WORKER = """
+import asyncio, time
+from service.jobs import execute, worker
+from service.settings import Settings
+
+execute.LEASE_S = 1.0
+worker._warm_up = lambda: None  # no engine to import for a run that only hangs
+
+def hang(spec, ctx):
+    time.sleep(3600)
+
+arq_worker = worker.build_worker(Settings(), runner=hang, poll_delay=0.05)
+asyncio.get_event_loop().run_until_complete(worker.supervise(arq_worker))
+"""
+
+
+def queued_refs(settings: Settings) -> list[str]:
+    client = redis_client()
+    assert client is not None
+    try:
+        return list(client.zrange(settings.queue_name, 0, -1))
+    finally:
+        client.close()
+
+
+def test_a_killed_workers_queue_entry_goes_with_its_lease(
+    arq_settings: Settings, state: RedisStateStore, tmp_path: Path
+) -> None:
+    job = make_job(state, arq_settings)
+
+    async def enqueue() -> None:
+        queue = ArqQueue(arq_settings, state)
+        await queue.start()
+        await queue.enqueue(job)
+        await queue.close()
+
+    asyncio.run(enqueue())
+    env = {
+        **os.environ,
+        "GRADLEAK_REDIS_URL": REDIS_URL,
+        "GRADLEAK_REDIS_PREFIX": arq_settings.redis_prefix,
+        "GRADLEAK_QUEUE_NAME": arq_settings.queue_name,
+        "GRADLEAK_DATA_DIR": str(tmp_path / "worker"),
+    }
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_WORKER], env=env)
+    try:
+        wait_for(lambda: status_of(state, job.id) == JobStatus.RUNNING, 120.0, "the worker to take the job")
+    finally:
+        proc.kill()
+        proc.wait(10.0)
+    dead_ref = state.get_job(None, job.id).queue_ref
+    assert queued_refs(arq_settings) == [dead_ref]  # arq would keep this entry for the function's timeout
+
+    async def reap_and_rerun() -> None:
+        queue = ArqQueue(arq_settings, state)
+        await queue.start()
+        try:
+            await asyncio.sleep(1.5)  # the dead worker's lease runs out
+            assert await maintenance.reap(state, queue) == 1
+        finally:
+            await queue.close()
+        new_ref = state.get_job(None, job.id).queue_ref
+        assert new_ref != dead_ref and queued_refs(arq_settings) == [new_ref]
+        await run_worker_until(
+            arq_settings, FakeRunner(), lambda: status_of(state, job.id) == JobStatus.SUCCEEDED, 30
+        )
+
+    asyncio.run(reap_and_rerun())
+    assert queued_refs(arq_settings) == []  # the backlog autoscaling reads is true again
+
+
+def test_the_reaper_prunes_entries_no_run_will_complete(
+    arq_settings: Settings, state: RedisStateStore
+) -> None:
+    waiting, cancelled, gone = (make_job(state, arq_settings) for _ in range(3))
+
+    async def scenario() -> None:
+        queue = ArqQueue(arq_settings, state)
+        await queue.start()
+        try:
+            for job in (waiting, cancelled, gone):
+                await queue.enqueue(job)
+            state.request_cancel("acme", cancelled.id)
+            state.delete_job(gone.id)
+            assert await maintenance.prune_queue(state, queue) == 0  # young entries are left alone
+            later = time.time() + maintenance.ENTRY_GRACE_S + 1
+            assert await maintenance.prune_queue(state, queue, now=later) == 2
+        finally:
+            await queue.close()
+
+    asyncio.run(scenario())
+    assert queued_refs(arq_settings) == [state.get_job(None, waiting.id).queue_ref]
