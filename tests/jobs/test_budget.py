@@ -71,5 +71,5 @@ def test_bad_architectures_are_refused_as_before() -> None:
         estimate_memory(spec(arch="resnet9000"))
     with pytest.raises(SpecError):
         estimate_memory(
-            JobSpec.model_validate({"model": {"arch": "lenet", "knobs": {"nope": 1}}, "update": {}})
+            spec(arch="lenet").model_copy(update={"model": ModelSpec(arch="lenet", knobs={"nope": 1})})
         )
