@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,7 +12,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from api.errors import ApiError
 from api.runtime import Runtime
 from service.errors import NotFoundError
-from service.jobs.records import JOB_PREFIX, LOCAL_TENANT, JobRecord, is_id
+from service.jobs.quotas import Quotas
+from service.jobs.records import JOB_PREFIX, LOCAL_TENANT, ApiKeyRecord, JobRecord, is_id
 
 bearer = HTTPBearer(auto_error=False, description="an API key (glk_...) from `gradleak keys create`")
 
@@ -23,12 +25,38 @@ async def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-async def get_tenant(
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the tenant, and its quotas with the key's overrides applied."""
+
+    tenant: str
+    quotas: Quotas
+
+
+async def get_caller(
+    request: Request,
     rt: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str:
+) -> Caller:
+    """Authenticate the request and count it against the tenant's rate (429 when over it)."""
+    record = await _authenticate(rt, credentials)
+    tenant = LOCAL_TENANT if record is None else record.tenant
+    quotas = rt.quotas.with_overrides(None if record is None else record.quotas)
+    await rt.limiter.hit(tenant, request.method, quotas)
+    return Caller(tenant, quotas)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def get_tenant(caller: CallerDep) -> str:
+    return caller.tenant
+
+
+async def _authenticate(rt: Runtime, credentials: HTTPAuthorizationCredentials | None) -> ApiKeyRecord | None:
+    """The caller's key; None when keys are not required (loopback)."""
     if not rt.auth:
-        return LOCAL_TENANT
+        return None
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise ApiError(
@@ -43,7 +71,7 @@ async def get_tenant(
         record = await run_in_threadpool(rt.keys.lookup, token)
     if record is None:
         raise ApiError(401, "invalid or revoked API key", code="unauthorized", headers=challenge)
-    return record.tenant
+    return record
 
 
 Tenant = Annotated[str, Depends(get_tenant)]

@@ -3,7 +3,8 @@
 Domain exceptions (service/errors.py) carry the message the user sees; this module only decides
 the status. Bodies: type, title, status, detail, instance, request_id and `code` (a stable slug
 the SDK maps back to its exceptions), plus `errors` (validation), `valid` (unknown names) or
-`mismatches` (tensors that do not fit the architecture). The request id is also the
+`mismatches` (tensors that do not fit the architecture), `estimate` (a job over the memory
+budget) or `quota` and `limit` (429, with a Retry-After header). The request id is also the
 X-Request-ID response header and appears in the logs.
 """
 
@@ -33,7 +34,9 @@ from service.errors import (
     UnknownNameError,
     UnsupportedFormatError,
 )
+from service.jobs.budget import BudgetError
 from service.jobs.execute import TRANSIENT_ERRORS
+from service.jobs.quotas import QuotaExceededError
 from service.jobs.records import error_code
 
 log = logging.getLogger("gradleak.api")
@@ -55,6 +58,7 @@ STATUS: dict[type[GradleakError], int] = {
     DatasetNotFoundError: 422,
     MetricUnavailableError: 422,
     JobCancelledError: 409,
+    QuotaExceededError: 429,
     GradleakError: 400,
 }
 
@@ -125,7 +129,13 @@ def _domain(request: Request, exc: Exception) -> JSONResponse:
         extra["valid"] = exc.valid
     if isinstance(exc, ShapeMismatchError):
         extra["mismatches"] = exc.mismatches
-    return _problem(request, status_for(exc), str(exc), error_code(exc), extra=extra)
+    headers = None
+    if isinstance(exc, BudgetError):
+        extra["estimate"] = {**exc.estimate.to_dict(), "limit_bytes": exc.limit_bytes}
+    if isinstance(exc, QuotaExceededError):
+        extra.update(quota=exc.quota, limit=exc.limit)
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    return _problem(request, status_for(exc), str(exc), error_code(exc), extra=extra, headers=headers)
 
 
 def _http(request: Request, exc: Exception) -> JSONResponse:

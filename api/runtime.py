@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.observability import Metrics
+from api.ratelimit import RateLimiter
 from service.jobs.keys import authenticate, digest
 from service.jobs.maintenance import Housekeeper
 from service.jobs.queue import JobQueue
+from service.jobs.quotas import Quotas
 from service.jobs.records import ApiKeyRecord
 from service.jobs.state import StateStore, open_state_store
 from service.jobs.uploads import Limits
@@ -95,6 +97,8 @@ class Runtime:
     limits: Limits
     keys: KeyCache
     housekeeper: Housekeeper
+    quotas: Quotas
+    limiter: RateLimiter
     _catalog: dict[str, Any] | None = field(default=None, repr=False)
 
     @classmethod
@@ -118,6 +122,8 @@ class Runtime:
             limits=Limits.from_settings(settings),
             keys=KeyCache(state),
             housekeeper=housekeeper,
+            quotas=Quotas.from_settings(settings),
+            limiter=RateLimiter(settings),
         )
 
     async def close(self) -> None:

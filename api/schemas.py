@@ -321,3 +321,8 @@ class Problem(Output):
     errors: list[dict[str, Any]] | None = Field(default=None, description="validation errors: loc, msg, type")
     valid: list[str] | None = Field(default=None, description="the valid names, for an unknown name")
     mismatches: list[str] | None = Field(default=None, description="the first tensors that do not fit")
+    estimate: dict[str, Any] | None = Field(
+        default=None, description="a job over the memory budget: its estimated peak and the limit (bytes)"
+    )
+    quota: str | None = Field(default=None, description="429: the quota or rate limit that was hit")
+    limit: float | None = Field(default=None, description="429: that quota's value for this tenant")

@@ -82,14 +82,27 @@ def worker() -> None:
 def keys_create(
     tenant: Annotated[str, typer.Option(help="the tenant the key acts for")],
     name: Annotated[str, typer.Option(help="a note to tell keys apart")] = "",
+    quota: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="override a quota for this key, name=value (repeatable): rate_read_per_s, "
+            "rate_read_burst, rate_write_per_s, rate_write_burst, max_running_jobs, max_queued_jobs, "
+            "max_stored_bytes"
+        ),
+    ] = None,
 ) -> None:
     """Create an API key. The key is printed once, on stdout; only its hash is stored."""
     from service.jobs.keys import create_key
+    from service.jobs.quotas import parse_overrides
     from service.jobs.state import open_state_store
 
+    try:
+        overrides = parse_overrides(quota or [])
+    except ValueError as e:
+        raise _fail(str(e)) from None
     state = open_state_store(get_settings())
     try:
-        token, record = create_key(state, tenant, name)
+        token, record = create_key(state, tenant, name, quotas=overrides)
     except ValueError as e:
         raise _fail(str(e)) from None
     finally:
@@ -112,8 +125,10 @@ def keys_list() -> None:
         return
     for k in keys:
         status = "active" if k.revoked_at is None else f"revoked {_date(k.revoked_at)}"
+        quotas = "" if not k.quotas else "  quotas=" + ",".join(f"{q}={v:g}" for q, v in k.quotas.items())
         typer.echo(
-            f"{k.id}  {k.prefix}...  tenant={k.tenant}  name={k.name or '-'}  {_date(k.created_at)}  {status}"
+            f"{k.id}  {k.prefix}...  tenant={k.tenant}  name={k.name or '-'}  {_date(k.created_at)}  "
+            f"{status}{quotas}"
         )
 
 

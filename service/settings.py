@@ -48,6 +48,18 @@ class Settings(BaseSettings):
     max_federation_time_limit_s: float = 24 * 3600.0
     default_federation_time_limit_s: float = 6 * 3600.0
     max_federation_parameter_rounds: float = 1e11  # parameters x local trainings
+    # the memory one job may use on a worker (RAM on a CPU worker, device memory on a GPU worker);
+    # specs whose estimated peak (service/jobs/budget.py) exceeds it are refused before queueing
+    worker_memory_bytes: int = Field(default=8 * 2**30, gt=0)
+
+    # per-tenant quotas and rate limits; an API key may override each (`gradleak keys create --quota`)
+    rate_read_per_s: float = Field(default=50.0, gt=0)  # GET/HEAD requests
+    rate_read_burst: int = Field(default=200, ge=1)
+    rate_write_per_s: float = Field(default=2.0, gt=0)  # POST/DELETE: submissions, uploads, cancels
+    rate_write_burst: int = Field(default=30, ge=1)
+    max_running_jobs: int = Field(default=2, ge=1)
+    max_queued_jobs: int = Field(default=20, ge=1)
+    max_stored_bytes: int = Field(default=10 * 2**30, ge=0)  # the tenant's uploads
 
     # privacy: uploads, reconstructions and reports are private data
     retention_hours: float = 7 * 24.0

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from service.errors import NotFoundError
 
@@ -24,9 +24,26 @@ def check_key(key: str) -> str:
     return key
 
 
+COPY_CHUNK_BYTES = 1 << 20
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, size: int) -> int:
+    copied = 0
+    while copied < size and (chunk := src.read(min(COPY_CHUNK_BYTES, size - copied))):
+        dst.write(chunk)
+        copied += len(chunk)
+    return copied
+
+
 @runtime_checkable
 class ArtifactStore(Protocol):
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    def put_file(
+        self, key: str, f: BinaryIO, size: int, content_type: str = "application/octet-stream"
+    ) -> None:
+        """Store `size` bytes read from `f` (from its start), streamed: never all in memory."""
+        ...
 
     def get_bytes(self, key: str) -> bytes: ...
 
@@ -70,6 +87,23 @@ class LocalStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(
+        self, key: str, f: BinaryIO, size: int, content_type: str = "application/octet-stream"
+    ) -> None:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            f.seek(0)
+            with os.fdopen(fd, "wb") as out:
+                copied = _copy(f, out, size)
+            if copied != size:
+                raise OSError(f"stored {copied} of {size} bytes for {key!r}: the source ended early")
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import urllib3
@@ -24,6 +25,8 @@ from service.errors import NotFoundError
 from service.settings import Settings
 from service.storage import ArtifactStore, LocalStore, check_key
 
+# Uploads go to S3 in parts of this size: the most of an upload held in memory at once.
+PART_BYTES = 8 * 2**20
 # Presigned links hand private data (uploads, reconstructions) to whoever holds them.
 MAX_PRESIGN = timedelta(hours=1)
 
@@ -128,6 +131,24 @@ class S3Store:
         self._ensure_bucket()
         with self._errors("upload", key):
             self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+
+    def put_file(
+        self, key: str, f: BinaryIO, size: int, content_type: str = "application/octet-stream"
+    ) -> None:
+        check_key(key)
+        self._ensure_bucket()
+        f.seek(0)
+        with self._errors("upload", key):
+            # minio reads the stream a part at a time (multipart above PART_BYTES), one part in flight
+            self.client.put_object(
+                self.bucket,
+                key,
+                f,
+                size,
+                content_type=content_type,
+                part_size=PART_BYTES,
+                num_parallel_uploads=1,
+            )
 
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.iter_bytes(key))

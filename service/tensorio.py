@@ -8,11 +8,12 @@ archives, numpy, HDF5, ONNX) are recognised and refused with a message that says
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import safetensors.torch
 import torch
@@ -123,6 +124,67 @@ def load_safetensors_file(
         check_finite=check_finite,
         name=str(p),
     )
+
+
+SCAN_CHUNK_BYTES = 4 * 2**20
+
+
+class _FileView:
+    """A seekable file seen as the bytes `_parse_header` reads (length, indexing, slicing), so
+    that a header is checked by the same code whether the file is in memory or on disk."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f, self.size = f, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, int):
+            return self[index : index + 1][0]
+        start, stop, _ = index.indices(self.size)
+        self.f.seek(start)
+        return self.f.read(max(0, stop - start))
+
+
+def scan_safetensors(
+    f: BinaryIO,
+    size: int,
+    *,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    allowed_dtypes: Collection[str] = FLOAT_DTYPES,
+    check_finite: bool = True,
+    name: str | None = None,
+    visit: Callable[[str, torch.Tensor], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], str]:
+    """`load_safetensors`'s checks on a seekable file of `size` bytes, in one streamed pass that
+    holds at most SCAN_CHUNK_BYTES of it in memory: the header as load_safetensors checks it,
+    then every tensor's values (NaN and Inf with `check_finite`), chunk by chunk; `visit(name,
+    chunk)` sees each chunk (e.g. to check a value range). Returns the tensors as meta tensors
+    (name, shape and dtype; no data), in header order, and the file's sha256."""
+    prefix = f"{name}: " if name else ""
+    try:
+        header_len, entries = _parse_header(_FileView(f, size), max_header_bytes, allowed_dtypes)
+    except ArtifactError as e:
+        raise type(e)(prefix + str(e)) from None
+    digest = hashlib.sha256()
+    f.seek(0)
+    digest.update(f.read(8 + header_len))
+    # _parse_header has checked that the tensors tile the data section in offset order.
+    for key, (dtype, _shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+        step = max(dtype.itemsize, SCAN_CHUNK_BYTES - SCAN_CHUNK_BYTES % dtype.itemsize)
+        for offset in range(begin, end, step):
+            chunk = f.read(min(step, end - offset))
+            digest.update(chunk)
+            values = torch.frombuffer(bytearray(chunk), dtype=dtype)
+            if check_finite and values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                raise ArtifactError(f"{prefix}tensor {key!r} contains NaN or Inf values")
+            if visit is not None:
+                visit(key, values)
+    tensors = {
+        k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape, _, _) in entries.items()
+    }
+    return tensors, digest.hexdigest()
 
 
 def _parse_header(

@@ -16,11 +16,12 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel
 
-from api.deps import OwnedJob, RuntimeDep, Tenant
+from api.deps import Caller, CallerDep, OwnedJob, RuntimeDep, Tenant
 from api.errors import ApiError
 from api.runtime import Runtime
 from api.schemas import ArtifactList, ArtifactOut, JobCreate, JobList, JobOut, job_out
 from service.errors import NotFoundError
+from service.jobs.quotas import QuotaExceededError, check_job_quotas
 from service.jobs.records import JOB_PREFIX, JobRecord, JobStatus, is_id
 from service.jobs.submit import check_references, check_spec, get_upload_of_kind, new_job, spec_from_uploads
 from service.jobs.types import CONTENT_TYPES, REPORT_HTML, REPORT_POLICY
@@ -40,8 +41,9 @@ NOT_PRESIGNED = frozenset({REPORT_HTML})  # also in a federation's folders: roun
 
 
 def _submit(
-    rt: Runtime, tenant: str, body: JobCreate, key: str | None, request_hash: str
+    rt: Runtime, caller: Caller, body: JobCreate, key: str | None, request_hash: str
 ) -> tuple[JobRecord, bool]:
+    tenant = caller.tenant
     if body.spec is not None:
         spec = body.spec
     else:
@@ -66,8 +68,26 @@ def _submit(
         )
     spec = check_spec(spec, rt.limits)
     check_references(spec, tenant, rt.state)
-    job = new_job(spec, tenant, rt.settings, idempotency_key=key, request_hash=request_hash)
+    try:
+        check_job_quotas(rt.state, tenant, caller.quotas)
+    except QuotaExceededError:
+        if key is None or not _replayed(rt, tenant, key):
+            raise
+    job = new_job(
+        spec,
+        tenant,
+        rt.settings,
+        idempotency_key=key,
+        request_hash=request_hash,
+        max_running_jobs=caller.quotas.max_running_jobs,
+    )
     return rt.state.create_job(job)
+
+
+def _replayed(rt: Runtime, tenant: str, key: str) -> bool:
+    """Whether a recent job has this Idempotency-Key: a retry of it makes no new job, so the quota
+    of waiting jobs does not apply (retries come soon after the first try, so recent jobs suffice)."""
+    return any(job.idempotency_key == key for job in rt.state.list_jobs(tenant, limit=200))
 
 
 @router.post(
@@ -75,12 +95,16 @@ def _submit(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobOut,
     summary="Submit a job",
-    responses={409: {"description": "the Idempotency-Key was used for a different request"}},
+    responses={
+        409: {"description": "the Idempotency-Key was used for a different request"},
+        422: {"description": "an invalid spec, or one over the memory budget (`estimate`)"},
+        429: {"description": "over a rate limit or the quota of waiting jobs (Retry-After)"},
+    },
 )
 async def create_job(
     body: JobCreate,
     rt: RuntimeDep,
-    tenant: Tenant,
+    caller: CallerDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -90,7 +114,7 @@ async def create_job(
     """Check the job (names, knowledge, limits, uploads) and queue it. The response is the job,
     queued; follow it with GET on its Location or with its event stream."""
     request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    job, created = await run_in_threadpool(_submit, rt, tenant, body, idempotency_key, request_hash)
+    job, created = await run_in_threadpool(_submit, rt, caller, body, idempotency_key, request_hash)
     if not created and job.request_hash != request_hash:
         raise ApiError(
             409,

@@ -8,25 +8,28 @@ Each is one multipart/form-data request with a `file` part (the safetensors byte
          http://127.0.0.1:8000/v1/models
 
 A file is checked the way a job would use it before anything is stored; a refused upload
-leaves nothing behind. Uploads are private data: they are never logged and are deleted after
-the retention period.
+leaves nothing behind. The file part is spooled to a temporary file as it arrives, checked in
+one streamed pass and streamed to the artifact store, so the API's memory does not grow with an
+upload's size; the tenant's stored bytes are checked against its quota first. Uploads are
+private data: they are never logged and are deleted after the retention period.
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
 import time
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, BinaryIO, TypeVar
 
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from api.deps import RuntimeDep, Tenant
+from api.deps import Caller, CallerDep, RuntimeDep, Tenant
 from api.errors import ApiError, validation_errors
 from api.runtime import Runtime
 from api.schemas import GroundTruthOut, ModelOut, UpdateOut, UploadOut, upload_out
 from service.errors import NotFoundError
+from service.jobs.quotas import check_storage_quota
 from service.jobs.records import UPLOAD_PREFIXES, UploadKind, UploadRecord, is_id, new_id
 from service.jobs.submit import get_upload_of_kind
 from service.jobs.uploads import (
@@ -54,18 +57,30 @@ def _metadata(cls: type[M], text: str | None) -> M:
         raise RequestValidationError(validation_errors(list(e.errors()), ("body", "metadata"))) from None
 
 
-def _read(file: UploadFile, limit: int) -> bytes:
-    data = file.file.read(limit + 1)
-    if len(data) > limit:
+def _spooled(file: UploadFile, rt: Runtime, caller: Caller) -> tuple[BinaryIO, int]:
+    """The uploaded file (spooled to disk by the multipart parser) and its size, within the
+    upload limit and the tenant's storage quota."""
+    f = file.file
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    limit = rt.settings.max_upload_bytes
+    if size > limit:
         raise ApiError(
             413, f"the file exceeds this server's upload limit of {limit} bytes", code="payload_too_large"
         )
-    return data
+    check_storage_quota(rt.state, caller.tenant, caller.quotas, size)
+    return f, size
 
 
 def _store(
-    rt: Runtime, tenant: str, kind: UploadKind, data: bytes, metadata: dict[str, Any], tensors: int
+    rt: Runtime,
+    tenant: str,
+    kind: UploadKind,
+    file: tuple[BinaryIO, int, str],
+    metadata: dict[str, Any],
+    tensors: int,
 ) -> UploadRecord:
+    f, size, sha256 = file
     upload_id = new_id(UPLOAD_PREFIXES[kind])
     folder = f"{tenant}/uploads/{upload_id}"
     now = time.time()
@@ -74,21 +89,21 @@ def _store(
         tenant=tenant,
         kind=kind,
         key=f"{folder}/data.safetensors",
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        size=size,
+        sha256=sha256,
         metadata=metadata,
         tensors=tensors,
         created_at=now,
         expires_at=now + rt.settings.retention_hours * 3600.0,
     )
-    rt.store.put_bytes(record.key, data)
+    rt.store.put_file(record.key, f, size)
     try:
         rt.state.add_upload(record)
     except BaseException:
         rt.store.delete_prefix(folder)
         raise
     rt.metrics.uploads.labels(kind).inc()
-    rt.metrics.upload_bytes.labels(kind).inc(len(data))
+    rt.metrics.upload_bytes.labels(kind).inc(size)
     return record
 
 
@@ -115,7 +130,7 @@ def _delete(rt: Runtime, tenant: str, upload_id: str, kind: UploadKind) -> None:
 )
 def upload_model(
     rt: RuntimeDep,
-    tenant: Tenant,
+    caller: CallerDep,
     response: Response,
     file: FileField,
     metadata: Annotated[str, Form(description="JSON: arch, knobs, image_shape, num_classes (ModelUpload)")],
@@ -123,11 +138,10 @@ def upload_model(
     """The model the server sent to the client: its weights (safetensors) and its architecture.
     The weights must fit the architecture exactly (422 lists the first mismatches)."""
     meta = _metadata(ModelUpload, metadata)
-    data = _read(file, rt.settings.max_upload_bytes)
-    tensors = check_model_upload(data, meta)
-    return _created(
-        response, "models", _store(rt, tenant, "model", data, meta.model_dump(mode="json"), tensors)
-    )
+    f, size = _spooled(file, rt, caller)
+    tensors, sha256 = check_model_upload(f, size, meta)
+    record = _store(rt, caller.tenant, "model", (f, size, sha256), meta.model_dump(mode="json"), tensors)
+    return _created(response, "models", record)
 
 
 @router.post(
@@ -138,7 +152,7 @@ def upload_model(
 )
 def upload_update(
     rt: RuntimeDep,
-    tenant: Tenant,
+    caller: CallerDep,
     response: Response,
     file: FileField,
     metadata: Annotated[
@@ -149,12 +163,13 @@ def upload_update(
     """What a client shared (gradient, delta or new weights) for an uploaded model, and what the
     server knows of the client's training (each fact may be unknown)."""
     meta = _metadata(UpdateUpload, metadata)
-    model = get_upload_of_kind(rt.state, tenant, meta.model_id, "model", "metadata.model_id")
-    data = _read(file, rt.settings.max_upload_bytes)
-    tensors = check_update_upload(data, meta, ModelUpload.model_validate(model.metadata), rt.limits)
-    return _created(
-        response, "updates", _store(rt, tenant, "update", data, meta.model_dump(mode="json"), tensors)
+    model = get_upload_of_kind(rt.state, caller.tenant, meta.model_id, "model", "metadata.model_id")
+    f, size = _spooled(file, rt, caller)
+    tensors, sha256 = check_update_upload(
+        f, size, meta, ModelUpload.model_validate(model.metadata), rt.limits
     )
+    record = _store(rt, caller.tenant, "update", (f, size, sha256), meta.model_dump(mode="json"), tensors)
+    return _created(response, "updates", record)
 
 
 @router.post(
@@ -165,7 +180,7 @@ def upload_update(
 )
 def upload_ground_truth(
     rt: RuntimeDep,
-    tenant: Tenant,
+    caller: CallerDep,
     response: Response,
     file: FileField,
     metadata: Annotated[str | None, Form(description="JSON object; none needed (GroundTruthUpload)")] = None,
@@ -173,9 +188,10 @@ def upload_ground_truth(
     """The client's own images (`images`, N x C x H x W in [0, 1]) and optional `labels` (N),
     used only to score a reconstruction; attacks never see them."""
     _metadata(GroundTruthUpload, metadata)
-    data = _read(file, rt.settings.max_upload_bytes)
-    tensors, info = check_ground_truth_upload(data, rt.limits)
-    return _created(response, "ground-truth", _store(rt, tenant, "ground_truth", data, info, tensors))
+    f, size = _spooled(file, rt, caller)
+    tensors, info, sha256 = check_ground_truth_upload(f, size, rt.limits)
+    record = _store(rt, caller.tenant, "ground_truth", (f, size, sha256), info, tensors)
+    return _created(response, "ground-truth", record)
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, summary="A model upload")

@@ -342,7 +342,7 @@ class EmbeddedQueue:
             return
         finally:
             self._running = None
-        if outcome == Outcome.SKIPPED:
+        if outcome in (Outcome.SKIPPED, Outcome.DEFERRED):
             await asyncio.sleep(SKIP_PAUSE_S)
 
 

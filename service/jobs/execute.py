@@ -60,6 +60,7 @@ class StopReason(StrEnum):
 
 class Outcome(StrEnum):
     SKIPPED = "skipped"  # the job was not waiting (cancelled, finished, running elsewhere)
+    DEFERRED = "deferred"  # the tenant has its quota of running jobs: the job keeps waiting
     FINISHED = "finished"  # a final state was recorded
     RELEASED = "released"  # the job went back to waiting (interrupted) for another try
     LOST = "lost"  # the job was taken away from this worker mid-run
@@ -182,6 +183,8 @@ def execute_job(
     remain; errors in the job itself fail it with their message; a stop for shutdown puts it
     back. Nothing about the job's data is logged.
     """
+    if _tenant_at_running_quota(state, job_id):
+        return Outcome.DEFERRED
     job = state.claim(job_id, worker_id, LEASE_S)
     if job is None:
         return Outcome.SKIPPED
@@ -213,6 +216,17 @@ def execute_job(
     finally:
         heartbeat.done.set()
         heartbeat.join()
+
+
+def _tenant_at_running_quota(state: StateStore, job_id: str) -> bool:
+    """Whether the job's tenant already runs its quota of jobs (checked when a worker picks the
+    job, so several workers picking at once may pass it by one each)."""
+    try:
+        job = state.get_job(None, job_id)
+    except NotFoundError:
+        return False
+    limit = job.max_running_jobs
+    return limit is not None and state.count_running_jobs(job.tenant) >= limit
 
 
 def _run_and_record(

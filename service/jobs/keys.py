@@ -21,8 +21,11 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_key(state: StateStore, tenant: str, name: str = "") -> tuple[str, ApiKeyRecord]:
-    """A new key for `tenant`: (the token, shown once; its record)."""
+def create_key(
+    state: StateStore, tenant: str, name: str = "", quotas: dict[str, float | int] | None = None
+) -> tuple[str, ApiKeyRecord]:
+    """A new key for `tenant`: (the token, shown once; its record). `quotas` overrides the
+    server's quotas for requests made with this key (service/jobs/quotas.py)."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     record = ApiKeyRecord(
         id=new_id(KEY_PREFIX),
@@ -31,6 +34,7 @@ def create_key(state: StateStore, tenant: str, name: str = "") -> tuple[str, Api
         digest=digest(token),
         prefix=token[: len(TOKEN_PREFIX) + 6],
         created_at=time.time(),
+        quotas=quotas or None,
     )
     state.add_key(record)
     return token, record

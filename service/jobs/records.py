@@ -133,6 +133,9 @@ class JobRecord(Record):
     queue_ref: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    # the submitting key's quota of running jobs: a worker leaves the job waiting while the
+    # tenant has this many running
+    max_running_jobs: int | None = None
 
     @property
     def kind(self) -> Literal["job", "federation"]:
@@ -161,6 +164,7 @@ class ApiKeyRecord(Record):
     prefix: str  # the first characters, so a person can tell keys apart
     created_at: float
     revoked_at: float | None = None
+    quotas: dict[str, float | int] | None = None  # overrides of the server's quotas (service/jobs/quotas.py)
 
 
 class Heartbeat(Record):

@@ -8,8 +8,10 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -82,6 +84,56 @@ def run_job(spec: JobSpec | FederationSpec, ctx: JobContext) -> JobResult:
 
 
 def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
+    try:
+        return _run_stages(spec, ctx)
+    except _Stopped as stop:
+        # Stopped before the attack had a result (or while scoring it): nothing worth keeping.
+        manifest = {"job_id": ctx.job_id, "status": "cancelled", "stopped_in": stop.stage}
+        return JobResult(status="cancelled", manifest=manifest, artifacts={})
+
+
+class _Stopped(Exception):
+    """`ctx.should_stop` answered True outside the attack loop."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        super().__init__(stage)
+
+
+def _checkpoint(ctx: JobContext, stage: str) -> None:
+    if ctx.should_stop is not None and ctx.should_stop():
+        raise _Stopped(stage)
+
+
+@contextmanager
+def _interruptible(model: nn.Module, ctx: JobContext) -> Iterator[Callable[[nn.Module], None]]:
+    """While open, every forward pass through `model`, or a copy of it made meanwhile (the
+    simulated client's, label inference's), checks for a stop before each layer, so a cancel
+    during a long setup step lands within one layer's time. Yields a function that removes the
+    checks from a copy that lives on (the attack's model)."""
+    if ctx.should_stop is None:
+        yield lambda _copy: None
+        return
+
+    def check(_module: nn.Module, _inputs: Any) -> None:
+        _checkpoint(ctx, "setup")
+
+    handles = [m.register_forward_pre_hook(check) for m in model.modules()]
+    ids = {h.id for h in handles}
+
+    def strip(copy: nn.Module) -> None:
+        for m in copy.modules():
+            for hook_id in ids:
+                m._forward_pre_hooks.pop(hook_id, None)
+
+    try:
+        yield strip
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
     if get_settings().malloc_tuning:
         keep_freed_memory()
     started = time.monotonic()
@@ -92,12 +144,21 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
 
     device = pick_device(ctx.device)
     generator = torch.Generator().manual_seed(spec.seed)
+    _checkpoint(ctx, "setup")
     model = build_model(spec.model, spec.data, resolve=ctx.resolve).to(device)
-    victim = _victim(spec, model, ctx, generator, device)
-    update = victim.update
-    if spec.defenses:
-        update = apply_defenses(_as_delta_or_gradient(spec, model, update), list(spec.defenses), generator)
-    problem = _problem(spec, model, update, victim, device)
+    _checkpoint(ctx, "setup")
+    with _interruptible(model, ctx) as strip:
+        victim = _victim(spec, model, ctx, generator, device)
+        _checkpoint(ctx, "setup")
+        update = victim.update
+        if spec.defenses:
+            update = apply_defenses(
+                _as_delta_or_gradient(spec, model, update), list(spec.defenses), generator
+            )
+        problem = _problem(spec, model, update, victim, device)
+        strip(problem.model)
+    _check_budget(spec, problem)
+    _checkpoint(ctx, "setup")
     timings["setup_s"] = time.monotonic() - started
 
     attack = ATTACKS.get(spec.attack.name)
@@ -111,7 +172,11 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
     t = time.monotonic()
     metrics: dict | None = None
     unavailable: str | None = "no ground truth was given"
-    if victim.truth_images is not None and len(victim.truth_images) != len(result.images):
+    stopped = result.stop_reason == "stopped" or (ctx.should_stop is not None and ctx.should_stop())
+    if stopped:
+        # a stopped run is not scored: its worker is wanted elsewhere
+        unavailable = "the run was stopped before scoring"
+    elif victim.truth_images is not None and len(victim.truth_images) != len(result.images):
         unavailable = (
             f"the attack reconstructed {len(result.images)} images (count {problem.num_images_source}) "
             f"but the ground truth has {len(victim.truth_images)}: give data.num_images to score"
@@ -130,9 +195,7 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
 
     artifacts = _write_artifacts(spec, ctx, result, victim, metrics)
     timings["total_s"] = time.monotonic() - started
-    status: Literal["succeeded", "cancelled"] = (
-        "cancelled" if result.stop_reason == "stopped" else "succeeded"
-    )
+    status: Literal["succeeded", "cancelled"] = "cancelled" if stopped else "succeeded"
     manifest = {
         "job_id": ctx.job_id,
         "status": status,
@@ -178,6 +241,14 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
 # --------------------------------------------------------------------------------------------
 # the victim: a simulated client, or an uploaded update
 # --------------------------------------------------------------------------------------------
+
+
+def _check_budget(spec: JobSpec, problem: AttackProblem) -> None:
+    """The memory estimate again, now that the image count is known (inferred from the update
+    when the spec did not say): refuse before the attack allocates its graph."""
+    from service.jobs.budget import check_memory
+
+    check_memory(spec, get_settings().worker_memory_bytes, num_images=problem.num_images)
 
 
 def _victim(

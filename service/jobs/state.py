@@ -121,6 +121,17 @@ class StateStore(Protocol):
 
     def count_by_status(self) -> dict[JobStatus, int]: ...
 
+    # --- quotas -------------------------------------------------------------------------------
+    def count_running_jobs(self, tenant: str) -> int: ...
+
+    def count_waiting_jobs(self, tenant: str) -> int:
+        """The tenant's queued and interrupted jobs."""
+        ...
+
+    def stored_bytes(self, tenant: str) -> int:
+        """The total size of the tenant's uploads."""
+        ...
+
     def ping(self) -> None:
         """Raise if the store is unreachable."""
         ...

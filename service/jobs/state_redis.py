@@ -79,6 +79,9 @@ class RedisStateStore:
     def _upload(self, upload_id: str) -> str:
         return f"{self.p}:upload:{upload_id}"
 
+    def _upload_sizes(self, tenant: str) -> str:
+        return f"{self.p}:uploadsizes:{tenant}"
+
     def _key(self, digest: str) -> str:
         return f"{self.p}:apikey:{digest}"
 
@@ -134,6 +137,7 @@ class RedisStateStore:
         with self.r.pipeline(transaction=True) as pipe:
             pipe.set(self._upload(upload.id), upload.model_dump_json())
             pipe.zadd(self._upload_expiry, {upload.id: upload.expires_at})
+            pipe.zadd(self._upload_sizes(upload.tenant), {upload.id: upload.size})
             pipe.execute()
 
     def get_upload(self, tenant: str, upload_id: str) -> UploadRecord:
@@ -148,6 +152,7 @@ class RedisStateStore:
         with self.r.pipeline(transaction=True) as pipe:
             pipe.delete(self._upload(upload_id))
             pipe.zrem(self._upload_expiry, upload_id)
+            pipe.zrem(self._upload_sizes(tenant), upload_id)
             pipe.execute()
         return upload
 
@@ -374,6 +379,21 @@ class RedisStateStore:
                 pipe.zcard(self._status_index(status))
             counts = pipe.execute()
         return dict(zip(JobStatus, counts, strict=True))
+
+    # --- quotas -------------------------------------------------------------------------------
+
+    def count_running_jobs(self, tenant: str) -> int:
+        return int(self.r.zcard(self._tenant_index(tenant, JobStatus.RUNNING)))
+
+    def count_waiting_jobs(self, tenant: str) -> int:
+        with self.r.pipeline(transaction=False) as pipe:
+            for status in RUNNABLE:
+                pipe.zcard(self._tenant_index(tenant, status))
+            return int(sum(pipe.execute()))
+
+    def stored_bytes(self, tenant: str) -> int:
+        # a set of (upload id, size): adding or removing an upload twice counts it once
+        return int(sum(size for _, size in self.r.zrange(self._upload_sizes(tenant), 0, -1, withscores=True)))
 
     def ping(self) -> None:
         self.r.ping()

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     artifacts TEXT NOT NULL,
     queue_ref TEXT,
     idempotency_key TEXT,
-    request_hash TEXT
+    request_hash TEXT,
+    max_running_jobs INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -76,6 +77,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS uploads_expiry ON uploads (expires_at);
+CREATE INDEX IF NOT EXISTS uploads_tenant ON uploads (tenant);
 
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
@@ -84,9 +86,13 @@ CREATE TABLE IF NOT EXISTS api_keys (
     digest TEXT NOT NULL UNIQUE,
     prefix TEXT NOT NULL,
     created_at REAL NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    quotas TEXT
 );
 """
+
+# Columns added after the first release: (table, column, type), added to older files on open.
+_ADDED_COLUMNS = (("jobs", "max_running_jobs", "INTEGER"), ("api_keys", "quotas", "TEXT"))
 
 _JSON_COLUMNS = ("progress", "error", "manifest", "artifacts")
 
@@ -109,6 +115,12 @@ def _job_to_row(job: JobRecord) -> dict[str, Any]:
     return data
 
 
+def _key_from_row(row: sqlite3.Row) -> ApiKeyRecord:
+    data = dict(row)
+    data["quotas"] = None if data["quotas"] is None else json.loads(data["quotas"])
+    return ApiKeyRecord.model_validate(data)
+
+
 def _upload_from_row(row: sqlite3.Row) -> UploadRecord:
     data = dict(row)
     data["metadata"] = json.loads(data["metadata"])
@@ -126,6 +138,14 @@ class SQLiteStateStore:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         with self._lock:
             self._conn.executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
+            self._migrate()
+
+    def _migrate(self) -> None:
+        with self._tx() as c:
+            for table, column, kind in _ADDED_COLUMNS:
+                have = {r["name"] for r in c.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -147,19 +167,21 @@ class SQLiteStateStore:
 
     def add_key(self, key: ApiKeyRecord) -> None:
         with self._tx() as c:
+            data = key.model_dump()
+            data["quotas"] = None if key.quotas is None else json.dumps(key.quotas)
             c.execute(
-                "INSERT INTO api_keys VALUES "
-                "(:id, :tenant, :name, :digest, :prefix, :created_at, :revoked_at)",
-                key.model_dump(),
+                "INSERT INTO api_keys (id, tenant, name, digest, prefix, created_at, revoked_at, quotas) "
+                "VALUES (:id, :tenant, :name, :digest, :prefix, :created_at, :revoked_at, :quotas)",
+                data,
             )
 
     def find_key(self, digest: str) -> ApiKeyRecord | None:
         rows = self._query("SELECT * FROM api_keys WHERE digest = ?", (digest,))
-        return ApiKeyRecord.model_validate(dict(rows[0])) if rows else None
+        return _key_from_row(rows[0]) if rows else None
 
     def list_keys(self) -> list[ApiKeyRecord]:
         rows = self._query("SELECT * FROM api_keys ORDER BY id")
-        return [ApiKeyRecord.model_validate(dict(r)) for r in rows]
+        return [_key_from_row(r) for r in rows]
 
     def revoke_key(self, key_id: str) -> ApiKeyRecord:
         with self._tx() as c:
@@ -170,7 +192,7 @@ class SQLiteStateStore:
             row = c.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no API key {key_id!r}")
-        return ApiKeyRecord.model_validate(dict(row))
+        return _key_from_row(row)
 
     # --- uploads ------------------------------------------------------------------------------
 
@@ -389,6 +411,26 @@ class SQLiteStateStore:
         for row in self._query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"):
             counts[JobStatus(row["status"])] = row["n"]
         return counts
+
+    # --- quotas -------------------------------------------------------------------------------
+
+    def count_running_jobs(self, tenant: str) -> int:
+        rows = self._query(
+            "SELECT COUNT(*) AS n FROM jobs WHERE tenant = ? AND status = ?",
+            (tenant, JobStatus.RUNNING.value),
+        )
+        return int(rows[0]["n"])
+
+    def count_waiting_jobs(self, tenant: str) -> int:
+        rows = self._query(
+            "SELECT COUNT(*) AS n FROM jobs WHERE tenant = ? AND status IN (?, ?)",
+            (tenant, JobStatus.QUEUED.value, JobStatus.INTERRUPTED.value),
+        )
+        return int(rows[0]["n"])
+
+    def stored_bytes(self, tenant: str) -> int:
+        rows = self._query("SELECT COALESCE(SUM(size), 0) AS n FROM uploads WHERE tenant = ?", (tenant,))
+        return int(rows[0]["n"])
 
     def ping(self) -> None:
         self._query("SELECT 1")

@@ -3,7 +3,9 @@ registries, the tenant's limits and its uploads, and make the job record.
 
 Everything here runs before a job is queued, so that a spec the runner would refuse is refused
 with a 4xx instead of becoming a failed job. The registry checks import the engine (torch)
-lazily.
+lazily; the architecture is checked on torch's meta device (service/jobs/budget.py), so a large
+model costs the API no memory and no arithmetic, and its memory estimate is checked against the
+worker memory setting.
 """
 
 from __future__ import annotations
@@ -68,14 +70,12 @@ def check_spec(spec: JobSpec, limits: Limits) -> JobSpec:
     from service.attacks import ATTACKS
     from service.data.photos import resolve_photo_name
     from service.defenses import DEFENSES
-    from service.models import build_model
+    from service.jobs.budget import check_memory
 
     spec.check_knowledge()
     ATTACKS.get(spec.attack.name)
     for defense in spec.defenses:
         DEFENSES.get(defense.name)
-    # Architecture, knobs and image size, exactly as the runner will build it (weights come later).
-    build_model(spec.model.model_copy(update={"weights": None}), spec.data)
 
     sim = spec.update.simulate
     if sim is not None:
@@ -97,6 +97,9 @@ def check_spec(spec: JobSpec, limits: Limits) -> JobSpec:
     limits.check_budget(budget)
     if not 0 <= spec.seed < 2**63:
         raise SpecError(f"seed must lie in 0..{2**63 - 1}")
+    # Architecture, knobs and image size as the runner will build them (on the meta device), and
+    # the job's estimated peak memory against what a worker may use.
+    check_memory(spec, limits.worker_memory_bytes)
     if budget.time_limit_s is None:
         budget = budget.model_copy(update={"time_limit_s": limits.default_time_limit_s})
         spec = spec.model_copy(update={"budget": budget})
@@ -182,6 +185,7 @@ def new_job(
     *,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    max_running_jobs: int | None = None,
 ) -> JobRecord:
     """The stored record of a new job, or of a federation (id prefix fed_)."""
     now = time.time()
@@ -194,4 +198,5 @@ def new_job(
         expires_at=now + settings.retention_hours * 3600.0,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        max_running_jobs=max_running_jobs,
     )

@@ -1,17 +1,18 @@
 """What a tenant uploads (a model's weights, a client's update, the client's own images for
 scoring), the metadata that comes with each, and the checks each passes before it is stored.
 
-The checks are the runner's own (tensorio's safetensors reader, the architecture registry,
+The checks are the runner's own (tensorio's safetensors header checks, the architecture registry,
 `match_state`), run at upload time so that a bad file is refused with a clear 4xx instead of
-failing a job later. They import torch, lazily: importing this module does not.
+failing a job later. They read the file in one streamed pass (values checked chunk by chunk,
+the architecture built on the meta device), so the API's memory does not grow with the upload's
+size. They import torch, lazily: importing this module does not.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -130,6 +131,7 @@ class Limits:
     max_restarts: int
     max_time_limit_s: float
     default_time_limit_s: float
+    worker_memory_bytes: int
     max_federation_client_rounds: int = 5_000
     max_federation_clients: int = 10_000
     max_federation_time_limit_s: float = 24 * 3600.0
@@ -144,6 +146,7 @@ class Limits:
             max_restarts=settings.max_restarts,
             max_time_limit_s=settings.max_time_limit_s,
             default_time_limit_s=min(settings.default_time_limit_s, settings.max_time_limit_s),
+            worker_memory_bytes=settings.worker_memory_bytes,
             max_federation_client_rounds=settings.max_federation_client_rounds,
             max_federation_clients=settings.max_federation_clients,
             max_federation_time_limit_s=settings.max_federation_time_limit_s,
@@ -174,36 +177,60 @@ class Limits:
             )
 
 
-def check_model_upload(data: bytes, meta: ModelUpload) -> int:
-    """Build the architecture and load the weights into it, as a job would; return the tensor count."""
+def _meta_model(meta: ModelUpload) -> Any:
+    """The architecture on the meta device: names and shapes to check a file against, built
+    without memory or arithmetic whatever the model's size."""
+    import torch
+
     from service.models import build_model
 
-    build_model(meta.model_spec(weights="upload"), meta.data_spec(), resolve=lambda _: data)
-    # build_model has checked the file; count its tensors from the header alone.
-    header_len = int.from_bytes(data[:8], "little")
-    return sum(1 for name in json.loads(data[8 : 8 + header_len]) if name != "__metadata__")
+    with torch.device("meta"):
+        return build_model(meta.model_spec(), meta.data_spec())
 
 
-def check_update_upload(data: bytes, meta: UpdateUpload, model: ModelUpload, limits: Limits) -> int:
-    """Check an update against its model's architecture and the batch limits; return the tensor count."""
-    from service.models import build_model
-    from service.tensorio import load_safetensors, match_state
+def check_model_upload(f: BinaryIO, size: int, meta: ModelUpload) -> tuple[int, str]:
+    """Check weights against the architecture as a job would load them (every floating-point
+    state entry, names and shapes exact), in one streamed pass; return the tensor count and sha256."""
+    from service.tensorio import STATE_DTYPES, match_state, scan_safetensors
+
+    model = _meta_model(meta)
+    tensors, sha256 = scan_safetensors(f, size, allowed_dtypes=STATE_DTYPES, name="model.weights")
+    match_state(model, tensors, what="weights")
+    return len(tensors), sha256
+
+
+def check_update_upload(
+    f: BinaryIO, size: int, meta: UpdateUpload, model: ModelUpload, limits: Limits
+) -> tuple[int, str]:
+    """Check an update against its model's architecture and the batch limits, in one streamed
+    pass; return the tensor count and sha256."""
+    from service.tensorio import match_state, scan_safetensors
 
     meta.data_spec(model)
     limits.check_batch("num_images", meta.num_images)
     limits.check_batch("the number of labels", None if meta.labels is None else len(meta.labels))
     limits.check_batch("client.batch_size", meta.client.batch_size)
     limits.check_batch("client.num_samples", meta.client.num_samples)
-    tensors = load_safetensors(data, name="update")
-    match_state(build_model(model.model_spec(), model.data_spec()), tensors, what=meta.kind)
-    return len(tensors)
+    tensors, sha256 = scan_safetensors(f, size, name="update")
+    match_state(_meta_model(model), tensors, what=meta.kind)
+    return len(tensors), sha256
 
 
-def check_ground_truth_upload(data: bytes, limits: Limits) -> tuple[int, dict[str, Any]]:
-    """Check the client's images and labels; return the tensor count and what a job needs to know."""
-    from service.tensorio import load_safetensors
+def check_ground_truth_upload(f: BinaryIO, size: int, limits: Limits) -> tuple[int, dict[str, Any], str]:
+    """Check the client's images and labels in one streamed pass; return the tensor count, what a
+    job needs to know, and the sha256."""
+    from service.tensorio import scan_safetensors
 
-    tensors = load_safetensors(data, allowed_dtypes=GROUND_TRUTH_DTYPES, name="ground truth")
+    out_of_range = False
+
+    def in_unit_range(name: str, values: Any) -> None:
+        nonlocal out_of_range
+        if name == "images" and values.numel() and (bool(values.min() < 0) or bool(values.max() > 1)):
+            out_of_range = True
+
+    tensors, sha256 = scan_safetensors(
+        f, size, allowed_dtypes=GROUND_TRUTH_DTYPES, name="ground truth", visit=in_unit_range
+    )
     images = tensors.get("images")
     if images is None:
         raise ArtifactError("ground truth needs a tensor named 'images' (N, C, H, W) with values in [0, 1]")
@@ -216,7 +243,7 @@ def check_ground_truth_upload(data: bytes, limits: Limits) -> tuple[int, dict[st
     if not (8 <= h <= MAX_IMAGE_SIDE and 8 <= w <= MAX_IMAGE_SIDE):
         raise ArtifactError(f"ground truth images are {h}x{w}; image sides must lie in 8..{MAX_IMAGE_SIDE}")
     limits.check_batch("the number of ground-truth images", int(n))
-    if n == 0 or bool(images.min() < 0) or bool(images.max() > 1):
+    if n == 0 or out_of_range:
         raise ArtifactError("ground truth 'images' must hold at least one image, with values in [0, 1]")
     labels = tensors.get("labels")
     if labels is not None and (labels.is_floating_point() or labels.dim() != 1 or len(labels) != n):
@@ -229,4 +256,4 @@ def check_ground_truth_upload(data: bytes, limits: Limits) -> tuple[int, dict[st
             f"ground truth holds 'images' and 'labels' only; unexpected: {', '.join(unexpected)}"
         )
     info = {"num_images": int(n), "image_shape": [int(c), int(h), int(w)], "has_labels": labels is not None}
-    return len(tensors), info
+    return len(tensors), info, sha256

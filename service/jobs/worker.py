@@ -136,7 +136,8 @@ async def run_attack(ctx: dict[str, Any], job_id: str) -> str:
             reason = JobError(code="interrupted", message="the worker stopped during the run")
             await asyncio.to_thread(state.release, job_id, worker_id, reason)
         raise
-    if outcome == Outcome.RELEASED:
+    if outcome in (Outcome.RELEASED, Outcome.DEFERRED):
+        # a deferral counts as an arq try; should arq give up, the reaper queues the job again
         raise Retry(defer=RETRY_DELAY_S)
     return outcome.value
 

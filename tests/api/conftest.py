@@ -29,6 +29,10 @@ def settings(tmp_path: Path) -> Settings:
         max_restarts=4,
         max_time_limit_s=600.0,
         default_time_limit_s=300.0,
+        # the quota tests set their own; the rest of the API tests send many requests quickly
+        rate_read_burst=100_000,
+        rate_write_burst=100_000,
+        max_queued_jobs=1000,
     )
 
 

@@ -73,3 +73,29 @@ def test_serve_refuses_to_run_without_keys_off_loopback(
 def test_worker_needs_redis(data_dir: Path) -> None:
     result = CliRunner().invoke(app, ["worker"])
     assert result.exit_code == 2 and "GRADLEAK_REDIS_URL" in result.stderr
+
+
+def test_keys_create_with_quota_overrides(data_dir: Path) -> None:
+    runner = CliRunner()
+    args = [
+        "keys",
+        "create",
+        "--tenant",
+        "acme",
+        "--quota",
+        "max_running_jobs=1",
+        "--quota",
+        "rate-write-per-s=0.5",
+    ]
+    created = runner.invoke(app, args)
+    assert created.exit_code == 0, created.output
+    state = SQLiteStateStore(data_dir / "gradleak.db")
+    try:
+        record = authenticate(state, created.stdout.strip())
+        assert record is not None and record.quotas == {"max_running_jobs": 1, "rate_write_per_s": 0.5}
+    finally:
+        state.close()
+    assert "quotas=max_running_jobs=1,rate_write_per_s=0.5" in runner.invoke(app, ["keys", "list"]).stdout
+    for bad in ("max_running_jobs", "no_such_quota=1", "max_running_jobs=many", "rate_write_per_s=0"):
+        refused = runner.invoke(app, ["keys", "create", "--tenant", "acme", "--quota", bad])
+        assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output

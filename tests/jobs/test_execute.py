@@ -170,3 +170,25 @@ def test_resolver_reads_only_the_tenants_uploads(state: StateStore, store: Local
         upload_resolver(state, store, "other")(mine.id)
     with pytest.raises(execute.NotFoundError):
         upload_resolver(state, store, "acme")("/etc/passwd")
+
+
+def test_a_tenant_at_its_running_quota_keeps_its_next_job_waiting(
+    state: StateStore, store: LocalStore, settings: Settings
+) -> None:
+    running = make_job(state, settings, max_running_jobs=1)
+    assert state.claim(running.id, "other-worker", 30.0) is not None
+    waiting = make_job(state, settings, max_running_jobs=1)
+    theirs = make_job(state, settings, tenant="other", max_running_jobs=1)
+    outcome = execute_job(waiting.id, state=state, store=store, worker_id="w", runner=FakeRunner())
+    assert outcome == Outcome.DEFERRED
+    assert state.get_job("acme", waiting.id).status == JobStatus.QUEUED
+    assert state.get_job("acme", waiting.id).attempts == 0
+    # another tenant's job runs
+    assert execute_job(theirs.id, state=state, store=store, worker_id="w", runner=FakeRunner()) == (
+        Outcome.FINISHED
+    )
+    # once the running job ends, the waiting one runs
+    state.finish(running.id, "other-worker", JobStatus.SUCCEEDED)
+    assert execute_job(waiting.id, state=state, store=store, worker_id="w", runner=FakeRunner()) == (
+        Outcome.FINISHED
+    )

@@ -186,3 +186,44 @@ def test_expired_jobs_are_only_finished_ones(state: StateStore, settings: Settin
 
 def test_ping(state: StateStore) -> None:
     state.ping()
+
+
+def test_quota_counts_are_per_tenant(state: StateStore, settings: Settings) -> None:
+    assert (
+        state.count_running_jobs("acme"),
+        state.count_waiting_jobs("acme"),
+        state.stored_bytes("acme"),
+    ) == (
+        0,
+        0,
+        0,
+    )
+    jobs = [make_job(state, settings, tenant="acme") for _ in range(3)]
+    make_job(state, settings, tenant="other")
+    assert state.count_waiting_jobs("acme") == 3
+    assert state.claim(jobs[0].id, "w1", 30.0) is not None
+    assert (state.count_running_jobs("acme"), state.count_waiting_jobs("acme")) == (1, 2)
+    state.request_cancel("acme", jobs[1].id)
+    assert state.count_waiting_jobs("acme") == 1
+    # an interrupted job waits for another try: it counts as waiting again
+    state.release(jobs[0].id, "w1", LOST)
+    assert (state.count_running_jobs("acme"), state.count_waiting_jobs("acme")) == (0, 2)
+    assert (state.count_running_jobs("other"), state.count_waiting_jobs("other")) == (0, 1)
+
+
+def test_stored_bytes_follow_uploads(state: StateStore) -> None:
+    first, second, theirs = upload("acme"), upload("acme"), upload("other")
+    for u in (first, second, theirs):
+        state.add_upload(u)
+    assert state.stored_bytes("acme") == first.size + second.size
+    state.delete_upload("acme", first.id)
+    assert state.stored_bytes("acme") == second.size
+    assert state.stored_bytes("other") == theirs.size
+
+
+def test_key_quota_overrides_are_stored(state: StateStore) -> None:
+    _, record = create_key(state, "acme", "ci", quotas={"max_running_jobs": 1, "rate_write_per_s": 0.5})
+    found = state.find_key(record.digest)
+    assert found is not None and found.quotas == {"max_running_jobs": 1, "rate_write_per_s": 0.5}
+    assert state.list_keys()[0].quotas == found.quotas
+    assert state.revoke_key(record.id).quotas == found.quotas

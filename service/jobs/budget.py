@@ -1,0 +1,175 @@
+"""A job's memory budget, estimated from its spec before it is queued.
+
+The model is built on torch's `meta` device (shapes only: no memory, no arithmetic) and run
+forward once on a meta image, which gives its parameter count and the number of activation
+values one image produces. A gradient-inversion attack differentiates through the gradient of
+the model (a second-order graph), so its peak grows with activations x images x restarts, plus a
+fixed number of copies of the parameters (the model, the client's copy, the update, the target,
+the gradients and their own graph) and the process itself. The coefficients are calibrated by
+`python -m bench.memory_estimate` against the peak RSS of real runs on the registry's models
+(bench/results/memory-estimate-cpu.json), so that the estimate is an upper bound within a
+factor stated there.
+
+Building on the meta device costs well under a second for the largest registered model and the
+profile is cached per (architecture, knobs, image shape, classes), so a flood of identical
+specs costs the API nothing after the first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from service.errors import SpecError
+from service.specs import DataSpec, JobSpec, ModelSpec
+
+FLOAT_BYTES = 4
+# Calibrated upper-bound coefficients (see the module docstring and bench/memory_estimate.py).
+# A least-squares fit over 14 runs gave 1000 MiB, 5.3 and 4.0; these leave a margin above each.
+PROCESS_BYTES = 1100 * 2**20  # the interpreter, torch, torchvision, the runner's imports
+PARAM_COPIES = 8.0  # float32 copies of the parameters alive at the peak
+ACTIVATION_COPIES = 6.0  # float32 activation-sized tensors per image (x restarts) at the peak
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    parameters: int
+    activations_per_image: int  # values the leaf modules output for one image
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The estimated peak memory of one job, with what it is made of."""
+
+    total_bytes: int
+    process_bytes: int
+    parameter_bytes: int
+    activation_bytes: int
+    parameters: int
+    activations_per_image: int
+    images: int  # images the attack differentiates through at once (batch x restarts x steps)
+    images_assumed: bool  # the spec does not say how many images the update covers
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_bytes": self.total_bytes,
+            "process_bytes": self.process_bytes,
+            "parameter_bytes": self.parameter_bytes,
+            "activation_bytes": self.activation_bytes,
+            "parameters": self.parameters,
+            "activations_per_image": self.activations_per_image,
+            "images": self.images,
+            "images_assumed": self.images_assumed,
+        }
+
+
+class BudgetError(SpecError):
+    """The job's estimated memory exceeds what a worker may use; carries the estimate."""
+
+    def __init__(self, message: str, estimate: MemoryEstimate, limit_bytes: int) -> None:
+        self.estimate, self.limit_bytes = estimate, limit_bytes
+        super().__init__(message)
+
+
+def model_profile(model: ModelSpec, data: DataSpec) -> ModelProfile:
+    """Parameters and activations per image of the spec's architecture (knobs and image size
+    checked as the runner checks them), from a build on the meta device."""
+    knobs = json.dumps(model.knobs, sort_keys=True)
+    return _profile(model.arch, knobs, model.init_seed, data.shape, data.num_classes)
+
+
+@lru_cache(maxsize=256)
+def _profile(
+    arch: str, knobs_json: str, init_seed: int, shape: tuple[int, int, int], num_classes: int
+) -> ModelProfile:
+    import torch
+
+    from service.models import build_model
+
+    spec = ModelSpec(arch=arch, knobs=json.loads(knobs_json), init_seed=init_seed)
+    with torch.device("meta"):
+        net = build_model(spec, DataSpec(shape=shape, num_classes=num_classes))
+    count = [0]
+
+    def hook(_m: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        for t in output if isinstance(output, tuple | list) else (output,):
+            if isinstance(t, torch.Tensor):
+                count[0] += t.numel()
+
+    leaves = [m for m in net.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        # Two images: batch-norm layers in train mode refuse one value per channel.
+        net.train()
+        net(torch.empty((2, *shape), device="meta"))
+    except (RuntimeError, ValueError) as e:
+        raise SpecError(f"{arch} cannot take {'x'.join(map(str, shape))} images: {e}") from None
+    finally:
+        for h in handles:
+            h.remove()
+    parameters = sum(p.numel() for p in net.parameters())
+    return ModelProfile(parameters=parameters, activations_per_image=count[0] // 2)
+
+
+def attack_images(spec: JobSpec, num_images: int | None = None) -> tuple[int, bool]:
+    """How many images the attack differentiates through at once, and whether the count of the
+    client's images had to be assumed (unknown until the runner reads the update)."""
+    assumed = False
+    if num_images is None:
+        sim = spec.update.simulate
+        data, client = spec.data, spec.update.client
+        num_images = (
+            data.num_images
+            or (len(sim.images) if sim is not None else None)
+            or (len(data.labels) if data.labels is not None else None)
+            or client.num_samples
+        )
+    if num_images is None:
+        num_images, assumed = 1, True
+    unrolled = 1
+    if spec.attack.name == "fedavg_unroll":
+        # the client's local epochs are replayed differentiably: every step's graph is kept
+        unrolled = max(1, spec.update.client.local_epochs or 1)
+    return num_images * spec.budget.restarts * unrolled, assumed
+
+
+def estimate_memory(spec: JobSpec, num_images: int | None = None) -> MemoryEstimate:
+    """The peak memory the runner is expected to reach on `spec` (an upper bound, see above).
+    `num_images`: the image count when the runner knows it (inferred from the update)."""
+    profile = model_profile(spec.model, spec.data)
+    images, assumed = attack_images(spec, num_images)
+    parameter_bytes = math.ceil(profile.parameters * FLOAT_BYTES * PARAM_COPIES)
+    activation_bytes = math.ceil(images * profile.activations_per_image * ACTIVATION_COPIES * FLOAT_BYTES)
+    return MemoryEstimate(
+        total_bytes=PROCESS_BYTES + parameter_bytes + activation_bytes,
+        process_bytes=PROCESS_BYTES,
+        parameter_bytes=parameter_bytes,
+        activation_bytes=activation_bytes,
+        parameters=profile.parameters,
+        activations_per_image=profile.activations_per_image,
+        images=images,
+        images_assumed=assumed,
+    )
+
+
+def check_memory(spec: JobSpec, limit_bytes: int, num_images: int | None = None) -> MemoryEstimate:
+    """The estimate, or BudgetError when it exceeds `limit_bytes` (the worker memory setting)."""
+    estimate = estimate_memory(spec, num_images)
+    if estimate.total_bytes > limit_bytes:
+        c, h, w = spec.data.shape
+        raise BudgetError(
+            f"this job needs an estimated {_gib(estimate.total_bytes)} of memory "
+            f"({spec.model.arch}, {c}x{h}x{w} images, {estimate.images} image(s) x restarts in the "
+            f"attack's second-order graph); a worker may use {_gib(limit_bytes)}. Use smaller images, "
+            "fewer images or restarts, or a smaller architecture",
+            estimate,
+            limit_bytes,
+        )
+    return estimate
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"

@@ -1,0 +1,75 @@
+"""The memory estimate: built on the meta device, growing with what makes a job big, refused
+above the worker memory setting with the estimate attached."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.errors import SpecError, UnknownNameError
+from service.jobs.budget import BudgetError, check_memory, estimate_memory, model_profile
+from service.specs import DataSpec, JobSpec, ModelSpec
+
+
+def spec(arch: str = "resnet18", side: int = 32, n: int = 1, restarts: int = 1, **extra: object) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "model": {"arch": arch},
+            "update": {"kind": "gradient", "simulate": {"images": ["astronaut"] * n}},
+            "data": {"shape": [3, side, side]},
+            "budget": {"restarts": restarts},
+            **extra,
+        }
+    )
+
+
+def test_the_profile_matches_the_real_model() -> None:
+    from service.models import build_model
+
+    model, data = ModelSpec(arch="lenet"), DataSpec(shape=(3, 32, 32))
+    real = sum(p.numel() for p in build_model(model, data).parameters())
+    profile = model_profile(model, data)
+    assert profile.parameters == real
+    assert profile.activations_per_image > 0
+
+
+def test_the_estimate_grows_with_images_restarts_size_and_model() -> None:
+    base = estimate_memory(spec()).total_bytes
+    assert estimate_memory(spec(n=4)).total_bytes > base
+    assert estimate_memory(spec(restarts=4)).total_bytes > base
+    assert estimate_memory(spec(side=64)).total_bytes > base
+    assert estimate_memory(spec(arch="resnet50")).total_bytes > base
+    # the activations scale with the image area (a CIFAR-stem ResNet keeps the resolution)
+    small, large = estimate_memory(spec(side=32)), estimate_memory(spec(side=64))
+    assert large.activation_bytes == pytest.approx(4 * small.activation_bytes, rel=0.05)
+
+
+def test_unknown_image_counts_are_assumed_and_said_so() -> None:
+    job = JobSpec.model_validate({"model": {"arch": "lenet"}, "update": {"artifact": "upd_x"}})
+    estimate = estimate_memory(job)
+    assert estimate.images == 1 and estimate.images_assumed
+    assert estimate_memory(job, num_images=8).images == 8
+
+
+def test_hostile_spec_is_refused_with_its_estimate() -> None:
+    hostile = JobSpec.model_validate(
+        {
+            "model": {"arch": "resnet152"},
+            "update": {"kind": "gradient", "simulate": {"source": "photos"}},
+            "data": {"shape": [3, 512, 512]},
+        }
+    )
+    with pytest.raises(BudgetError) as refused:
+        check_memory(hostile, 8 * 2**30)
+    assert refused.value.estimate.total_bytes > 8 * 2**30
+    assert refused.value.limit_bytes == 8 * 2**30
+    assert "GiB" in str(refused.value)
+    assert check_memory(spec(arch="lenet"), 8 * 2**30).total_bytes < 2 * 2**30
+
+
+def test_bad_architectures_are_refused_as_before() -> None:
+    with pytest.raises(UnknownNameError):
+        estimate_memory(spec(arch="resnet9000"))
+    with pytest.raises(SpecError):
+        estimate_memory(
+            spec(arch="lenet").model_copy(update={"model": ModelSpec(arch="lenet", knobs={"nope": 1})})
+        )
