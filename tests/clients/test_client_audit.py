@@ -323,3 +323,84 @@ def test_the_verdict_a_leak_outranks_an_error_and_what_ifs_do_not_count() -> Non
     assert AuditReport(p, runs, leak + error).exit_code == 1
     assert AuditReport(p, runs, error + what_if).exit_code == 2
     assert AuditReport(p, runs, what_if).exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# weak answers: an attack that had not converged, and reasons said once
+# ---------------------------------------------------------------------------------------------
+
+
+def job_converging(tail: float | None, iterations: int = 20) -> Job:
+    conv = {"tail_improvement": tail, "tail_fraction": 0.25, "threshold": 0.05, "converged": None}
+    job = job_with(METRICS)
+    return job.model_copy(update={"result": {"attack": {"iterations": iterations, "convergence": conv}}})
+
+
+def budget_checks(job: Job, **convergence: Any) -> list[tuple[str, str]]:
+    p = Policy.from_data(policy(convergence=convergence))
+    checks = evaluate_job(job, [Threshold(metric="psnr", max=40)], "s", "a", True, p.convergence)
+    return [(c.outcome, c.message) for c in checks if c.rule == "budget"]
+
+
+def test_a_tiny_budget_is_a_warning_and_a_policy_may_make_it_fail_the_gate() -> None:
+    [(outcome, message)] = budget_checks(job_converging(0.3))
+    assert outcome == "warn" and "not converged" in message and "30.0%" in message and "budget" in message
+    [(outcome, _)] = budget_checks(job_converging(0.3), on_unconverged="error")
+    assert outcome == "error"
+    [(outcome, message)] = budget_checks(job_converging(None, iterations=3))
+    assert outcome == "warn" and "too few" in message
+    assert budget_checks(job_converging(0.01))[0][0] == "pass"
+    # the policy's own threshold wins over the service's
+    assert budget_checks(job_converging(0.01), max_tail_improvement=0.005)[0][0] == "warn"
+    # a warning leaves the verdict as it was; an error makes the gate not pass
+    p = Policy.from_data(policy())
+    warned = evaluate_job(job_converging(0.3), [Threshold(metric="psnr", max=40)], "s", "a", True)
+    assert AuditReport(p, [], warned).verdict == "pass"
+    strict = Policy.from_data(policy(convergence={"on_unconverged": "error"}))
+    failed = evaluate_job(
+        job_converging(0.3), [Threshold(metric="psnr", max=40)], "s", "a", True, strict.convergence
+    )
+    assert AuditReport(strict, [], failed).exit_code == 2
+
+
+def test_a_job_without_a_convergence_measurement_gets_no_budget_check() -> None:
+    assert budget_checks(job_with(METRICS)) == []
+
+
+def test_the_same_skip_reason_is_said_once(tmp_path: Path) -> None:
+    from gradleak_client.audit import write_markdown
+
+    p = Policy.from_data(policy())
+    lpips = Threshold(metric="lpips", min=0.3, required=False)
+    checks = []
+    for scenario in ("a", "b", "c"):
+        for attack in ("dlg", "ig"):
+            checks += evaluate_job(job_with(METRICS), [lpips], scenario, attack, True)
+    assert len(checks) == 6
+    summary = write_markdown(AuditReport(p, [], checks), tmp_path / "summary.md").read_text()
+    assert summary.count("LPIPS needs 31 pixels a side") == 1
+    assert "a / dlg, a / ig, b / dlg, b / ig, c / dlg, c / ig" in summary
+
+
+def test_a_real_tiny_run_warns_in_the_gate(tmp_path: Path) -> None:
+    """The service measures convergence from the run's loss history; the gate reads it."""
+    from service.jobs.runner import run_job
+    from service.jobs.types import JobContext
+    from service.specs import JobSpec
+    from service.storage import LocalStore
+
+    spec = JobSpec.model_validate(
+        {
+            "model": {"arch": "lenet"},
+            "update": {"simulate": {"images": ["astronaut"], "labels": [1]}},
+            "data": {"shape": [3, 16, 16], "labels": [1]},
+            "budget": {"iterations": 20},
+        }
+    )
+    ctx = JobContext(job_id="j", store=LocalStore(tmp_path), prefix="j", resolve=bytes)
+    manifest = run_job(spec, ctx).manifest
+    job = job_with(manifest["metrics"]).model_copy(
+        update={"result": {k: v for k, v in manifest.items() if k != "spec"}}
+    )
+    [(outcome, message)] = budget_checks(job)
+    assert outcome == "warn" and "not converged" in message

@@ -18,6 +18,7 @@ the thresholds every result must meet. Torch-free; read from YAML (extra `cli`) 
       - {metric: ssim, max: 0.5, over: per_image}
       - {metric: lpips, min: 0.3, required: false}
       - {metric: label_accuracy, max: 1.0}
+    convergence: {on_unconverged: error} # an attack still improving at the end fails the gate (exit 2)
 
 `thresholds` may also be a mapping of shorthands: ``{max_psnr: 20, min_lpips: 0.3}`` (worst case).
 """
@@ -159,6 +160,23 @@ class Threshold(_Strict):
         return f"{self.subject()} {op} {self.bound:g}{UNITS.get(self.metric, '')}"
 
 
+class Convergence(_Strict):
+    """When an attack's answer is weak: the run ended while its best loss was still falling, so a
+    larger budget may leak more and a pass says little. The service measures the relative drop of
+    the best loss over the run's last quarter (`attack.convergence` in the result)."""
+
+    max_tail_improvement: float | None = Field(
+        default=None,
+        gt=0,
+        description="a larger drop means not converged; default: the service's threshold, measured "
+        "in bench/results/convergence-cpu.json",
+    )
+    on_unconverged: Literal["warn", "error"] = Field(
+        default="warn",
+        description="warn: said in the report, the verdict stands; error: the gate does not pass (exit 2)",
+    )
+
+
 class Policy(_Strict):
     version: Literal[1] = 1
     model: ModelInfo | None = Field(default=None, description="needed when a model file is uploaded")
@@ -168,6 +186,7 @@ class Policy(_Strict):
     attacks: list[AttackRun] = Field(min_length=1, max_length=32)
     scenarios: list[Scenario] = Field(default_factory=lambda: [Scenario(name="as-shared")], min_length=1)
     thresholds: list[Threshold] = Field(min_length=1)
+    convergence: Convergence = Field(default_factory=Convergence)
 
     @field_validator("thresholds", mode="before")
     @classmethod
