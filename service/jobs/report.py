@@ -180,7 +180,7 @@ def render_grid_png(
 # --------------------------------------------------------------------------------------------
 
 
-def render_loss_png(history: Sequence[float], size: tuple[int, int] = (480, 200)) -> bytes | None:
+def render_loss_png(history: Sequence[float], size: tuple[int, int] = (560, 220)) -> bytes | None:
     """The attack's objective per iteration (log scale when it spans a decade), with its best so far."""
     values = [v for v in history if math.isfinite(v)]
     if len(values) < 2:
@@ -193,7 +193,7 @@ def render_loss_png(history: Sequence[float], size: tuple[int, int] = (480, 200)
     left, right, top, bottom = 64, 12, 12, 30
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
-    font = _font(11)
+    font = _font(12)
     draw.rectangle((left, top, w - right, h - bottom), outline=(160, 160, 160))
 
     def point(i: int, y: float) -> tuple[float, float]:
@@ -227,6 +227,8 @@ def render_loss_png(history: Sequence[float], size: tuple[int, int] = (480, 200)
 def _fmt(v: Any) -> str:
     if v is None:
         return "n/a"
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, list | tuple):
@@ -360,7 +362,8 @@ def _client_section(spec: JobSpec, manifest: dict[str, Any]) -> str:
     head += "<th>what the attacker was told</th></tr>"
     body = ""
     for key, name in _CLIENT_FIELDS:
-        cells = f"<td>{_fmt(getattr(did, key))}</td>" if did else ""
+        done = None if did is None else getattr(did, key)
+        cells = "" if did is None else f"<td>{'not set' if done is None else _fmt(done)}</td>"
         value = getattr(told, key)
         body += f"<tr><th>{name}</th>{cells}<td>{'unknown' if value is None else _fmt(value)}</td></tr>"
     a = manifest["attack"]
@@ -371,8 +374,12 @@ def _client_section(spec: JobSpec, manifest: dict[str, Any]) -> str:
         ("batch-norm mode used by the attack", a.get("bn_mode")),
     ]
     if case is not None:
-        readable = {"case1_unrolled": "Case 1 (lr, epochs and batch size known: local training unrolled)"}
-        extra.append(("FedAvg case", readable.get(str(case), f"{case} (single-step approximation)")))
+        readable = {
+            "case1_unrolled": "Case 1: lr, epochs and batch size known, the local training unrolled",
+            "case2_single_step": "Case 2: batch size unknown, one step on the whole batch approximates "
+            "the local training",
+        }
+        extra.append(("FedAvg case", readable.get(str(case), str(case))))
     note = (
         "<p class=note>The attacker sees these facts only at knowledge level 3 or above (the batch-norm "
         "mode at every level).</p>"
@@ -386,7 +393,7 @@ def _defenses_section(spec: JobSpec) -> str:
     items = "".join(
         "<li><b>{}</b> {}</li>".format(
             html.escape(d.name),
-            _fmt(", ".join(f"{k}={v}" for k, v in d.model_dump(exclude={"name"}).items())),
+            ", ".join(f"{k}={_fmt(v)}" for k, v in d.model_dump(exclude={"name"}).items()),
         )
         for d in spec.defenses
     )

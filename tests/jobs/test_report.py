@@ -159,7 +159,7 @@ def test_the_report_says_what_ran_on_what_and_where(job: tuple[dict, str, bytes]
         "what the client did (simulated)",  # the client facts, beside what the attacker was told
         "what the attacker was told",
         "FedAvg case",
-        "single-step approximation",  # the batch size was not told: Case 2
+        "Case 2: batch size unknown",  # the batch size was not told
         "batch size",
         "shuffle seed",
         "<b>quantize</b> bits=6",  # the defenses
