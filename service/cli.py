@@ -373,6 +373,12 @@ def summarize(manifest: dict[str, Any], paths: dict[str, Path]) -> None:
             typer.echo(f"LPIPS unavailable: {m['lpips_unavailable']}")
     else:
         typer.echo(f"no metrics: {manifest.get('metrics_unavailable')}")
+    conv = a.get("convergence") or {}
+    if conv.get("converged") is False:
+        typer.echo(
+            f"warning: not converged: {conv['iterations']} iterations, fewer than the "
+            f"{conv['needed_iterations']} the attack needs ({conv['basis']}); a larger budget may leak more"
+        )
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 

@@ -136,6 +136,7 @@ def test_human_summary_names_metrics_and_artifacts(tmp_path):
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "PSNR mean" in r.stdout and "label accuracy 1.00 (as a multiset)" in r.stdout
+    assert "warning: not converged: 3 iterations, fewer than the" in r.stdout  # lenet was measured
     grid = next(line for line in r.stdout.splitlines() if line.startswith("grid.png: "))
     assert Path(grid.removeprefix("grid.png: ")).is_file()
     report = next(line for line in r.stdout.splitlines() if line.startswith("report.html: "))

@@ -303,25 +303,22 @@ def _attack_section(spec: JobSpec, manifest: dict[str, Any], loss_png: bytes | N
     a = manifest["attack"]
     level = Knowledge(spec.knowledge)
     conv = a.get("convergence") or {}
-    tail = conv.get("tail_improvement")
+    basis = html.escape(str(conv.get("basis", "")))
     if conv.get("converged") is False:
         judged = (
-            f"<p class=warn>The attack had not converged: its best loss still fell by {tail:.1%} over the "
-            f"last {conv['tail_fraction']:.0%} of the budget (threshold {conv['threshold']:.0%}). A larger "
-            "budget may leak more; a low score here is weak evidence of safety.</p>"
+            f"<p class=warn>The attack had not converged: it ran {conv['iterations']} iterations, "
+            f"fewer than the {conv['needed_iterations']} it needs ({basis}). A larger budget may leak "
+            "more; a low score here is weak evidence of safety.</p>"
         )
     elif conv.get("converged"):
-        judged = (
-            f"<p>Converged: the best loss fell by {tail:.1%} over the last {conv['tail_fraction']:.0%} "
-            f"of the budget (at most {conv['threshold']:.0%}).</p>"
-        )
+        judged = f"<p>Enough iterations to converge: {conv['iterations']} ({basis}).</p>"
     else:
-        judged = "<p>Too few iterations to judge convergence.</p>"
+        judged = f"<p>Convergence not judged: {basis}.</p>"
     params = spec.attack.model_dump(exclude={"name"})
     facts = [
         ("attack", f"{spec.attack.name}: {ATTACKS.get(spec.attack.name).description}"),
         ("knowledge level", f"{int(level)}: {level.describe}"),
-        ("iterations", f"{a['iterations']} of {spec.budget.iterations} ({a['stop_reason']})"),
+        ("iterations", f"{a['iterations']} of {spec.budget.iterations} (stopped by: {a['stop_reason']})"),
         ("restarts", spec.budget.restarts),
         ("time limit (s)", spec.budget.time_limit_s),
         ("best attack loss", a.get("best_loss")),
@@ -452,10 +449,12 @@ def render_report_html(
     metrics = manifest.get("metrics")
     worst = (metrics or {}).get("worst_case", {})
     if metrics is not None:
+        i, per = worst.get("image"), metrics.get("per_image", {})
+        ssim = per.get("ssim")
         lead = (
-            f"The most leaked image (image {worst.get('image')}) was reconstructed at PSNR "
-            f"{_fmt(worst.get('psnr'))} dB, SSIM {_fmt(worst.get('ssim'))}; the mean over "
-            f"{metrics['num_images']} image(s) is {_fmt(metrics['mean'].get('psnr'))} dB."
+            f"The most leaked image (image {i}) was reconstructed at PSNR {_fmt(per['psnr'][i])} dB"
+            + ("" if ssim is None else f", SSIM {_fmt(ssim[i])}")
+            + f"; the mean over {metrics['num_images']} image(s) is {_fmt(metrics['mean'].get('psnr'))} dB."
         )
     else:
         lead = "The attack's reconstructions are shown below; no ground truth was given to score them."

@@ -142,7 +142,7 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
             "stop_reason": result.stop_reason,
             "best_loss": _finite(result.best_loss),
             "restart_losses": [_finite(v) for v in result.restart_losses],
-            "convergence": convergence(result.loss_history),
+            "convergence": convergence(spec.attack.name, spec.model.arch, result.iterations),
             "num_images": problem.num_images,
             "num_images_source": problem.num_images_source,
             "labels": result.labels.tolist(),

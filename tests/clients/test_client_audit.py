@@ -330,10 +330,14 @@ def test_the_verdict_a_leak_outranks_an_error_and_what_ifs_do_not_count() -> Non
 # ---------------------------------------------------------------------------------------------
 
 
-def job_converging(tail: float | None, iterations: int = 20) -> Job:
-    conv = {"tail_improvement": tail, "tail_fraction": 0.25, "threshold": 0.05, "converged": None}
-    job = job_with(METRICS)
-    return job.model_copy(update={"result": {"attack": {"iterations": iterations, "convergence": conv}}})
+def job_converging(iterations: int, needed: int | None = 200) -> Job:
+    conv = {
+        "iterations": iterations,
+        "needed_iterations": needed,
+        "converged": None if needed is None else iterations >= needed,
+        "basis": "measured" if needed else "no measurement of the iterations dlg needs on lenet",
+    }
+    return job_with(METRICS).model_copy(update={"result": {"attack": {"convergence": conv}}})
 
 
 def budget_checks(job: Job, **convergence: Any) -> list[tuple[str, str]]:
@@ -343,22 +347,23 @@ def budget_checks(job: Job, **convergence: Any) -> list[tuple[str, str]]:
 
 
 def test_a_tiny_budget_is_a_warning_and_a_policy_may_make_it_fail_the_gate() -> None:
-    [(outcome, message)] = budget_checks(job_converging(0.3))
-    assert outcome == "warn" and "not converged" in message and "30.0%" in message and "budget" in message
-    [(outcome, _)] = budget_checks(job_converging(0.3), on_unconverged="error")
+    [(outcome, message)] = budget_checks(job_converging(20))
+    assert outcome == "warn" and "not converged" in message and "20 iterations, fewer than the 200" in message
+    [(outcome, _)] = budget_checks(job_converging(20), on_unconverged="error")
     assert outcome == "error"
-    [(outcome, message)] = budget_checks(job_converging(None, iterations=3))
-    assert outcome == "warn" and "too few" in message
-    assert budget_checks(job_converging(0.01))[0][0] == "pass"
-    # the policy's own threshold wins over the service's
-    assert budget_checks(job_converging(0.01), max_tail_improvement=0.005)[0][0] == "warn"
+    assert budget_checks(job_converging(200))[0][0] == "pass"
+    # unmeasured: said once as skipped, unless the policy names its own minimum
+    [(outcome, message)] = budget_checks(job_converging(20, needed=None))
+    assert outcome == "skipped" and "no measurement" in message and "min_iterations" in message
+    assert budget_checks(job_converging(20, needed=None), min_iterations=50)[0][0] == "warn"
+    assert budget_checks(job_converging(300), min_iterations=500)[0][0] == "warn"
     # a warning leaves the verdict as it was; an error makes the gate not pass
     p = Policy.from_data(policy())
-    warned = evaluate_job(job_converging(0.3), [Threshold(metric="psnr", max=40)], "s", "a", True)
+    warned = evaluate_job(job_converging(20), [Threshold(metric="psnr", max=40)], "s", "a", True)
     assert AuditReport(p, [], warned).verdict == "pass"
     strict = Policy.from_data(policy(convergence={"on_unconverged": "error"}))
     failed = evaluate_job(
-        job_converging(0.3), [Threshold(metric="psnr", max=40)], "s", "a", True, strict.convergence
+        job_converging(20), [Threshold(metric="psnr", max=40)], "s", "a", True, strict.convergence
     )
     assert AuditReport(strict, [], failed).exit_code == 2
 

@@ -149,32 +149,30 @@ def _values(scores: Metrics, rule: Threshold) -> tuple[list[tuple[int | None, fl
 
 
 def convergence_check(job: Job, policy: Convergence, scenario: str, attack: str, gated: bool) -> Check | None:
-    """Was the attack's budget enough? From the run's own loss history, as the service measured
-    it (`attack.convergence`); None when the service did not report it."""
+    """Was the attack's budget enough? The iterations it ran against those it needs: the policy's
+    `min_iterations`, else what the service measured the attack to need on the architecture
+    (`attack.convergence`). None when the service did not report it."""
     conv = ((job.result or {}).get("attack") or {}).get("convergence")
     if not isinstance(conv, dict):
         return None
-    iterations = (job.result or {}).get("attack", {}).get("iterations")
-    threshold = policy.max_tail_improvement or conv.get("threshold")
-    tail = conv.get("tail_improvement")
-    weak: Outcome = "error" if policy.on_unconverged == "error" else "warn"
-    advice = "a pass says little: raise the attack's budget (iterations or time limit)"
-    if tail is None:
-        message = f"the attack ran {iterations} iteration(s), too few to judge convergence; {advice}"
-        return Check(scenario, attack, "budget", weak, message, gated, job.id)
-    share = f"{conv.get('tail_fraction', 0.25):.0%}"
-    if threshold is None or tail <= threshold:
-        bound = "" if threshold is None else f" (at most {threshold:.1%})"
+    iterations = conv.get("iterations")
+    needed = policy.min_iterations or conv.get("needed_iterations")
+    if needed is None or iterations is None:
         message = (
-            f"converged: the best loss fell {tail:.2%} over the last {share} of {iterations} "
-            f"iterations{bound}"
+            f"budget not judged: {conv.get('basis', 'no measurement')}; "
+            "set the policy's convergence.min_iterations to require one"
         )
-        return Check(scenario, attack, "budget", "pass", message, gated, job.id, tail)
+        return Check(scenario, attack, "budget", "skipped", message, gated, job.id)
+    basis = "the policy's convergence.min_iterations" if policy.min_iterations else conv.get("basis")
+    if iterations >= needed:
+        message = f"enough iterations: {iterations} >= {needed} ({basis})"
+        return Check(scenario, attack, "budget", "pass", message, gated, job.id, float(iterations))
+    weak: Outcome = "error" if policy.on_unconverged == "error" else "warn"
     message = (
-        f"not converged: the best loss still fell {tail:.1%} over the last {share} of {iterations} "
-        f"iterations (above {threshold:.1%}); {advice}"
+        f"not converged: the attack ran {iterations} iterations, fewer than the {needed} it needs "
+        f"({basis}); a pass says little: raise the attack's budget"
     )
-    return Check(scenario, attack, "budget", weak, message, gated, job.id, tail)
+    return Check(scenario, attack, "budget", weak, message, gated, job.id, float(iterations))
 
 
 def evaluate_job(
@@ -422,10 +420,7 @@ def _converged(report: AuditReport, run: JobRun) -> str:
     budget = [c for c in report.checks_of(run) if c.rule == "budget"]
     if not budget:
         return "n/a"
-    c = budget[0]
-    if c.outcome == "pass":
-        return "yes"
-    return "**no**" if c.value is not None else "**too short**"
+    return {"pass": "yes", "skipped": "unknown"}.get(budget[0].outcome, "**no**")
 
 
 def _run_result(report: AuditReport, run: JobRun) -> str:
