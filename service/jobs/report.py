@@ -254,7 +254,7 @@ def _metrics_section(metrics: dict[str, Any] | None, unavailable: str | None) ->
         for name in ("psnr", "ssim", "lpips", "mse")
     )
     table = (
-        "<table><tr><th>metric</th><th>mean over images</th><th>worst case (most leaked image)</th></tr>"
+        "<table><tr><th>metric</th><th>mean over images</th><th>worst case (the most leaking value over images)</th></tr>"
         f"{rows}</table>"
     )
     acc = metrics.get("label_accuracy")
