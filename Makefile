@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow lint typecheck bench bench-peer bench-kernels clean
+.PHONY: venv demo test test-slow lint typecheck bench bench-peer bench-kernels screenshots clean
 
 $(STAMP): pyproject.toml constraints.txt clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-peer: venv
 
 bench-kernels: venv
 	$(PY) bench/kernels.py
+
+# the README's grid and report pictures of a real run (needs a headless Chromium)
+screenshots: venv
+	$(PY) docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache runs .gradleak

@@ -292,10 +292,14 @@ class KnowledgeLevel(Output):
 
 
 class Catalog(Output):
-    attacks: list[dict[str, Any]] = Field(description="name, description, required_knowledge, parameters")
+    attacks: list[dict[str, Any]] = Field(
+        description="name, description, required_knowledge, knowledge, fields (each parameter's default, "
+        "description, type and bounds, from the parameter model), parameters (its JSON schema)"
+    )
     architectures: list[dict[str, Any]] = Field(description="name, description, min_size, knobs")
-    defenses: list[dict[str, Any]]
+    defenses: list[dict[str, Any]] = Field(description="name, description, fields, parameters")
     metrics: list[dict[str, Any]]
+    photos: dict[str, list[str]] = Field(description="the shipped photo names, by category")
     knowledge_levels: list[KnowledgeLevel]
 
 

@@ -55,10 +55,32 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def split_top_level(text: str) -> list[str]:
+    """Split on commas outside JSON brackets and quotes: `a=[0,1],b={"x":1}` -> two parts."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote and text[i - 1] != "\\":
+                quote = ""
+        elif ch == '"':
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0 or quote:
+        raise fail(f"unbalanced brackets or quotes in {text!r}")
+    return [*parts, text[start:]]
+
+
 def parse_pairs(items: list[str] | None, what: str) -> dict[str, Any]:
+    """`key=value` pairs, comma-separated or repeated; values are JSON (lists, mappings, null)."""
     out: dict[str, Any] = {}
     for item in items or []:
-        for part in item.split(","):
+        for part in split_top_level(item):
             if not part:
                 continue
             key, sep, value = part.partition("=")
@@ -106,7 +128,9 @@ def attack(
         Path | None, typer.Option("--spec", help="YAML or JSON job spec; flags below override it")
     ] = None,
     arch: Annotated[str | None, typer.Option(help="architecture name (see `gradleak catalog`)")] = None,
-    knob: Annotated[list[str] | None, typer.Option("--knob", help="architecture knob key=value")] = None,
+    knob: Annotated[
+        list[str] | None, typer.Option("--knob", help="architecture knob key=value (JSON: cut_skips=[0,1])")
+    ] = None,
     weights: Annotated[Path | None, typer.Option(help="model weights (safetensors)")] = None,
     init_seed: Annotated[int, typer.Option(help="seed of the initialisation when no weights are given")] = 0,
     update: Annotated[Path | None, typer.Option(help="the client's update (safetensors)")] = None,
@@ -135,10 +159,23 @@ def attack(
     momentum: Annotated[float | None, typer.Option(help="client's SGD momentum")] = None,
     num_samples: Annotated[int | None, typer.Option(help="client's number of samples")] = None,
     bn_mode: Annotated[str | None, typer.Option(help="client's batch-norm mode: train or eval")] = None,
+    shuffle_seed: Annotated[
+        int | None, typer.Option(help="seed of the client's shuffling of its samples into batches")
+    ] = None,
+    told: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--told",
+            help="what the attacker is told of the client's training, where it differs from what the "
+            "client did: key=value, null for unknown (e.g. batch_size=null: FedAvg Case 2)",
+        ),
+    ] = None,
     attack_name: Annotated[
         str | None, typer.Option("--attack", help="attack name (see `gradleak catalog`)")
     ] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", help="attack parameter key=value")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="attack parameter key=value (values in JSON)")
+    ] = None,
     knowledge: Annotated[int | None, typer.Option(min=0, max=5, help="attacker knowledge level 0-5")] = None,
     defense: Annotated[
         list[str] | None, typer.Option("--defense", help="e.g. quantize:bits=4 (repeatable)")
@@ -207,6 +244,7 @@ def build_spec(**o: Any) -> JobSpec:
         "momentum": o["momentum"],
         "num_samples": o["num_samples"],
         "bn_mode": o["bn_mode"],
+        "shuffle_seed": o["shuffle_seed"],
     }
     facts = {k: v for k, v in facts.items() if v is not None}
     upd = base.setdefault("update", {})
@@ -237,6 +275,10 @@ def build_spec(**o: Any) -> JobSpec:
             base.setdefault("data", {})["labels"] = [int(v) for v in csv_list(o["labels"]) or []]
     elif "artifact" not in upd and "simulate" not in upd:
         raise fail("give --update FILE or --images NAMES (or a spec file with an update)")
+    if o["told"]:
+        # what the attacker is told replaces what it would otherwise be told (the client's facts)
+        told = {**upd.get("client", {}), **parse_pairs(o["told"], "--told")}
+        upd["client"] = ClientTraining(**told).model_dump()
     put("update.kind", o["update_kind"])
     put("ground_truth", str(o["ground_truth"]) if o["ground_truth"] else None)
 
@@ -342,27 +384,48 @@ def summarize(manifest: dict[str, Any], paths: dict[str, Path]) -> None:
             typer.echo(f"LPIPS unavailable: {m['lpips_unavailable']}")
     else:
         typer.echo(f"no metrics: {manifest.get('metrics_unavailable')}")
+    conv = a.get("convergence") or {}
+    if conv.get("converged") is False:
+        typer.echo(
+            f"warning: not converged: {conv['iterations']} iterations, fewer than the "
+            f"{conv['needed_iterations']} the attack needs ({conv['basis']}); a larger budget may leak more"
+        )
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 
 
 @app.command()
-def catalog(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List attacks (with the knowledge each needs), architectures, defenses and metrics."""
-    from service.catalog import full_catalog
+def catalog(
+    name: Annotated[
+        str | None, typer.Argument(help="an attack, architecture, defense, metric or photo category")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List attacks (knowledge, parameter defaults), architectures (knobs), defenses, metrics and
+    photos; with NAME, that entry in full."""
+    from service.catalog import describe, full_catalog, overview
 
     cat = full_catalog()
-    if as_json:
-        typer.echo(json.dumps(cat, indent=2))
-        return
-    typer.echo("attacks:")
-    for a in cat["attacks"]:
-        typer.echo(f"  {a['name']:<22} level {a['required_knowledge']}  {a['description']}")
-    typer.echo("architectures:")
-    for m in cat["architectures"]:
-        typer.echo(f"  {m['name']:<22} {m.get('description', '')}")
-    typer.echo("defenses: " + ", ".join(d["name"] for d in cat["defenses"]))
-    typer.echo("metrics: " + ", ".join(m["name"] for m in cat["metrics"]))
+    try:
+        if as_json:
+            entry = cat if name is None else _catalog_entry(cat, name)
+            typer.echo(json.dumps(entry, indent=2))
+            return
+        typer.echo(overview(cat) if name is None else describe(name, cat))
+    except GradleakError as e:
+        raise fail(str(e)) from None
+
+
+def _catalog_entry(cat: dict[str, Any], name: str) -> Any:
+    from service.catalog import VIEWS, describe
+
+    for kind in VIEWS:
+        for entry in cat[kind]:
+            if entry["name"] == name:
+                return entry
+    if name in cat["photos"]:
+        return {"category": name, "photos": cat["photos"][name]}
+    return describe(name, cat)  # raises the unknown-name error with the valid names
 
 
 cli_service.register(app)

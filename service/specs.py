@@ -241,10 +241,12 @@ class DLGParams(AttackParams):
     """Deep Leakage from Gradients: L2 gradient matching with L-BFGS."""
 
     name: Literal["dlg"] = "dlg"
-    lr: Annotated[float, Field(gt=0)] = 1.0
-    history_size: Annotated[int, Field(ge=1, le=1000)] = 100
-    max_eval: Annotated[int, Field(ge=1, le=1000)] = 20
-    init_scale: Annotated[float, Field(gt=0)] = 1.0
+    lr: float = Field(default=1.0, gt=0, description="L-BFGS step size")
+    history_size: int = Field(default=100, ge=1, le=1000, description="L-BFGS curvature pairs kept")
+    max_eval: int = Field(
+        default=20, ge=1, le=1000, description="objective evaluations per L-BFGS step (one iteration)"
+    )
+    init_scale: float = Field(default=1.0, gt=0, description="standard deviation of the random start")
 
 
 class InvertingGradientsParams(AttackParams):
@@ -257,7 +259,7 @@ class InvertingGradientsParams(AttackParams):
 
     required_knowledge: ClassVar[Knowledge] = Knowledge.PRIORS
     name: Literal["inverting_gradients"] = "inverting_gradients"
-    lr: Annotated[float, Field(gt=0)] = 0.1
+    lr: float = Field(default=0.1, gt=0, description="Adam's peak learning rate")
     tv_weight: float = Field(
         default=2e-4,
         ge=0,
@@ -265,20 +267,22 @@ class InvertingGradientsParams(AttackParams):
         "by the target's squared norm and the TV counted per image; the cosines are scale-free "
         "and take the batch's mean TV)",
     )
-    signed: bool = True
-    boxed: bool = True
+    signed: bool = Field(default=True, description="step on the sign of the gradient (signed Adam)")
+    boxed: bool = Field(default=True, description="keep pixels inside the valid [0, 1] range")
     cost: Literal["auto", "cosine", "cosine_global", "l2"] = Field(
         default="auto",
         description="auto: l2 (relative to the target's squared norm) when the target is a gradient "
         "of known scale, else cosine (scale-free)",
     )
-    layer_weights: Literal["uniform", "linear", "exp"] = "uniform"
+    layer_weights: Literal["uniform", "linear", "exp"] = Field(
+        default="uniform", description="how layers are weighted in the matching cost, first to last"
+    )
     init: Literal["randn", "rand", "zeros"] = Field(
         default="rand",
         description="start images in the normalised space: rand uniform in [-1, 1], randn standard "
         "normal, zeros the dataset mean",
     )
-    warmup_iterations: Annotated[int, Field(ge=0)] = 0
+    warmup_iterations: int = Field(default=0, ge=0, description="iterations of linear learning-rate warm-up")
     schedule: Literal["step", "cosine"] = Field(
         default="cosine", description="learning-rate schedule over the budget: cosine or step decay"
     )
@@ -289,7 +293,9 @@ class InvertingGradientsParams(AttackParams):
         description="share of the budget spent on a coarse image (blocks of coarse_block pixels) "
         "before refining at full resolution; 0 starts at full resolution",
     )
-    coarse_block: Annotated[int, Field(ge=2, le=16)] = 2
+    coarse_block: int = Field(
+        default=2, ge=2, le=16, description="block side in pixels of the coarse phase's image"
+    )
 
 
 class GradInversionParams(InvertingGradientsParams):
@@ -297,9 +303,13 @@ class GradInversionParams(InvertingGradientsParams):
 
     required_knowledge: ClassVar[Knowledge] = Knowledge.BN_STATISTICS
     name: Literal["gradinversion"] = "gradinversion"  # type: ignore[assignment]
-    bn_weight: Annotated[float, Field(ge=0)] = 1e-3
-    group_size: Annotated[int, Field(ge=1, le=16)] = 1
-    group_weight: Annotated[float, Field(ge=0)] = 1e-2
+    bn_weight: float = Field(
+        default=1e-3, ge=0, description="weight of the distance to the client's batch-norm statistics"
+    )
+    group_size: int = Field(
+        default=1, ge=1, le=16, description="restarts pulled towards their mean (group consistency)"
+    )
+    group_weight: float = Field(default=1e-2, ge=0, description="weight of group consistency")
 
 
 class FedAvgParams(InvertingGradientsParams):
@@ -308,7 +318,9 @@ class FedAvgParams(InvertingGradientsParams):
     required_knowledge: ClassVar[Knowledge] = Knowledge.TRAINING_DETAILS
     name: Literal["fedavg_unroll"] = "fedavg_unroll"  # type: ignore[assignment]
     # weight changes are lr-sized: a scale-free cost keeps the TV weight meaningful
-    cost: Literal["auto", "cosine", "cosine_global", "l2"] = "cosine"
+    cost: Literal["auto", "cosine", "cosine_global", "l2"] = Field(
+        default="cosine", description="matching cost; cosine (scale-free) suits lr-sized weight changes"
+    )
     # the sweeps that raised Inverting Gradients' default judged the relative L2 cost only; the
     # unrolled attack's cosine cost keeps the weight it had
     tv_weight: float = Field(
@@ -333,24 +345,24 @@ ATTACK_PARAMS: dict[str, type[AttackParams]] = {
 
 class QuantizeDefense(Frozen):
     name: Literal["quantize"] = "quantize"
-    bits: Annotated[int, Field(ge=1, le=16)] = 8
-    stochastic: bool = True
+    bits: int = Field(default=8, ge=1, le=16, description="bits per value (QSGD levels 2^bits - 1)")
+    stochastic: bool = Field(default=True, description="stochastic (unbiased) rounding, else nearest")
 
 
 class TopKDefense(Frozen):
     name: Literal["topk"] = "topk"
-    ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
+    ratio: float = Field(default=0.1, gt=0, le=1, description="share of values kept (largest magnitude)")
 
 
 class ClipDefense(Frozen):
     name: Literal["clip"] = "clip"
-    max_norm: Annotated[float, Field(gt=0)] = 1.0
+    max_norm: float = Field(default=1.0, gt=0, description="global L2 norm the update is clipped to")
 
 
 class NoiseDefense(Frozen):
     name: Literal["noise"] = "noise"
-    distribution: Literal["gaussian", "laplace"] = "gaussian"
-    scale: Annotated[float, Field(ge=0)] = 1e-3
+    distribution: Literal["gaussian", "laplace"] = Field(default="gaussian", description="noise distribution")
+    scale: float = Field(default=1e-3, ge=0, description="noise standard deviation (Laplace: its scale b)")
 
 
 class SignDefense(Frozen):

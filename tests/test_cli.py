@@ -136,9 +136,132 @@ def test_human_summary_names_metrics_and_artifacts(tmp_path):
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "PSNR mean" in r.stdout and "label accuracy 1.00 (as a multiset)" in r.stdout
+    assert "warning: not converged: 3 iterations, fewer than the" in r.stdout  # lenet was measured
     grid = next(line for line in r.stdout.splitlines() if line.startswith("grid.png: "))
     assert Path(grid.removeprefix("grid.png: ")).is_file()
     report = next(line for line in r.stdout.splitlines() if line.startswith("report.html: "))
     html = Path(report.removeprefix("report.html: ")).read_text()
-    assert "label accuracy" in html and "(multiset)" in html
+    assert "label accuracy, as a multiset" in html and "label accuracy, per image" in html
     assert '<meta http-equiv="Content-Security-Policy" content="default-src \'none\';' in html
+
+
+# ---------------------------------------------------------------------------------------------
+# flags that reach the whole spec
+# ---------------------------------------------------------------------------------------------
+
+
+def test_key_value_flags_take_json_lists_and_mappings():
+    from service.cli import parse_pairs
+
+    assert parse_pairs(["cut_skips=[0,1],stem=cifar", 'm={"a":[1,2],"b":"x,y"}', "n=null"], "knob") == {
+        "cut_skips": [0, 1],
+        "stem": "cifar",
+        "m": {"a": [1, 2], "b": "x,y"},
+        "n": None,
+    }
+
+
+def test_a_list_knob_reaches_the_model(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    r = invoke(
+        "attack", "--arch", "resnet18", "--knob", "cut_skips=[0,1]", "--knob", "stem=cifar",
+        "--images", "astronaut", "--size", "8", "--bn-mode", "eval", "--iterations", "1",
+        "--save-spec", str(spec_path), "--out", str(tmp_path), "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["spec"]["model"]["knobs"] == {"cut_skips": [0, 1], "stem": "cifar"}
+    assert "cut_skips:\n    - 0\n    - 1" in spec_path.read_text()
+
+
+def test_unbalanced_json_in_a_flag_is_one_clear_line(tmp_path):
+    r = invoke("attack", "--arch", "resnet18", "--knob", "cut_skips=[0,1", "--images", "astronaut")
+    assert r.exit_code == 2
+    assert r.stderr.strip().count("\n") == 0 and "unbalanced" in r.stderr
+
+
+def test_what_the_attacker_is_told_differs_from_what_the_client_did(tmp_path):
+    r = invoke(
+        "attack", "--arch", "lenet", "--images", "astronaut,coffee", "--labels", "1,3", "--size", "16",
+        "--protocol", "fedavg", "--lr", "0.01", "--local-epochs", "1", "--batch-size", "2",
+        "--shuffle-seed", "9", "--told", "batch_size=null", "--knowledge", "3", "--attack", "fedavg_unroll",
+        "--iterations", "2", "--out", str(tmp_path), "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    did, told = m["spec"]["update"]["simulate"]["training"], m["spec"]["update"]["client"]
+    assert did["batch_size"] == 2 and did["shuffle_seed"] == 9
+    assert told["batch_size"] is None and told["lr"] == 0.01 and told["shuffle_seed"] == 9
+    assert m["attack"]["details"]["fedavg_case"] == "case2_single_step"  # batch size unknown: Case 2
+
+
+def test_told_refuses_an_unknown_fact(tmp_path):
+    r = invoke("attack", "--arch", "lenet", "--images", "astronaut", "--told", "batchsize=2")
+    assert r.exit_code == 2 and "gradleak: error:" in r.stderr and "batchsize" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the catalog
+# ---------------------------------------------------------------------------------------------
+
+
+def test_catalog_overview_shows_defaults_knobs_and_photos():
+    from service.data.photos import CATEGORIES
+
+    r = invoke("catalog")
+    assert r.exit_code == 0, r.output
+    assert "knobs: stem=cifar, cut_skips=[]" in r.stdout  # resnet18's knobs with their defaults
+    assert "schedule=cosine" in r.stdout and "cost=auto" in r.stdout
+    for category in CATEGORIES:
+        assert f"  {category} " in r.stdout
+    assert "astronaut" in r.stdout and "face00..face99" in r.stdout
+
+
+def test_catalog_entries_are_generated_from_the_parameter_models():
+    from service.specs import ATTACK_PARAMS, QuantizeDefense
+
+    for name, params in ATTACK_PARAMS.items():
+        r = invoke("catalog", name)
+        assert r.exit_code == 0, r.output
+        for field, info in params.model_fields.items():
+            if field == "name":
+                continue
+            assert info.description, f"{name}.{field} has no description"
+            default = info.get_default(call_default_factory=True)
+            shown = default if isinstance(default, str) else json.dumps(default)
+            assert f"    {field} = {shown}  (" in r.stdout, (name, field)
+            assert info.description in r.stdout
+    entry = json.loads(invoke("catalog", "quantize", "--json").stdout)
+    assert {f["name"]: f["default"] for f in entry["fields"]} == {"bits": 8, "stochastic": True}
+    assert entry["fields"][0]["description"] == QuantizeDefense.model_fields["bits"].description
+
+
+def test_catalog_does_not_describe_a_schedule_the_defaults_do_not_use():
+    from service.specs import InvertingGradientsParams
+
+    text = invoke("catalog", "inverting_gradients").stdout
+    summary = text.splitlines()[0]
+    default = InvertingGradientsParams().schedule
+    assert not any(s in summary for s in ("step decay", "cosine") if default not in s)
+
+
+def test_catalog_one_architecture_in_full_and_unknown_names():
+    r = invoke("catalog", "resnet18")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("architecture resnet18:")
+    assert "    cut_skips = []  (list[int])" in r.stdout and "one of cifar, imagenet" in r.stdout
+    bad = invoke("catalog", "resnet19")
+    assert bad.exit_code == 2 and bad.stderr.startswith("gradleak: error: unknown catalog entry 'resnet19'")
+    assert "resnet18" in bad.stderr
+
+
+def test_catalog_architecture_view_takes_more_sections():
+    from service.catalog import ARCHITECTURE_SECTIONS
+
+    def extra(m: dict) -> list[str]:
+        return [f"  extra {m['name']}"]
+
+    ARCHITECTURE_SECTIONS.append(extra)
+    try:
+        assert invoke("catalog", "lenet").stdout.rstrip().endswith("extra lenet")
+    finally:
+        ARCHITECTURE_SECTIONS.remove(extra)

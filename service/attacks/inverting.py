@@ -214,8 +214,8 @@ class InvertingGradients:
     name: ClassVar[str] = "inverting_gradients"
     required_knowledge: ClassVar[Knowledge] = InvertingGradientsParams.required_knowledge
     description: ClassVar[str] = (
-        "Inverting Gradients (Geiping et al. 2020): cosine gradient matching, total variation, "
-        "signed Adam with step decay, boxed pixels, batched restarts"
+        "Inverting Gradients (Geiping et al. 2020): gradient matching with a total-variation prior, "
+        "signed Adam, boxed pixels, batched restarts (cost and schedule: see its parameters)"
     )
 
     def run(

@@ -458,6 +458,8 @@ def _audit(
     result = run_job(job, sub)
     for name, key in result.artifacts.items():
         artifacts[f"{prefix}/{name}"] = key
+    if "attack" not in result.manifest:  # stopped before the attack had a result
+        return {"audited_client": target.client, "audit_status": result.status}
     iterations = result.manifest["attack"]["iterations"]
     out: dict[str, Any] = {
         "audited_client": target.client,

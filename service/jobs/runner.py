@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import torch
@@ -25,6 +26,7 @@ from service.errors import ArtifactError, SpecError
 from service.federations.spec import FederationSpec
 from service.fl import batch_bn_statistics_from_update, delta_to_pseudo_gradient, simulate_client
 from service.jobs.allocator import keep_freed_memory
+from service.jobs.convergence import convergence
 from service.jobs.report import render_grid_png, render_report_html
 from service.jobs.types import (
     CONTENT_TYPES,
@@ -193,14 +195,13 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
         unavailable = None
     timings["scoring_s"] = time.monotonic() - t
 
-    artifacts = _write_artifacts(spec, ctx, result, victim, metrics)
-    timings["total_s"] = time.monotonic() - started
     status: Literal["succeeded", "cancelled"] = "cancelled" if stopped else "succeeded"
     manifest = {
         "job_id": ctx.job_id,
         "status": status,
         "spec": json.loads(spec.to_json()),
         "seed": spec.seed,
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "versions": versions(),
         "device": device_info(device),
         "timings": timings,
@@ -210,6 +211,7 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
             "stop_reason": result.stop_reason,
             "best_loss": _finite(result.best_loss),
             "restart_losses": [_finite(v) for v in result.restart_losses],
+            "convergence": convergence(spec.attack.name, spec.model.arch, result.iterations),
             "num_images": problem.num_images,
             "num_images_source": problem.num_images_source,
             "labels": result.labels.tolist(),
@@ -222,8 +224,10 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
         },
         "metrics": metrics,
         "metrics_unavailable": unavailable,
-        "artifacts": artifacts,
     }
+    artifacts = _write_artifacts(spec, ctx, result, victim, manifest)
+    timings["total_s"] = time.monotonic() - started
+    manifest["artifacts"] = artifacts
     key = f"{ctx.prefix}/{METRICS_JSON}"
     ctx.store.put_bytes(key, json.dumps(manifest, indent=2).encode(), CONTENT_TYPES[METRICS_JSON])
     artifacts[METRICS_JSON] = key
@@ -481,7 +485,7 @@ def _bn_targets(
 
 
 def _write_artifacts(
-    spec: JobSpec, ctx: JobContext, result: AttackResult, victim: Victim, metrics: dict | None
+    spec: JobSpec, ctx: JobContext, result: AttackResult, victim: Victim, manifest: dict
 ) -> dict[str, str]:
     images = result.images.detach().float().cpu().contiguous()
     tensors = {
@@ -489,13 +493,17 @@ def _write_artifacts(
         "labels": result.labels.cpu().long().contiguous(),
         "loss_history": torch.tensor(result.loss_history, dtype=torch.float32),
     }
-    order = None if metrics is None else metrics.get("assignment")
+    metrics = manifest["metrics"]
     truth = None if victim.truth_images is None else victim.truth_images.detach().float().cpu()
+    truth_labels = None if victim.truth_labels is None else victim.truth_labels.tolist()
+    grid = render_grid_png(
+        images, truth, metrics, recon_labels=result.labels.tolist(), true_labels=truth_labels
+    )
     outputs = {
         RECONSTRUCTION: save_safetensors(tensors, {"job_id": ctx.job_id, "attack": spec.attack.name}),
-        GRID_PNG: render_grid_png(images, truth, order),
+        GRID_PNG: grid,
+        REPORT_HTML: render_report_html(spec, result, manifest, grid, true_labels=truth_labels).encode(),
     }
-    outputs[REPORT_HTML] = render_report_html(spec, result, metrics, outputs[GRID_PNG]).encode()
     keys = {}
     for name, data in outputs.items():
         key = f"{ctx.prefix}/{name}"

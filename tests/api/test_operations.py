@@ -110,6 +110,9 @@ def test_catalog(client: TestClient) -> None:
     assert {d["name"] for d in catalog["defenses"]} >= {"quantize", "topk", "clip", "noise", "sign"}
     assert catalog["metrics"]
     assert [k["level"] for k in catalog["knowledge_levels"]] == [0, 1, 2, 3, 4, 5]
+    assert "astronaut" in catalog["photos"]["natural"] and len(catalog["photos"]["face"]) == 100
+    ig = next(a for a in catalog["attacks"] if a["name"] == "inverting_gradients")
+    assert {f["name"]: f["default"] for f in ig["fields"]}["schedule"] == "cosine"
 
 
 def test_openapi_documents_problem_responses(client: TestClient) -> None:

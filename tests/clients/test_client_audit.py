@@ -323,3 +323,89 @@ def test_the_verdict_a_leak_outranks_an_error_and_what_ifs_do_not_count() -> Non
     assert AuditReport(p, runs, leak + error).exit_code == 1
     assert AuditReport(p, runs, error + what_if).exit_code == 2
     assert AuditReport(p, runs, what_if).exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# weak answers: an attack that had not converged, and reasons said once
+# ---------------------------------------------------------------------------------------------
+
+
+def job_converging(iterations: int, needed: int | None = 200) -> Job:
+    conv = {
+        "iterations": iterations,
+        "needed_iterations": needed,
+        "converged": None if needed is None else iterations >= needed,
+        "basis": "measured" if needed else "no measurement of the iterations dlg needs on lenet",
+    }
+    return job_with(METRICS).model_copy(update={"result": {"attack": {"convergence": conv}}})
+
+
+def budget_checks(job: Job, **convergence: Any) -> list[tuple[str, str]]:
+    p = Policy.from_data(policy(convergence=convergence))
+    checks = evaluate_job(job, [Threshold(metric="psnr", max=40)], "s", "a", True, p.convergence)
+    return [(c.outcome, c.message) for c in checks if c.rule == "budget"]
+
+
+def test_a_tiny_budget_is_a_warning_and_a_policy_may_make_it_fail_the_gate() -> None:
+    [(outcome, message)] = budget_checks(job_converging(20))
+    assert outcome == "warn" and "not converged" in message and "20 iterations, fewer than the 200" in message
+    [(outcome, _)] = budget_checks(job_converging(20), on_unconverged="error")
+    assert outcome == "error"
+    assert budget_checks(job_converging(200))[0][0] == "pass"
+    # unmeasured: said once as skipped, unless the policy names its own minimum
+    [(outcome, message)] = budget_checks(job_converging(20, needed=None))
+    assert outcome == "skipped" and "no measurement" in message and "min_iterations" in message
+    assert budget_checks(job_converging(20, needed=None), min_iterations=50)[0][0] == "warn"
+    assert budget_checks(job_converging(300), min_iterations=500)[0][0] == "warn"
+    # a warning leaves the verdict as it was; an error makes the gate not pass
+    p = Policy.from_data(policy())
+    warned = evaluate_job(job_converging(20), [Threshold(metric="psnr", max=40)], "s", "a", True)
+    assert AuditReport(p, [], warned).verdict == "pass"
+    strict = Policy.from_data(policy(convergence={"on_unconverged": "error"}))
+    failed = evaluate_job(
+        job_converging(20), [Threshold(metric="psnr", max=40)], "s", "a", True, strict.convergence
+    )
+    assert AuditReport(strict, [], failed).exit_code == 2
+
+
+def test_a_job_without_a_convergence_measurement_gets_no_budget_check() -> None:
+    assert budget_checks(job_with(METRICS)) == []
+
+
+def test_the_same_skip_reason_is_said_once(tmp_path: Path) -> None:
+    from gradleak_client.audit import write_markdown
+
+    p = Policy.from_data(policy())
+    lpips = Threshold(metric="lpips", min=0.3, required=False)
+    checks = []
+    for scenario in ("a", "b", "c"):
+        for attack in ("dlg", "ig"):
+            checks += evaluate_job(job_with(METRICS), [lpips], scenario, attack, True)
+    assert len(checks) == 6
+    summary = write_markdown(AuditReport(p, [], checks), tmp_path / "summary.md").read_text()
+    assert summary.count("LPIPS needs 31 pixels a side") == 1
+    assert "a / dlg, a / ig, b / dlg, b / ig, c / dlg, c / ig" in summary
+
+
+def test_a_real_tiny_run_warns_in_the_gate(tmp_path: Path) -> None:
+    """The service measures convergence from the run's loss history; the gate reads it."""
+    from service.jobs.runner import run_job
+    from service.jobs.types import JobContext
+    from service.specs import JobSpec
+    from service.storage import LocalStore
+
+    spec = JobSpec.model_validate(
+        {
+            "model": {"arch": "lenet"},
+            "update": {"simulate": {"images": ["astronaut"], "labels": [1]}},
+            "data": {"shape": [3, 16, 16], "labels": [1]},
+            "budget": {"iterations": 20},
+        }
+    )
+    ctx = JobContext(job_id="j", store=LocalStore(tmp_path), prefix="j", resolve=bytes)
+    manifest = run_job(spec, ctx).manifest
+    job = job_with(manifest["metrics"]).model_copy(
+        update={"result": {k: v for k, v in manifest.items() if k != "spec"}}
+    )
+    [(outcome, message)] = budget_checks(job)
+    assert outcome == "warn" and "not converged" in message

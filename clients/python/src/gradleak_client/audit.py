@@ -3,7 +3,9 @@ any `Client` (remote, or the embedded service), check every result against the t
 write a JUnit XML and a Markdown summary for CI systems to show.
 
 The verdict: `fail` when a gated result leaks beyond a threshold (exit code 1), else `error`
-when a gated job or metric could not be checked (exit code 2), else `pass` (exit code 0).
+when a gated job or metric could not be checked (exit code 2), else `pass` (exit code 0). An
+attack that had not converged within its budget is a warning (`warn`), or an error when the
+policy's `convergence.on_unconverged` says so: its pass is weak evidence.
 
     >>> from gradleak_client import Client
     >>> from gradleak_client.audit import AuditInputs, run_audit
@@ -30,10 +32,18 @@ from typing import Literal
 from gradleak_client._client import Client
 from gradleak_client._exceptions import GradleakError, WaitTimeoutError
 from gradleak_client._resources import FileInput, Progress
-from gradleak_client.policy import LABEL_METRICS, UNITS, AttackRun, Policy, Scenario, Threshold
+from gradleak_client.policy import (
+    LABEL_METRICS,
+    UNITS,
+    AttackRun,
+    Convergence,
+    Policy,
+    Scenario,
+    Threshold,
+)
 from gradleak_client.types import Job, Metrics
 
-Outcome = Literal["pass", "fail", "error", "skipped"]
+Outcome = Literal["pass", "fail", "error", "skipped", "warn"]
 Verdict = Literal["pass", "fail", "error"]
 EXIT_CODES: dict[Verdict, int] = {"pass": 0, "fail": 1, "error": 2}
 GRID = "grid.png"
@@ -138,10 +148,42 @@ def _values(scores: Metrics, rule: Threshold) -> tuple[list[tuple[int | None, fl
     return [(image, float(worst))], ""
 
 
+def convergence_check(job: Job, policy: Convergence, scenario: str, attack: str, gated: bool) -> Check | None:
+    """Was the attack's budget enough? The iterations it ran against those it needs: the policy's
+    `min_iterations`, else what the service measured the attack to need on the architecture
+    (`attack.convergence`). None when the service did not report it."""
+    conv = ((job.result or {}).get("attack") or {}).get("convergence")
+    if not isinstance(conv, dict):
+        return None
+    iterations = conv.get("iterations")
+    needed = policy.min_iterations or conv.get("needed_iterations")
+    if needed is None or iterations is None:
+        message = (
+            f"budget not judged: {conv.get('basis', 'no measurement')}; "
+            "set the policy's convergence.min_iterations to require one"
+        )
+        return Check(scenario, attack, "budget", "skipped", message, gated, job.id)
+    basis = "the policy's convergence.min_iterations" if policy.min_iterations else conv.get("basis")
+    if iterations >= needed:
+        message = f"enough iterations: {iterations} >= {needed} ({basis})"
+        return Check(scenario, attack, "budget", "pass", message, gated, job.id, float(iterations))
+    weak: Outcome = "error" if policy.on_unconverged == "error" else "warn"
+    message = (
+        f"not converged: the attack ran {iterations} iterations, fewer than the {needed} it needs "
+        f"({basis}); a pass says little: raise the attack's budget"
+    )
+    return Check(scenario, attack, "budget", weak, message, gated, job.id, float(iterations))
+
+
 def evaluate_job(
-    job: Job, thresholds: list[Threshold], scenario: str, attack: str, gated: bool
+    job: Job,
+    thresholds: list[Threshold],
+    scenario: str,
+    attack: str,
+    gated: bool,
+    convergence: Convergence | None = None,
 ) -> list[Check]:
-    """Check a finished job's metrics against every threshold."""
+    """Check a finished job's metrics against every threshold, and whether its attack converged."""
     if job.status != "succeeded":
         why = f": {job.error.code}: {job.error.message}" if job.error is not None else ""
         return [Check(scenario, attack, "job", "error", f"job {job.id} {job.status}{why}", gated, job.id)]
@@ -166,7 +208,8 @@ def evaluate_job(
             name = rule.describe() if rule.over != "per_image" else f"{rule.describe()} [image {image}]"
             outcome = "pass" if passed else "fail"
             checks.append(Check(scenario, attack, name, outcome, message, gated, job.id, value, image))
-    return checks
+    budget = convergence_check(job, convergence or Convergence(), scenario, attack, gated)
+    return checks if budget is None else [*checks, budget]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +329,9 @@ def run_audit(
                 Check(run.scenario.name, run.attack_id, "job", "error", error, gated, job_id)
             )
             continue
-        report.checks += evaluate_job(run.job, policy.thresholds, run.scenario.name, run.attack_id, gated)
+        report.checks += evaluate_job(
+            run.job, policy.thresholds, run.scenario.name, run.attack_id, gated, policy.convergence
+        )
     return report
 
 
@@ -335,6 +380,8 @@ def write_junit(report: AuditReport, path: str | os.PathLike[str]) -> Path:
         elif c.outcome == "skipped":
             ET.SubElement(case, "skipped", message=text)
             counts["skipped"] += 1
+        elif c.outcome == "warn":
+            ET.SubElement(case, "system-err").text = f"warning: {text}"
         else:
             ET.SubElement(case, "system-out").text = text
     for key, value in counts.items():
@@ -354,6 +401,26 @@ _VERDICT_TEXT: dict[Verdict, str] = {
     "fail": "FAIL: leakage above a threshold",
     "error": "ERROR: the gate could not check every result",
 }
+
+
+def grouped(checks: list[Check]) -> list[tuple[Check, list[Check]]]:
+    """Checks that say the same thing (outcome, gating and message) once, with every job they
+    concern: a metric unavailable for the same reason in six jobs is one line, not six."""
+    groups: dict[tuple[str, bool, str], list[Check]] = {}
+    for c in checks:
+        groups.setdefault((c.outcome, c.gated, c.message), []).append(c)
+    return [(same[0], same) for same in groups.values()]
+
+
+def _where(same: list[Check]) -> str:
+    return ", ".join(dict.fromkeys(f"{c.scenario} / {c.attack}" for c in same))
+
+
+def _converged(report: AuditReport, run: JobRun) -> str:
+    budget = [c for c in report.checks_of(run) if c.rule == "budget"]
+    if not budget:
+        return "n/a"
+    return {"pass": "yes", "skipped": "unknown"}.get(budget[0].outcome, "**no**")
 
 
 def _run_result(report: AuditReport, run: JobRun) -> str:
@@ -395,8 +462,8 @@ def write_markdown(
         f"seed {p.seed}; thresholds: {_md(rules)}. Took {report.elapsed_s:.1f}s.",
         "",
         "| scenario | attack | job | status | PSNR worst | PSNR mean | SSIM worst | LPIPS worst | labels "
-        "| result |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| converged | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report.runs:
         job = run.job
@@ -409,18 +476,26 @@ def write_markdown(
             f"| {_md(scenario)} | {_md(run.attack_id)} | `{job.id if job else '-'}` | "
             f"{job.status if job else 'not run'} | {_cell(worst.get('psnr'), 'psnr')} | "
             f"{_cell(mean.get('psnr'), 'psnr')} | {_cell(worst.get('ssim'))} | {_cell(worst.get('lpips'))} | "
-            f"{'n/a' if labels is None else f'{labels:.0%}'} | {_run_result(report, run)} |"
+            f"{'n/a' if labels is None else f'{labels:.0%}'} | {_converged(report, run)} | "
+            f"{_run_result(report, run)} |"
         )
-    bad = [c for c in report.checks if c.outcome in ("fail", "error", "skipped")]
+    bad = [c for c in report.checks if c.outcome != "pass"]
     if bad:
         lines += ["", "### Checks that did not pass", ""]
-        for c in bad:
-            kind = {"fail": "leak", "error": "error", "skipped": "skipped"}[c.outcome]
+        for c, same in grouped(bad):
+            kind = {"fail": "leak", "error": "error", "skipped": "skipped", "warn": "warning"}[c.outcome]
             gate = "" if c.gated else " (not gated)"
-            lines.append(f"- {kind}{gate}: {_md(c.scenario)} / {_md(c.attack)}: {_md(c.message)}")
+            lines.append(f"- {kind}{gate}: {_md(_where(same))}: {_md(c.message)}")
     grids = [r for r in report.runs if r.grid is not None]
     if grids:
-        lines += ["", "### Reconstructions (top: the client's images; bottom: what the attack recovered)", ""]
+        lines += [
+            "",
+            "### Reconstructions",
+            "",
+            "Top row: the client's images; below: what the attack recovered, with each image's PSNR and "
+            "SSIM; the most leaked image is framed in red.",
+            "",
+        ]
         for run in grids:
             assert run.grid is not None and run.job is not None
             if embed_images:

@@ -258,6 +258,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         AuditInputs,
         check_inputs,
         failed_report,
+        grouped,
         run_audit,
         write_junit,
         write_markdown,
@@ -307,10 +308,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise
     write_junit(report, junit)
     write_markdown(report, summary, policy_name=Path(args.policy).name, embed_images=args.embed_images)
-    for check in report.checks:
-        if check.outcome != "pass":
-            gate = "" if check.gated else " (not gated)"
-            _note(f"{check.outcome}{gate}: {check.scenario} / {check.attack}: {check.message}")
+    for check, same in grouped([c for c in report.checks if c.outcome != "pass"]):
+        gate = "" if check.gated else " (not gated)"
+        where = ", ".join(dict.fromkeys(f"{c.scenario} / {c.attack}" for c in same))
+        _note(f"{check.outcome}{gate}: {where}: {check.message}")
     _note(f"JUnit XML: {junit}; summary: {summary}")
     _echo(f"gradleak privacy gate: {report.verdict.upper()}")
     return report.exit_code

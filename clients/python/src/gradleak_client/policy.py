@@ -18,6 +18,7 @@ the thresholds every result must meet. Torch-free; read from YAML (extra `cli`) 
       - {metric: ssim, max: 0.5, over: per_image}
       - {metric: lpips, min: 0.3, required: false}
       - {metric: label_accuracy, max: 1.0}
+    convergence: {on_unconverged: error} # an attack still improving at the end fails the gate (exit 2)
 
 `thresholds` may also be a mapping of shorthands: ``{max_psnr: 20, min_lpips: 0.3}`` (worst case).
 """
@@ -159,6 +160,23 @@ class Threshold(_Strict):
         return f"{self.subject()} {op} {self.bound:g}{UNITS.get(self.metric, '')}"
 
 
+class Convergence(_Strict):
+    """When an attack's answer is weak: it ran fewer iterations than it needs to converge on the
+    model, so a larger budget may leak more and a pass says little. The service reports how many
+    iterations the attack was measured to need on the architecture (`attack.convergence`)."""
+
+    min_iterations: int | None = Field(
+        default=None,
+        ge=1,
+        description="the iterations every attack must run; default: the service's measurement for "
+        "the attack and architecture (bench/results/convergence-cpu.json), where it has one",
+    )
+    on_unconverged: Literal["warn", "error"] = Field(
+        default="warn",
+        description="warn: said in the report, the verdict stands; error: the gate does not pass (exit 2)",
+    )
+
+
 class Policy(_Strict):
     version: Literal[1] = 1
     model: ModelInfo | None = Field(default=None, description="needed when a model file is uploaded")
@@ -168,6 +186,7 @@ class Policy(_Strict):
     attacks: list[AttackRun] = Field(min_length=1, max_length=32)
     scenarios: list[Scenario] = Field(default_factory=lambda: [Scenario(name="as-shared")], min_length=1)
     thresholds: list[Threshold] = Field(min_length=1)
+    convergence: Convergence = Field(default_factory=Convergence)
 
     @field_validator("thresholds", mode="before")
     @classmethod

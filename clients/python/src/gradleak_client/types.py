@@ -324,6 +324,7 @@ class Catalog(_Model):
     defenses: list[dict[str, Any]]
     metrics: list[dict[str, Any]]
     knowledge_levels: list[KnowledgeLevel]
+    photos: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class Problem(_Model):

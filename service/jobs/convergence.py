@@ -1,0 +1,45 @@
+"""Was the attack's budget enough? Judged against how many iterations the attack was measured to
+need on the same architecture.
+
+A run's own loss history cannot say it: the learning-rate schedule is stretched over the budget,
+so a short run anneals and flattens as a long one does (bench/results/convergence-cpu.json: the
+best loss's drop over the last quarter of a run does not separate runs that fell several dB short
+of a larger budget from runs that did not). What can be measured is the budget itself:
+bench/convergence.py runs the default attack at growing budgets on each architecture and records
+the smallest budget that came within SHORT_DB of the largest one. A run with fewer iterations had
+not converged; on an architecture not measured the answer is unknown and said so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SHORT_DB = 1.0
+RESULTS_FILE = "bench/results/convergence-cpu.json"
+# architecture -> iterations the default attack needed (32x32 photos, batches of 1 and 4: the
+# larger of the two); from RESULTS_FILE (tests check the two agree). ResNet-18's is a lower bound:
+# it is the largest budget run there (at half of it a batch of one ended 5.5 dB short).
+NEEDED_ITERATIONS: dict[str, int] = {"lenet": 200, "resnet18": 800}
+LOWER_BOUNDS = frozenset({"resnet18"})
+# attacks whose optimisation the measurement describes
+MEASURED_ATTACKS = frozenset({"inverting_gradients"})
+
+
+def convergence(attack: str, arch: str, iterations: int) -> dict[str, Any]:
+    """The manifest's `attack.convergence`: iterations run, iterations needed, and the verdict."""
+    needed = NEEDED_ITERATIONS.get(arch) if attack in MEASURED_ATTACKS else None
+    if needed is None:
+        return {
+            "iterations": iterations,
+            "needed_iterations": None,
+            "converged": None,
+            "basis": f"no measurement of the iterations {attack} needs on {arch}",
+        }
+    return {
+        "iterations": iterations,
+        "needed_iterations": needed,
+        "converged": iterations >= needed,
+        "basis": f"{attack} needed {'at least ' if arch in LOWER_BOUNDS else ''}{needed} iterations "
+        f"on {arch} to come within {SHORT_DB:g} dB of its PSNR at the largest budget measured "
+        f"({RESULTS_FILE})",
+    }
