@@ -32,6 +32,7 @@ from service.errors import (
     SpecError,
     UnknownNameError,
     UnsupportedFormatError,
+    UnsupportedOpsError,
 )
 from service.jobs.execute import TRANSIENT_ERRORS
 from service.jobs.records import error_code
@@ -125,6 +126,8 @@ def _domain(request: Request, exc: Exception) -> JSONResponse:
         extra["valid"] = exc.valid
     if isinstance(exc, ShapeMismatchError):
         extra["mismatches"] = exc.mismatches
+    if isinstance(exc, UnsupportedOpsError):
+        extra["unsupported_ops"] = exc.ops
     return _problem(request, status_for(exc), str(exc), error_code(exc), extra=extra)
 
 

@@ -1,7 +1,7 @@
 """Uploads: a model's weights, a client's update, the client's own images (for scoring only).
 
-Each is one multipart/form-data request with a `file` part (the safetensors bytes) and a
-`metadata` part (a JSON object), e.g.
+Each is one multipart/form-data request with a `file` part (the safetensors bytes, or for a
+model the ONNX file) and a `metadata` part (a JSON object), e.g.
 
     curl -H "Authorization: Bearer $KEY" -F file=@weights.safetensors \\
          -F 'metadata={"arch": "lenet", "image_shape": [3, 32, 32], "num_classes": 10}' \\
@@ -64,7 +64,13 @@ def _read(file: UploadFile, limit: int) -> bytes:
 
 
 def _store(
-    rt: Runtime, tenant: str, kind: UploadKind, data: bytes, metadata: dict[str, Any], tensors: int
+    rt: Runtime,
+    tenant: str,
+    kind: UploadKind,
+    data: bytes,
+    metadata: dict[str, Any],
+    tensors: int,
+    suffix: str = "safetensors",
 ) -> UploadRecord:
     upload_id = new_id(UPLOAD_PREFIXES[kind])
     folder = f"{tenant}/uploads/{upload_id}"
@@ -73,7 +79,7 @@ def _store(
         id=upload_id,
         tenant=tenant,
         kind=kind,
-        key=f"{folder}/data.safetensors",
+        key=f"{folder}/data.{suffix}",
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         metadata=metadata,
@@ -118,16 +124,19 @@ def upload_model(
     tenant: Tenant,
     response: Response,
     file: FileField,
-    metadata: Annotated[str, Form(description="JSON: arch, knobs, image_shape, num_classes (ModelUpload)")],
+    metadata: Annotated[
+        str, Form(description="JSON: format, arch, knobs, image_shape, num_classes (ModelUpload)")
+    ],
 ) -> UploadOut:
-    """The model the server sent to the client: its weights (safetensors) and its architecture.
-    The weights must fit the architecture exactly (422 lists the first mismatches)."""
+    """The model the server sent to the client: the weights (safetensors) of a registered
+    architecture, which must fit it exactly (422 lists the first mismatches), or the model itself
+    as ONNX (`format: onnx`), whose operators must be ones the attacks can differentiate twice
+    (422 lists the others). An ONNX model's parameters are named like its initializers."""
     meta = _metadata(ModelUpload, metadata)
     data = _read(file, rt.settings.max_upload_bytes)
-    tensors = check_model_upload(data, meta)
-    return _created(
-        response, "models", _store(rt, tenant, "model", data, meta.model_dump(mode="json"), tensors)
-    )
+    tensors = check_model_upload(data, meta, rt.settings)
+    record = _store(rt, tenant, "model", data, meta.model_dump(mode="json"), tensors, meta.format)
+    return _created(response, "models", record)
 
 
 @router.post(
@@ -151,7 +160,13 @@ def upload_update(
     meta = _metadata(UpdateUpload, metadata)
     model = get_upload_of_kind(rt.state, tenant, meta.model_id, "model", "metadata.model_id")
     data = _read(file, rt.settings.max_upload_bytes)
-    tensors = check_update_upload(data, meta, ModelUpload.model_validate(model.metadata), rt.limits)
+    tensors = check_update_upload(
+        data,
+        meta,
+        ModelUpload.model_validate(model.metadata),
+        rt.limits,
+        resolve=lambda _: rt.store.get_bytes(model.key),
+    )
     return _created(
         response, "updates", _store(rt, tenant, "update", data, meta.model_dump(mode="json"), tensors)
     )

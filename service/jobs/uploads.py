@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -46,23 +48,49 @@ class UploadMeta(BaseModel):
 
 
 class ModelUpload(UploadMeta):
-    """A model as the server sent it to the client: architecture, knobs, and the data it takes."""
+    """A model as the server sent it to the client, and the data it takes.
 
-    arch: str = Field(description="registered architecture name, see GET /v1/catalog")
+    `format` safetensors: the file holds the weights of a registered architecture (`arch`,
+    `knobs`). `format` onnx: the file is the model itself, an ONNX graph with its weights
+    (converted to torch, never unpickled); the update's tensors are named like its initializers.
+    """
+
+    format: Literal["safetensors", "onnx"] = Field(
+        default="safetensors",
+        description="safetensors (weights of a registered arch) or onnx (graph and weights)",
+    )
+    arch: str | None = Field(
+        default=None,
+        description="registered architecture name, see GET /v1/catalog; 'onnx' or left out for onnx",
+    )
     knobs: dict[str, JsonScalar | list[int]] = Field(default_factory=dict, description="constructor knobs")
+    source: str | None = Field(
+        default=None, description="arch 'module' only: the torch module of this process (embedded SDK)"
+    )
     image_shape: tuple[int, int, int] = Field(default=(3, 32, 32), description="C, H, W of one input image")
     num_classes: Annotated[int, Field(ge=2, le=100_000)] = 10
 
     @model_validator(mode="after")
     def _check(self) -> ModelUpload:
+        if self.format == "onnx" and (self.arch not in (None, "onnx") or self.knobs or self.source):
+            raise ValueError("an onnx model is the graph itself: leave out arch, knobs and source")
+        if self.format == "safetensors" and self.arch in (None, "onnx"):
+            raise ValueError(
+                "give the architecture (arch) the safetensors weights belong to, or format 'onnx'"
+            )
+        self.model_spec("check")
         self.data_spec()
         return self
 
     def data_spec(self) -> DataSpec:
         return DataSpec(shape=self.image_shape, num_classes=self.num_classes)
 
-    def model_spec(self, weights: str | None = None) -> ModelSpec:
-        return ModelSpec(arch=self.arch, knobs=self.knobs, weights=weights)
+    def model_spec(self, upload: str | None = None) -> ModelSpec:
+        """The ModelSpec of this upload; `upload` names its file (None: the architecture alone)."""
+        if self.format == "onnx":
+            return ModelSpec(arch="onnx", source=upload or "")
+        assert self.arch is not None  # _check
+        return ModelSpec(arch=self.arch, knobs=self.knobs, weights=upload, source=self.source)
 
 
 class UpdateUpload(UploadMeta):
@@ -138,18 +166,59 @@ class Limits:
             raise SpecError(f"{what} is {count}; this server's limit is {self.max_batch_size} images per job")
 
 
-def check_model_upload(data: bytes, meta: ModelUpload) -> int:
-    """Build the architecture and load the weights into it, as a job would; return the tensor count."""
+def check_model_upload(data: bytes, meta: ModelUpload, settings: Settings) -> int:
+    """Build the model and load the weights into it, as a job would; return the tensor count.
+
+    An ONNX model is also converted and checked for the second-order gradient the attacks
+    take, within `settings.onnx_check_timeout_s`."""
+    if meta.format == "onnx":
+        return _check_onnx(data, meta, settings)
     from service.models import build_model
 
-    build_model(meta.model_spec(weights="upload"), meta.data_spec(), resolve=lambda _: data)
+    build_model(meta.model_spec("upload"), meta.data_spec(), resolve=lambda _: data)
     # build_model has checked the file; count its tensors from the header alone.
     header_len = int.from_bytes(data[:8], "little")
     return sum(1 for name in json.loads(data[8 : 8 + header_len]) if name != "__metadata__")
 
 
-def check_update_upload(data: bytes, meta: UpdateUpload, model: ModelUpload, limits: Limits) -> int:
-    """Check an update against its model's architecture and the batch limits; return the tensor count."""
+def _check_onnx(data: bytes, meta: ModelUpload, settings: Settings) -> int:
+    if len(data) > settings.max_onnx_bytes:
+        raise ArtifactError(f"the ONNX file exceeds this server's limit of {settings.max_onnx_bytes} bytes")
+
+    def check() -> int:
+        from service.models.onnx import check_second_order, onnx_module
+
+        model = onnx_module(data, meta.data_spec(), max_nodes=settings.max_onnx_nodes)
+        check_second_order(model, meta.data_spec())
+        return len(model.state_dict())
+
+    # Conversion is bounded by the size and node limits; the deadline bounds the wait. A check
+    # that outlives it finishes in its (daemon) thread, and its result is dropped.
+    result: list[int | BaseException] = []
+    worker = threading.Thread(target=lambda: result.append(_capture(check)), daemon=True, name="onnx-check")
+    worker.start()
+    worker.join(settings.onnx_check_timeout_s)
+    if not result:
+        raise ArtifactError(
+            f"converting and checking the ONNX model took longer than {settings.onnx_check_timeout_s:g} s"
+        )
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _capture(fn: Callable[[], int]) -> int | BaseException:
+    try:
+        return fn()
+    except BaseException as e:  # handed to the request's thread, which raises it
+        return e
+
+
+def check_update_upload(
+    data: bytes, meta: UpdateUpload, model: ModelUpload, limits: Limits, resolve: Callable[[str], bytes]
+) -> int:
+    """Check an update against its model and the batch limits; return the tensor count.
+    `resolve` gives the model upload's file (an ONNX model's graph)."""
     from service.models import build_model
     from service.tensorio import load_safetensors, match_state
 
@@ -159,7 +228,8 @@ def check_update_upload(data: bytes, meta: UpdateUpload, model: ModelUpload, lim
     limits.check_batch("client.batch_size", meta.client.batch_size)
     limits.check_batch("client.num_samples", meta.client.num_samples)
     tensors = load_safetensors(data, name="update")
-    match_state(build_model(model.model_spec(), model.data_spec()), tensors, what=meta.kind)
+    spec = model.model_spec(meta.model_id if model.format == "onnx" else None)
+    match_state(build_model(spec, model.data_spec(), resolve=resolve), tensors, what=meta.kind)
     return len(tensors)
 
 

@@ -164,7 +164,7 @@ class Client(BaseClient):
         *,
         model: FileInput,
         update: FileInput,
-        arch: str,
+        arch: str | None = None,
         image_shape: Sequence[int],
         num_classes: int = 10,
         knobs: Mapping[str, Any] | None = None,
@@ -184,6 +184,8 @@ class Client(BaseClient):
     ) -> Job:
         """Upload the model, the update and (to score the result) the client's images, run one
         attack job and wait for it. Returns the finished job; `job.scores` has the metrics.
+        `model` holds the weights of the registered architecture `arch`, or, without `arch`, is
+        your own model as ONNX (`gradleak_client.prepare` writes all three files).
 
         >>> job = client.audit(model="lenet.safetensors", update="grad.safetensors", arch="lenet",
         ...                    image_shape=(3, 32, 32), ground_truth="batch.safetensors",
@@ -325,7 +327,7 @@ class AsyncClient(BaseClient):
         *,
         model: FileInput,
         update: FileInput,
-        arch: str,
+        arch: str | None = None,
         image_shape: Sequence[int],
         num_classes: int = 10,
         knobs: Mapping[str, Any] | None = None,
