@@ -275,3 +275,45 @@ def kaiming_fan_out(weight: torch.Tensor) -> None:
 
 def conv_out(size: int, kernel: int, padding: int, stride: int = 1) -> int:
     return (size + 2 * padding - kernel) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the weight-naming contract
+# ---------------------------------------------------------------------------------------------
+
+WEIGHT_CONTRACT = (
+    "Uploads are safetensors whose keys are the model's state_dict names, as torch writes them for "
+    "the model built with these knobs. weights (w_new, or the model the server sent): every "
+    "floating-point entry (parameters and batch-norm running statistics); integer buffers such as "
+    "num_batches_tracked may be left out. gradient: exactly the trainable parameters. delta "
+    "(w_new - w_old): the trainable parameters, and optionally the other floating-point entries. "
+    "Shapes must match; dtypes may be any float. Your own model (ONNX, or a torch module locally) "
+    "follows the same rules with its own names: the ONNX initializer names, which "
+    "torch.onnx.export takes from your state_dict."
+)
+
+
+def weight_names(spec: ModelSpec, data: DataSpec) -> list[dict[str, Any]]:
+    """The tensors an upload for this model holds, in state_dict order: name, shape, dtype kind,
+    and in which update kinds each is required, optional or absent (see WEIGHT_CONTRACT)."""
+    model = build_model(spec, data)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    rows = []
+    for name, tensor in model.state_dict().items():
+        floating = tensor.is_floating_point()
+        if name in trainable:
+            kinds = {"weights": "required", "gradient": "required", "delta": "required"}
+        elif floating:
+            kinds = {"weights": "required", "gradient": "absent", "delta": "optional"}
+        else:
+            kinds = {"weights": "optional", "gradient": "absent", "delta": "optional"}
+        rows.append(
+            {
+                "name": name,
+                "shape": list(tensor.shape),
+                "dtype": "float" if floating else "integer",
+                "role": "parameter" if name in trainable else "buffer",
+                **kinds,
+            }
+        )
+    return rows

@@ -39,7 +39,16 @@ from gradleak_client._resources import (
     Progress,
     Updates,
 )
-from gradleak_client.types import Attack, Budget, ClientTraining, Defense, Job, Normalization, UpdateKind
+from gradleak_client.types import (
+    Attack,
+    Budget,
+    ClientTraining,
+    Defense,
+    Job,
+    ModelUpload,
+    Normalization,
+    UpdateKind,
+)
 
 
 class Client(BaseClient):
@@ -159,6 +168,19 @@ class Client(BaseClient):
 
     # --- the whole audit in one call --------------------------------------------------------
 
+    def _upload_model(
+        self,
+        model: Any,
+        arch: str | None,
+        image_shape: Sequence[int],
+        num_classes: int,
+        knobs: Mapping[str, Any] | None,
+    ) -> ModelUpload:
+        # A remote service takes files; the embedded client also takes torch modules.
+        return self.models.upload(
+            model, arch=arch, image_shape=image_shape, num_classes=num_classes, knobs=knobs
+        )
+
     def audit(
         self,
         *,
@@ -192,9 +214,7 @@ class Client(BaseClient):
         ...                    attack={"name": "dlg"}, budget={"iterations": 300}, progress=True)
         >>> job.raise_for_status().scores.worst_case["psnr"]
         """
-        uploaded_model = self.models.upload(
-            model, arch=arch, image_shape=image_shape, num_classes=num_classes, knobs=knobs
-        )
+        uploaded_model = self._upload_model(model, arch, image_shape, num_classes, knobs)
         uploaded_update = self.updates.upload(
             update,
             model_id=uploaded_model.id,
