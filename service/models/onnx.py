@@ -62,6 +62,7 @@ SUPPORTED_OPS = frozenset(
         "Pow",
         "Sqrt",
         "Exp",
+        "Abs",
         "ReduceMean",
         # pooling
         "MaxPool",
@@ -79,8 +80,9 @@ SUPPORTED_OPS = frozenset(
         "Slice",
         "Pad",
         "Constant",
+        "ConstantOfShape",
+        "Cast",
         "Identity",
-        "Dropout",
     }
 )
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -279,9 +281,13 @@ def _rename(gm: fx.GraphModule, proto: Any, initializers: dict[str, torch.Tensor
         raise ArtifactError(
             "the ONNX model's weights cannot be named for updates: " + "; ".join(problems[:10])
         )
+    # Constants of the graph (Constant nodes, shapes) are not state: only initializers are.
+    for holder in ("_ops", "_constants"):
+        for module in getattr(root, holder, nn.Module()).modules():
+            module._non_persistent_buffers_set.update(module._buffers)
     for module in root.modules():
-        for buffer in list(module._buffers):
-            if module._buffers[buffer] is not None and not module._buffers[buffer].is_floating_point():
+        for buffer, value in module._buffers.items():
+            if value is not None and not value.is_floating_point():
                 module._non_persistent_buffers_set.add(buffer)
     renamed = fx.GraphModule(root, gm.graph, class_name="OnnxModel")
     renamed.graph.lint()
@@ -412,12 +418,16 @@ def _first_gradient_break(model: nn.Module, x: torch.Tensor) -> str | None:
     found: list[str] = []
 
     class Probe(fx.Interpreter):
-        def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-            out = super().call_module(target, args, kwargs)
-            tensors = [a for a in _flat([*args, *kwargs.values()]) if isinstance(a, torch.Tensor)]
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if found or n.op not in ("call_module", "call_function", "call_method"):
+                return out
+            args = [self.env[a] for a in n.all_input_nodes if a in self.env]
+            inputs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in _flat(args))
             lost = isinstance(out, torch.Tensor) and out.is_floating_point() and not out.requires_grad
-            if not found and lost and any(t.requires_grad for t in tensors):
-                found.append(f"{type(self.module.get_submodule(target)).__name__} ({target})")
+            if inputs_grad and lost:
+                what = type(model.get_submodule(n.target)).__name__ if n.op == "call_module" else n.op
+                found.append(f"{what} ({n.target if isinstance(n.target, str) else n.target.__name__})")
             return out
 
     Probe(model).run(x)
