@@ -33,7 +33,7 @@ def small_cnn() -> nn.Module:
 
 
 def test_the_normalisations_are_the_servers() -> None:
-    assert prepare.NORMALIZATIONS == {k: (n.mean, n.std) for k, n in NORMALIZATIONS.items()}
+    assert {k: (n.mean, n.std) for k, n in NORMALIZATIONS.items()} == prepare.NORMALIZATIONS
 
 
 def test_write_inputs_makes_the_three_files_of_a_normalised_client(tmp_path: Path) -> None:
