@@ -53,8 +53,9 @@ def inputs(tmp_path: Path, user_package: str) -> prepare.Inputs:
 def attack(model: str, inputs: prepare.Inputs, out: Path, *extra: str) -> dict:
     r = runner.invoke(
         app,
-        ["attack", "--model", model, *extra, "--update", str(inputs.update), "--ground-truth", str(inputs.ground_truth),
-         "--size", "16", "--iterations", "20", "--out", str(out), "--json"],
+        ["attack", "--model", model, *extra, "--update", str(inputs.update),
+         "--ground-truth", str(inputs.ground_truth), "--size", "16", "--iterations", "20", "--out", str(out),
+         "--json"],
         catch_exceptions=False,
     )  # fmt: skip
     assert r.exit_code == 0, r.output
