@@ -220,14 +220,15 @@ def check_update_upload(
     """Check an update against its model and the batch limits; return the tensor count.
     `resolve` gives the model upload's file (an ONNX model's graph)."""
     from service.models import build_model
-    from service.tensorio import load_safetensors, match_state
+    from service.tensorio import STATE_DTYPES, load_safetensors, match_state
 
     meta.data_spec(model)
     limits.check_batch("num_images", meta.num_images)
     limits.check_batch("the number of labels", None if meta.labels is None else len(meta.labels))
     limits.check_batch("client.batch_size", meta.client.batch_size)
     limits.check_batch("client.num_samples", meta.client.num_samples)
-    tensors = load_safetensors(data, name="update")
+    # as the runner reads it: a delta or weights may carry integer buffers (num_batches_tracked)
+    tensors = load_safetensors(data, allowed_dtypes=STATE_DTYPES, name="update")
     spec = model.model_spec(meta.model_id if model.format == "onnx" else None)
     match_state(build_model(spec, model.data_spec(), resolve=resolve), tensors, what=meta.kind)
     return len(tensors)

@@ -281,14 +281,11 @@ def _rename(gm: fx.GraphModule, proto: Any, initializers: dict[str, torch.Tensor
         raise ArtifactError(
             "the ONNX model's weights cannot be named for updates: " + "; ".join(problems[:10])
         )
-    # Constants of the graph (Constant nodes, shapes) are not state: only initializers are.
+    # Constants of the graph (Constant nodes, shapes) are not state: only initializers are, and the
+    # layers' own buffers (a batch norm's num_batches_tracked, as in the torch original).
     for holder in ("_ops", "_constants"):
         for module in getattr(root, holder, nn.Module()).modules():
             module._non_persistent_buffers_set.update(module._buffers)
-    for module in root.modules():
-        for buffer, value in module._buffers.items():
-            if value is not None and not value.is_floating_point():
-                module._non_persistent_buffers_set.add(buffer)
     renamed = fx.GraphModule(root, gm.graph, class_name="OnnxModel")
     renamed.graph.lint()
     for parameter in renamed.parameters():

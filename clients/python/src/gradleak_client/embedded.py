@@ -124,7 +124,7 @@ class EmbeddedService:
         self._lifespan: _Lifespan | None = None
         self._asgi: httpx.ASGITransport | None = None
         self._saved_threads: int | None = None
-        self._modules: list[str] = []
+        self._modules: dict[str | int, tuple[str, Any]] = {}
 
     @property
     def data_dir(self) -> Path:
@@ -214,7 +214,7 @@ class EmbeddedService:
         if self._modules:
             from service.models.local import unregister_module
 
-            for key in self._modules:
+            for key, _ in self._modules.values():
                 unregister_module(key)
             self._modules.clear()
         if self._saved_threads is not None:
@@ -281,10 +281,12 @@ class EmbeddedService:
             )
         from service.models.local import import_factory, register_module
 
-        module = import_factory(model) if isinstance(model, str) else model
-        key = register_module(module)
-        self._modules.append(key)
-        return key
+        # one key per module for the service's life: a Flower run hands the same module every round
+        ident = model if isinstance(model, str) else id(model)
+        if ident not in self._modules:
+            module = import_factory(model) if isinstance(model, str) else model
+            self._modules[ident] = (register_module(module), module)
+        return self._modules[ident][0]
 
     def async_client(self, **kwargs: Any) -> AsyncClient:
         """An `AsyncClient` of this service."""
@@ -318,15 +320,17 @@ class EmbeddedClient(Client):
         super().__init__(**kwargs)
         self._service = service
 
-    def upload_module(self, model: Any, *, image_shape: Sequence[int], num_classes: int = 10) -> ModelUpload:
-        """Register a torch module (or an import path's) with the embedded service and upload its
-        current weights as the model the server sent."""
+    def upload_module(
+        self, model: Any, *, image_shape: Sequence[int], num_classes: int = 10, weights: bytes | None = None
+    ) -> ModelUpload:
+        """Register a torch module (or an import path's) with the embedded service and upload the
+        model the server sent: `weights` (safetensors of its state_dict), else the module's own."""
+        from service.models.local import local_module
         from service.tensorio import save_safetensors
 
         key = self._service.register_model(model)
-        from service.models.local import local_module
-
-        weights = save_safetensors(local_module(key).state_dict())
+        if weights is None:
+            weights = save_safetensors(local_module(key).state_dict())
         options = _model_options(weights, "module", image_shape, num_classes, None, None, source=key)
         return self._call(options, ModelUpload)
 

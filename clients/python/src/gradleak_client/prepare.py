@@ -170,6 +170,43 @@ def export_onnx(model: nn.Module, path: str | Path, image_shape: Sequence[int]) 
     return p
 
 
+def onnx_with_weights(onnx_model: bytes, state: Mapping[str, Any]) -> bytes:
+    """An exported ONNX model with other weights (a later round's): each initializer named in
+    `state` (a state_dict of tensors or numpy arrays) takes that value; integer entries the graph
+    does not hold (num_batches_tracked) are skipped, any other unknown name is an error."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_model_from_string(onnx_model)
+    graph = proto.graph
+    tensors = {t.name: t for t in graph.initializer}
+    # the exporter names equal tensors once, the others through Identity nodes: give each its own
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.input and n.input[0] in tensors]:
+        if node.output[0] in state:
+            graph.initializer.append(
+                numpy_helper.from_array(numpy_helper.to_array(tensors[node.input[0]]), node.output[0])
+            )
+            graph.node.remove(node)
+    tensors = {t.name: t for t in graph.initializer}
+    unknown = []
+    for name, value in state.items():
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if name not in tensors:
+            if np.issubdtype(array.dtype, np.floating):
+                unknown.append(name)
+            continue
+        old = numpy_helper.to_array(tensors[name])
+        if old.shape != array.shape:
+            raise ValueError(
+                f"{name}: the graph holds shape {list(old.shape)}, the state {list(array.shape)}"
+            )
+        tensors[name].CopyFrom(numpy_helper.from_array(array.astype(old.dtype), name))
+    if unknown:
+        raise ValueError(f"the ONNX model has no initializers named {', '.join(unknown[:10])}")
+    return proto.SerializeToString()
+
+
 def save_weights(model: nn.Module, path: str | Path) -> Path:
     """The model's `state_dict()` as safetensors (the weights the server sent)."""
     p = Path(path)
