@@ -207,9 +207,9 @@ def _rename(gm: fx.GraphModule, proto: Any, initializers: dict[str, torch.Tensor
     problems: list[str] = []
 
     # Layers that absorbed initializers (Conv, Linear, BatchNorm, LayerNorm).
-    onnx_nodes = _onnx_nodes_by_module(gm, proto)
+    onnx_nodes = _onnx_nodes_by_module(proto)
     for node, layer in layers.items():
-        mapped_inputs = set(layer.onnx_mapping.inputs)
+        mapped_inputs = set(_mapping(layer))
         absorbed = [i for i in onnx_nodes[node.target].input if i and i not in mapped_inputs and i in floats]
         if not absorbed:
             continue
@@ -283,9 +283,10 @@ def _rename(gm: fx.GraphModule, proto: Any, initializers: dict[str, torch.Tensor
         )
     # Constants of the graph (Constant nodes, shapes) are not state: only initializers are, and the
     # layers' own buffers (a batch norm's num_batches_tracked, as in the torch original).
-    for holder in ("_ops", "_constants"):
-        for module in getattr(root, holder, nn.Module()).modules():
-            module._non_persistent_buffers_set.update(module._buffers)
+    for group in ("_ops", "_constants"):
+        if group in root._modules:
+            for module in root.get_submodule(group).modules():
+                module._non_persistent_buffers_set.update(module._buffers)
     renamed = fx.GraphModule(root, gm.graph, class_name="OnnxModel")
     renamed.graph.lint()
     for parameter in renamed.parameters():
@@ -309,7 +310,7 @@ def _unalias(proto: Any) -> Any:
     return proto
 
 
-def _onnx_nodes_by_module(gm: fx.GraphModule, proto: Any) -> dict[str, Any]:
+def _onnx_nodes_by_module(proto: Any) -> dict[str, Any]:
     """onnx2torch names a module after its node (`name`, `name_1` for repeats, the op type when
     unnamed); map the converted modules back to the ONNX nodes they came from."""
     from onnx2torch.onnx_graph import OnnxGraph
@@ -324,13 +325,18 @@ def _initializer_names(gm: fx.GraphModule) -> dict[str, str]:
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
-        inputs = list(gm.get_submodule(node.target).onnx_mapping.inputs)
+        inputs = _mapping(gm.get_submodule(node.target))
         given = [i for i in inputs if i]
         values = [*node.args, *node.kwargs.values()]
         for arg, name in zip(values, given, strict=False):
             if isinstance(arg, fx.Node) and arg.op == "get_attr":
                 out[arg.name] = name
     return out
+
+
+def _mapping(layer: Any) -> list[str]:
+    """The ONNX values a converted module takes as inputs (onnx2torch's attached mapping)."""
+    return list(layer.onnx_mapping.inputs)
 
 
 def _common_prefix(names: list[str], attrs: list[str]) -> str | None:
@@ -394,8 +400,8 @@ def check_second_order(model: nn.Module, data: DataSpec) -> None:
     unused = [n for n, g in zip(names, grads, strict=True) if g is None]
     if unused:
         raise ArtifactError(f"the ONNX model's output does not depend on: {', '.join(unused[:10])}")
-    second = sum((g * torch.randn_like(g)).sum() for g in grads if g is not None)
-    reaches = isinstance(second, torch.Tensor) and second.requires_grad
+    second = torch.stack([(g * torch.randn_like(g)).sum() for g in grads if g is not None]).sum()
+    reaches = second.requires_grad
     if reaches:
         (dx,) = torch.autograd.grad(second, x, allow_unused=True)
         reaches = dx is not None and bool(torch.isfinite(dx).all()) and bool(dx.abs().sum() > 0)
@@ -423,8 +429,9 @@ def _first_gradient_break(model: nn.Module, x: torch.Tensor) -> str | None:
             inputs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in _flat(args))
             lost = isinstance(out, torch.Tensor) and out.is_floating_point() and not out.requires_grad
             if inputs_grad and lost:
-                what = type(model.get_submodule(n.target)).__name__ if n.op == "call_module" else n.op
-                found.append(f"{what} ({n.target if isinstance(n.target, str) else n.target.__name__})")
+                target = n.target if isinstance(n.target, str) else n.target.__name__
+                what = type(model.get_submodule(target)).__name__ if n.op == "call_module" else n.op
+                found.append(f"{what} ({target})")
             return out
 
     Probe(model).run(x)

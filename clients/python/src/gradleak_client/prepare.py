@@ -155,7 +155,7 @@ def export_onnx(model: nn.Module, path: str | Path, image_shape: Sequence[int]) 
         torch.onnx.export(
             work,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # torch writes to file objects too
             dynamo=False,
             opset_version=ONNX_OPSET,
             input_names=[IMAGES],
