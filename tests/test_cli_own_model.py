@@ -116,3 +116,46 @@ def test_catalog_arch_prints_the_weight_naming_contract() -> None:
     }
     r = runner.invoke(app, ["catalog", "nope"])
     assert r.exit_code == 2 and "unknown architecture 'nope'" in r.output
+
+
+class WithBatchNorm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.c2 = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2)
+        self.fc = torch.nn.Linear(6 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.sigmoid(self.c2(torch.sigmoid(self.bn(self.c1(x)))))
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--restarts", "2"],  # batched restarts: torch.func over the converted graph
+        ["--attack", "dlg"],
+        ["--attack", "gradinversion", "--knowledge", "4"],
+        ["--defense", "quantize:bits=4", "--defense", "topk:ratio=0.5"],
+        ["--update-kind", "delta", "--lr", "0.05", "--local-epochs", "2", "--batch-size", "1", "--num-images",
+         "2", "--attack", "fedavg_unroll", "--knowledge", "3"],
+    ],
+)  # fmt: skip
+def test_every_attack_and_defense_runs_on_an_onnx_model(tmp_path: Path, flags: list[str]) -> None:
+    torch.manual_seed(0)
+    delta = "delta" in flags
+    training = {"kind": "delta", "lr": 0.05, "local_epochs": 2, "batch_size": 1} if delta else {}
+    files = prepare.write_inputs(
+        WithBatchNorm(), torch.rand(2, 3, 16, 16), [1, 2], tmp_path, bn_mode="eval", **training
+    )
+    r = runner.invoke(
+        app,
+        ["attack", "--model", str(files.model), "--update", str(files.update), "--ground-truth",
+         str(files.ground_truth), "--size", "16", "--bn-mode", "eval", "--iterations", "3", "--out",
+         str(tmp_path / "runs"), "--json", *flags],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(r.stdout)
+    assert manifest["status"] == "succeeded" and manifest["metrics"]["mean"]["psnr"] > 0
