@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from apitools import is_problem, post_file
+from apitools import StubRunner, is_problem, make_app, post_file
 from fastapi.testclient import TestClient
 from torch import nn
 
@@ -125,3 +125,19 @@ def test_a_module_named_over_http_is_refused(client: TestClient) -> None:
     upload = {"arch": "module", "source": "os:system", "image_shape": list(SHAPE)}
     body = is_problem(post_file(client, "/v1/models", b"{}", upload), 422)
     assert "takes your model as ONNX" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("limits", "status", "message"),
+    [
+        ({"onnx_check_timeout_s": 1e-6}, 422, "took longer than"),
+        ({"max_onnx_bytes": 1000}, 422, "limit of 1000 bytes"),
+        ({"max_onnx_nodes": 3}, 422, "limit is 3"),
+    ],
+)
+def test_the_conversion_is_bounded(
+    settings: Settings, files: Any, limits: dict[str, Any], status: int, message: str
+) -> None:
+    with TestClient(make_app(settings.model_copy(update=limits), StubRunner())) as client:
+        body = is_problem(post(client, "/v1/models", files.model.read_bytes(), ONNX_META), status)
+    assert message in body["detail"]
