@@ -33,6 +33,7 @@ from service.errors import (
     SpecError,
     UnknownNameError,
     UnsupportedFormatError,
+    UnsupportedOpsError,
 )
 from service.jobs.budget import BudgetError
 from service.jobs.execute import TRANSIENT_ERRORS
@@ -135,6 +136,8 @@ def _domain(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, QuotaExceededError):
         extra.update(quota=exc.quota, limit=exc.limit)
         headers = {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, UnsupportedOpsError):
+        extra["unsupported_ops"] = exc.ops
     return _problem(request, status_for(exc), str(exc), error_code(exc), extra=extra, headers=headers)
 
 

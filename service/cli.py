@@ -6,10 +6,12 @@ runner the service uses. Bad flags and bad files end with one clear line and exi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -112,6 +114,15 @@ def csv_list(text: str | None) -> list[str] | None:
     return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
 
+def own_model(text: str) -> dict[str, str]:
+    """--model: an import path names a module (arch 'module'), anything else an ONNX file."""
+    from service.models.local import is_import_path
+
+    if is_import_path(text) and not Path(text).exists():
+        return {"arch": "module", "source": text}
+    return {"arch": "onnx", "source": str(Path(text).expanduser())}
+
+
 def local_resolve(ref: str) -> bytes:
     path = Path(ref).expanduser()
     try:
@@ -128,6 +139,14 @@ def attack(
         Path | None, typer.Option("--spec", help="YAML or JSON job spec; flags below override it")
     ] = None,
     arch: Annotated[str | None, typer.Option(help="architecture name (see `gradleak catalog`)")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="your own model instead of --arch: an ONNX file, or an import path "
+            "package.module:factory (your code, imported and called here with no arguments)",
+        ),
+    ] = None,
     knob: Annotated[
         list[str] | None, typer.Option("--knob", help="architecture knob key=value (JSON: cut_skips=[0,1])")
     ] = None,
@@ -216,8 +235,10 @@ def build_spec(**o: Any) -> JobSpec:
     base: dict[str, Any] = {}
     if o["spec_file"] is not None:
         base = json.loads(JobSpec.from_file(o["spec_file"]).to_json())
-    elif o["arch"] is None:
-        raise fail("give --spec FILE or at least --arch")
+    elif o["arch"] is None and o["model"] is None:
+        raise fail("give --spec FILE or at least --arch or --model")
+    if o["arch"] is not None and o["model"] is not None:
+        raise fail("give --arch (a registered architecture) or --model (your own), not both")
 
     def put(path: str, value: Any) -> None:
         if value is None:
@@ -230,6 +251,8 @@ def build_spec(**o: Any) -> JobSpec:
 
     base.setdefault("model", ModelSpec(arch=o["arch"] or "").model_dump())
     put("model.arch", o["arch"])
+    if o["model"] is not None:
+        base["model"] = {**base["model"], **own_model(o["model"]), "knobs": {}}
     if o["knob"]:
         base["model"]["knobs"] = {**base["model"].get("knobs", {}), **parse_pairs(o["knob"], "knob")}
     put("model.weights", str(o["weights"]) if o["weights"] else None)
@@ -313,6 +336,21 @@ def build_spec(**o: Any) -> JobSpec:
     return JobSpec.model_validate(base)
 
 
+@contextlib.contextmanager
+def local_modules(spec: JobSpec) -> Iterator[None]:
+    """A local run may name the user's own module by import path: import it here, for this run."""
+    if spec.model.arch != "module" or spec.model.source is None:
+        yield
+        return
+    from service.models.local import import_factory, register_module, unregister_module
+
+    key = register_module(import_factory(spec.model.source), key=spec.model.source)
+    try:
+        yield
+    finally:
+        unregister_module(key)
+
+
 def run_local(spec: JobSpec, out: Path, device: str | None, as_json: bool) -> None:
     from service.jobs.runner import run_job
     from service.jobs.types import JobContext, Progress
@@ -354,7 +392,8 @@ def run_local(spec: JobSpec, out: Path, device: str | None, as_json: bool) -> No
             device=device or settings.device,
             lpips_weights_dir=str(settings.lpips_weights_dir) if settings.lpips_weights_dir else None,
         )
-        result = run_job(spec, ctx)
+        with local_modules(spec):
+            result = run_job(spec, ctx)
     if as_json:
         typer.echo(json.dumps(result.manifest, indent=2))
         return
@@ -399,19 +438,38 @@ def catalog(
     name: Annotated[
         str | None, typer.Argument(help="an attack, architecture, defense, metric or photo category")
     ] = None,
+    knob: Annotated[
+        list[str] | None, typer.Option("--knob", help="an architecture's knob key=value, for its tensors")
+    ] = None,
+    size: Annotated[int, typer.Option(help="image side in pixels, for an architecture's tensors")] = 32,
+    channels: Annotated[int, typer.Option(help="1 or 3")] = 3,
+    num_classes: Annotated[int, typer.Option(help="number of classes")] = 10,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List attacks (knowledge, parameter defaults), architectures (knobs), defenses, metrics and
-    photos; with NAME, that entry in full."""
+    photos; with NAME, that entry in full (an architecture's with its weight-naming contract)."""
     from service.catalog import describe, full_catalog, overview
 
     cat = full_catalog()
     try:
+        if name is not None and any(m["name"] == name for m in cat["architectures"]):
+            from service.models import WEIGHT_CONTRACT
+
+            rows = weight_contract(name, parse_pairs(knob, "knob"), (channels, size, size), num_classes)
+            if as_json:
+                entry = {**_catalog_entry(cat, name), "contract": WEIGHT_CONTRACT, "tensors": rows}
+                typer.echo(json.dumps(entry, indent=2))
+                return
+            typer.echo(describe(name, cat))
+            print_weight_contract(rows, (channels, size, size), num_classes)
+            return
         if as_json:
             entry = cat if name is None else _catalog_entry(cat, name)
             typer.echo(json.dumps(entry, indent=2))
             return
         typer.echo(overview(cat) if name is None else describe(name, cat))
+    except ValidationError as e:
+        raise fail(_validation_message(e)) from None
     except GradleakError as e:
         raise fail(str(e)) from None
 
@@ -426,6 +484,30 @@ def _catalog_entry(cat: dict[str, Any], name: str) -> Any:
     if name in cat["photos"]:
         return {"category": name, "photos": cat["photos"][name]}
     return describe(name, cat)  # raises the unknown-name error with the valid names
+
+
+def weight_contract(
+    arch: str, knobs: dict[str, Any], shape: tuple[int, int, int], num_classes: int
+) -> list[dict[str, Any]]:
+    """What an upload for `arch` holds: every tensor's name, shape and role per update kind."""
+    from service.models import weight_names
+
+    return weight_names(ModelSpec(arch=arch, knobs=knobs), DataSpec(shape=shape, num_classes=num_classes))
+
+
+def print_weight_contract(rows: list[dict[str, Any]], shape: tuple[int, int, int], num_classes: int) -> None:
+    """The single-architecture view's weight-naming part, as a table."""
+    from service.models import WEIGHT_CONTRACT
+
+    typer.echo(f"tensors for {'x'.join(map(str, shape))} images and {num_classes} classes:")
+    width = max(len(r["name"]) for r in rows)
+    typer.echo(f"  {'name':<{width}}  {'shape':<18} weights   gradient  delta")
+    for r in rows:
+        shape_text = "x".join(map(str, r["shape"])) or "scalar"
+        typer.echo(
+            f"  {r['name']:<{width}}  {shape_text:<18} {r['weights']:<9} {r['gradient']:<9} {r['delta']}"
+        )
+    typer.echo(WEIGHT_CONTRACT)
 
 
 cli_service.register(app)

@@ -53,3 +53,12 @@ class JobCancelledError(GradleakError):
 
 class MetricUnavailableError(GradleakError):
     """A metric cannot be computed here (e.g. LPIPS weights missing); the message says why."""
+
+
+class UnsupportedOpsError(ArtifactError):
+    """An ONNX graph uses operators gradleak does not convert, or whose second-order gradient
+    the attacks cannot take; `ops` lists them."""
+
+    def __init__(self, message: str, ops: list[str]) -> None:
+        self.ops = ops
+        super().__init__(message)

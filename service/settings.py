@@ -37,6 +37,10 @@ class Settings(BaseSettings):
 
     # limits on what a tenant may ask for
     max_upload_bytes: int = 512 * 1024 * 1024
+    # an uploaded ONNX model: its size, node count and the time its conversion and checks may take
+    max_onnx_bytes: int = 256 * 1024 * 1024
+    max_onnx_nodes: int = 2000
+    onnx_check_timeout_s: float = 60.0
     max_batch_size: int = 64
     max_iterations: int = 20_000
     max_restarts: int = 16

@@ -86,17 +86,42 @@ _KNOWLEDGE_TEXT = {
 # ---------------------------------------------------------------------------------------------
 
 
+# Model sources that are not registered architectures: the graph comes from `ModelSpec.source`.
+SOURCE_ARCHS = ("onnx", "module")
+
+
 class ModelSpec(Frozen):
-    arch: str = Field(description="registered architecture name, see the catalog")
+    arch: str = Field(
+        description="registered architecture name (see the catalog), or 'onnx' (an uploaded ONNX graph "
+        "in `source`) or 'module' (a torch module given to this process, named by `source`)"
+    )
     knobs: dict[str, JsonScalar | list[int]] = Field(
         default_factory=dict, description="constructor knobs of the architecture"
     )
     weights: str | None = Field(
         default=None,
         description="safetensors artifact with the weights the server sent; none: a fresh "
-        "initialisation seeded by init_seed (an untrained model)",
+        "initialisation seeded by init_seed (an untrained model), or the weights the ONNX graph or "
+        "the module holds",
     )
     init_seed: int = 0
+    source: str | None = Field(
+        default=None,
+        description="arch 'onnx': the ONNX artifact (graph and weights); arch 'module': an import path "
+        "'package.module:factory' (CLI) or the handle of a module object (embedded SDK); only local "
+        "runs resolve modules, a server takes models as ONNX",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.arch in SOURCE_ARCHS:
+            if self.source is None:
+                raise ValueError(f"arch {self.arch!r} needs model.source")
+            if self.knobs:
+                raise ValueError(f"arch {self.arch!r} takes no knobs")
+        elif self.source is not None:
+            raise ValueError(f"model.source is for arch 'onnx' or 'module', not {self.arch!r}")
+        return self
 
 
 class ClientTraining(Frozen):

@@ -1,7 +1,7 @@
 """Uploads: a model's weights, a client's update, the client's own images (for scoring only).
 
-Each is one multipart/form-data request with a `file` part (the safetensors bytes) and a
-`metadata` part (a JSON object), e.g.
+Each is one multipart/form-data request with a `file` part (the safetensors bytes, or for a
+model the ONNX file) and a `metadata` part (a JSON object), e.g.
 
     curl -H "Authorization: Bearer $KEY" -F file=@weights.safetensors \\
          -F 'metadata={"arch": "lenet", "image_shape": [3, 32, 32], "num_classes": 10}' \\
@@ -79,6 +79,7 @@ def _store(
     file: tuple[BinaryIO, int, str],
     metadata: dict[str, Any],
     tensors: int,
+    suffix: str = "safetensors",
 ) -> UploadRecord:
     f, size, sha256 = file
     upload_id = new_id(UPLOAD_PREFIXES[kind])
@@ -88,7 +89,7 @@ def _store(
         id=upload_id,
         tenant=tenant,
         kind=kind,
-        key=f"{folder}/data.safetensors",
+        key=f"{folder}/data.{suffix}",
         size=size,
         sha256=sha256,
         metadata=metadata,
@@ -133,14 +134,20 @@ def upload_model(
     caller: CallerDep,
     response: Response,
     file: FileField,
-    metadata: Annotated[str, Form(description="JSON: arch, knobs, image_shape, num_classes (ModelUpload)")],
+    metadata: Annotated[
+        str, Form(description="JSON: format, arch, knobs, image_shape, num_classes (ModelUpload)")
+    ],
 ) -> UploadOut:
-    """The model the server sent to the client: its weights (safetensors) and its architecture.
-    The weights must fit the architecture exactly (422 lists the first mismatches)."""
+    """The model the server sent to the client: the weights (safetensors) of a registered
+    architecture, which must fit it exactly (422 lists the first mismatches), or the model itself
+    as ONNX (`format: onnx`), whose operators must be ones the attacks can differentiate twice
+    (422 lists the others). An ONNX model's parameters are named like its initializers."""
     meta = _metadata(ModelUpload, metadata)
     f, size = _spooled(file, rt, caller)
-    tensors, sha256 = check_model_upload(f, size, meta)
-    record = _store(rt, caller.tenant, "model", (f, size, sha256), meta.model_dump(mode="json"), tensors)
+    tensors, sha256 = check_model_upload(f, size, meta, rt.settings)
+    record = _store(
+        rt, caller.tenant, "model", (f, size, sha256), meta.model_dump(mode="json"), tensors, meta.format
+    )
     return _created(response, "models", record)
 
 
@@ -166,7 +173,12 @@ def upload_update(
     model = get_upload_of_kind(rt.state, caller.tenant, meta.model_id, "model", "metadata.model_id")
     f, size = _spooled(file, rt, caller)
     tensors, sha256 = check_update_upload(
-        f, size, meta, ModelUpload.model_validate(model.metadata), rt.limits
+        f,
+        size,
+        meta,
+        ModelUpload.model_validate(model.metadata),
+        rt.limits,
+        resolve=lambda _: rt.store.get_bytes(model.key),
     )
     record = _store(rt, caller.tenant, "update", (f, size, sha256), meta.model_dump(mode="json"), tensors)
     return _created(response, "updates", record)

@@ -28,7 +28,12 @@ from service.settings import Settings
 from service.specs import AttackParams, Budget, DefenseSpec, JobSpec, Knowledge, UpdateSpec
 
 # (where in the spec, which kind of upload it must name)
-REFERENCES = (("model.weights", "model"), ("update.artifact", "update"), ("ground_truth", "ground_truth"))
+REFERENCES = (
+    ("model.weights", "model"),
+    ("model.source", "model"),
+    ("update.artifact", "update"),
+    ("ground_truth", "ground_truth"),
+)
 
 
 def spec_from_uploads(
@@ -48,7 +53,7 @@ def spec_from_uploads(
     if update_meta.model_id != model.id:
         raise SpecError(f"update {update.id} was uploaded for model {update_meta.model_id}, not {model.id}")
     fields: dict = {
-        "model": model_meta.model_spec(weights=model.id),
+        "model": model_meta.model_spec(model.id),
         "update": UpdateSpec(kind=update_meta.kind, artifact=update.id, client=update_meta.client),
         "data": update_meta.data_spec(model_meta),
         "ground_truth": None if ground_truth is None else ground_truth.id,
@@ -110,6 +115,8 @@ def check_references(spec: JobSpec, tenant: str, state: StateStore) -> None:
     """Every upload the spec names must be the tenant's, of the right kind, and agree with the spec."""
     refs = {
         "model.weights": spec.model.weights,
+        # an ONNX model's graph is a model upload; a module's source is a key of this process
+        "model.source": spec.model.source if spec.model.arch == "onnx" else None,
         "update.artifact": spec.update.artifact,
         "ground_truth": spec.ground_truth,
     }
@@ -163,11 +170,12 @@ def get_upload_of_kind(state: StateStore, tenant: str, ref: str, kind: str, wher
 
 
 def _check_model(spec: JobSpec, where: str, meta: ModelUpload, ref: str) -> None:
-    ours = (spec.model.arch, spec.model.knobs, spec.data.shape, spec.data.num_classes)
-    theirs = (meta.arch, meta.knobs, meta.image_shape, meta.num_classes)
+    ours = (spec.model.arch, spec.model.knobs, spec.model.source, spec.data.shape, spec.data.num_classes)
+    model = meta.model_spec(ref if meta.format == "onnx" else None)
+    theirs = (model.arch, model.knobs, model.source, meta.image_shape, meta.num_classes)
     if ours != theirs:
         raise SpecError(
-            f"{where} {ref} is a {meta.arch} (knobs {meta.knobs}) for {_shape(meta.image_shape)} images and "
+            f"{where} {ref} is a {model.arch} (knobs {meta.knobs}) for {_shape(meta.image_shape)} images and "
             f"{meta.num_classes} classes; the spec asks for a {spec.model.arch} "
             f"(knobs {spec.model.knobs}) for "
             f"{_shape(spec.data.shape)} images and {spec.data.num_classes} classes"

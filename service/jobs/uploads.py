@@ -10,7 +10,10 @@ size. They import torch, lazily: importing this module does not.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, BinaryIO, Literal
 
@@ -55,23 +58,49 @@ class UploadMeta(BaseModel):
 
 
 class ModelUpload(UploadMeta):
-    """A model as the server sent it to the client: architecture, knobs, and the data it takes."""
+    """A model as the server sent it to the client, and the data it takes.
 
-    arch: str = Field(description="registered architecture name, see GET /v1/catalog")
+    `format` safetensors: the file holds the weights of a registered architecture (`arch`,
+    `knobs`). `format` onnx: the file is the model itself, an ONNX graph with its weights
+    (converted to torch, never unpickled); the update's tensors are named like its initializers.
+    """
+
+    format: Literal["safetensors", "onnx"] = Field(
+        default="safetensors",
+        description="safetensors (weights of a registered arch) or onnx (graph and weights)",
+    )
+    arch: str | None = Field(
+        default=None,
+        description="registered architecture name, see GET /v1/catalog; 'onnx' or left out for onnx",
+    )
     knobs: dict[str, JsonScalar | list[int]] = Field(default_factory=dict, description="constructor knobs")
+    source: str | None = Field(
+        default=None, description="arch 'module' only: the torch module of this process (embedded SDK)"
+    )
     image_shape: tuple[int, int, int] = Field(default=(3, 32, 32), description="C, H, W of one input image")
     num_classes: Annotated[int, Field(ge=2, le=100_000)] = 10
 
     @model_validator(mode="after")
     def _check(self) -> ModelUpload:
+        if self.format == "onnx" and (self.arch not in (None, "onnx") or self.knobs or self.source):
+            raise ValueError("an onnx model is the graph itself: leave out arch, knobs and source")
+        if self.format == "safetensors" and self.arch in (None, "onnx"):
+            raise ValueError(
+                "give the architecture (arch) the safetensors weights belong to, or format 'onnx'"
+            )
+        self.model_spec("check")
         self.data_spec()
         return self
 
     def data_spec(self) -> DataSpec:
         return DataSpec(shape=self.image_shape, num_classes=self.num_classes)
 
-    def model_spec(self, weights: str | None = None) -> ModelSpec:
-        return ModelSpec(arch=self.arch, knobs=self.knobs, weights=weights)
+    def model_spec(self, upload: str | None = None) -> ModelSpec:
+        """The ModelSpec of this upload; `upload` names its file (None: the architecture alone)."""
+        if self.format == "onnx":
+            return ModelSpec(arch="onnx", source=upload or "")
+        assert self.arch is not None  # _check
+        return ModelSpec(arch=self.arch, knobs=self.knobs, weights=upload, source=self.source)
 
 
 class UpdateUpload(UploadMeta):
@@ -188,31 +217,83 @@ def _meta_model(meta: ModelUpload) -> Any:
         return build_model(meta.model_spec(), meta.data_spec())
 
 
-def check_model_upload(f: BinaryIO, size: int, meta: ModelUpload) -> tuple[int, str]:
+def check_model_upload(f: BinaryIO, size: int, meta: ModelUpload, settings: Settings) -> tuple[int, str]:
     """Check weights against the architecture as a job would load them (every floating-point
-    state entry, names and shapes exact), in one streamed pass; return the tensor count and sha256."""
+    state entry, names and shapes exact), in one streamed pass; return the tensor count and sha256.
+
+    An ONNX model is read whole (it is bounded by `settings.max_onnx_bytes`), converted and checked
+    for the second-order gradient the attacks take, within `settings.onnx_check_timeout_s`."""
     from service.tensorio import STATE_DTYPES, match_state, scan_safetensors
 
+    if meta.format == "onnx":
+        if size > settings.max_onnx_bytes:
+            raise ArtifactError(
+                f"the ONNX file exceeds this server's limit of {settings.max_onnx_bytes} bytes"
+            )
+        data = f.read()
+        f.seek(0)
+        return _check_onnx(data, meta, settings), hashlib.sha256(data).hexdigest()
     model = _meta_model(meta)
     tensors, sha256 = scan_safetensors(f, size, allowed_dtypes=STATE_DTYPES, name="model.weights")
     match_state(model, tensors, what="weights")
     return len(tensors), sha256
 
 
+def _check_onnx(data: bytes, meta: ModelUpload, settings: Settings) -> int:
+    def check() -> int:
+        from service.models.onnx import check_second_order, onnx_module
+
+        model = onnx_module(data, meta.data_spec(), max_nodes=settings.max_onnx_nodes)
+        check_second_order(model, meta.data_spec())
+        return len(model.state_dict())
+
+    # Conversion is bounded by the size and node limits; the deadline bounds the wait. A check
+    # that outlives it finishes in its (daemon) thread, and its result is dropped.
+    result: list[int | BaseException] = []
+    worker = threading.Thread(target=lambda: result.append(_capture(check)), daemon=True, name="onnx-check")
+    worker.start()
+    worker.join(settings.onnx_check_timeout_s)
+    if not result:
+        raise ArtifactError(
+            f"converting and checking the ONNX model took longer than {settings.onnx_check_timeout_s:g} s"
+        )
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _capture(fn: Callable[[], int]) -> int | BaseException:
+    try:
+        return fn()
+    except BaseException as e:  # handed to the request's thread, which raises it
+        return e
+
+
 def check_update_upload(
-    f: BinaryIO, size: int, meta: UpdateUpload, model: ModelUpload, limits: Limits
+    f: BinaryIO,
+    size: int,
+    meta: UpdateUpload,
+    model: ModelUpload,
+    limits: Limits,
+    resolve: Callable[[str], bytes],
 ) -> tuple[int, str]:
-    """Check an update against its model's architecture and the batch limits, in one streamed
-    pass; return the tensor count and sha256."""
-    from service.tensorio import match_state, scan_safetensors
+    """Check an update against its model and the batch limits, in one streamed pass; return the
+    tensor count and sha256. `resolve` gives the model upload's file (an ONNX model's graph)."""
+    from service.models import build_model
+    from service.tensorio import STATE_DTYPES, match_state, scan_safetensors
 
     meta.data_spec(model)
     limits.check_batch("num_images", meta.num_images)
     limits.check_batch("the number of labels", None if meta.labels is None else len(meta.labels))
     limits.check_batch("client.batch_size", meta.client.batch_size)
     limits.check_batch("client.num_samples", meta.client.num_samples)
-    tensors, sha256 = scan_safetensors(f, size, name="update")
-    match_state(_meta_model(model), tensors, what=meta.kind)
+    # as the runner reads it: a delta or weights may carry integer buffers (num_batches_tracked)
+    tensors, sha256 = scan_safetensors(f, size, allowed_dtypes=STATE_DTYPES, name="update")
+    if model.format == "onnx":
+        built = build_model(model.model_spec(meta.model_id), model.data_spec(), resolve=resolve)
+    else:
+        built = _meta_model(model)
+    match_state(built, tensors, what=meta.kind)
     return len(tensors), sha256
 
 

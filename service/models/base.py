@@ -142,12 +142,32 @@ MODELS: Registry[ModelEntry] = Registry("architecture")
 
 
 def build_model(spec: ModelSpec, data: DataSpec, resolve: Callable[[str], bytes] | None = None) -> nn.Module:
-    """Build `spec.arch` for `data` on the CPU, in training mode.
+    """Build the model of `spec` for `data` on the CPU, in training mode: a registered
+    architecture, an ONNX graph (`arch="onnx"`) or a module of this process (`arch="module"`).
 
-    The initialisation depends only on `spec.init_seed` (not on the global RNG, which is left
-    untouched). With `spec.weights`, the bytes `resolve(spec.weights)` returns must be a
-    safetensors file holding every floating-point state-dict entry of the model.
+    A registered architecture's initialisation depends only on `spec.init_seed` (not on the global
+    RNG, which is left untouched). With `spec.weights`, the bytes `resolve(spec.weights)` returns
+    must be a safetensors file holding every floating-point state-dict entry of the model.
     """
+    source = MODEL_SOURCES.get(spec.arch, _registered)
+    model = source(spec, data, resolve)
+    if spec.weights is not None:
+        tensors = load_safetensors(
+            _resolver(resolve)(spec.weights), allowed_dtypes=STATE_DTYPES, name="model.weights"
+        )
+        state = match_state(model, tensors, what="weights")
+        # Strictness is match_state's job: only integer buffers (num_batches_tracked) may be absent.
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+def _resolver(resolve: Callable[[str], bytes] | None) -> Callable[[str], bytes]:
+    if resolve is None:
+        raise ValueError("the model spec names an artifact but build_model was given no resolve callback")
+    return resolve
+
+
+def _registered(spec: ModelSpec, data: DataSpec, resolve: Callable[[str], bytes] | None) -> nn.Module:
     entry = MODELS.get(spec.arch)
     knobs = entry.resolve_knobs(spec.arch, spec.knobs)
     channels, height, width = data.shape
@@ -163,16 +183,53 @@ def build_model(spec: ModelSpec, data: DataSpec, resolve: Callable[[str], bytes]
     # weights depend on the seed alone and the caller's RNG state is not disturbed.
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(spec.init_seed)
-        model = entry.builder(data.num_classes, data.shape, **knobs)
+        return entry.builder(data.num_classes, data.shape, **knobs)
 
-    if spec.weights is not None:
-        if resolve is None:
-            raise ValueError("spec.weights is set but build_model was given no resolve callback")
-        tensors = load_safetensors(resolve(spec.weights), allowed_dtypes=STATE_DTYPES, name="model.weights")
-        state = match_state(model, tensors, what="weights")
-        # Strictness is match_state's job: only integer buffers (num_batches_tracked) may be absent.
-        model.load_state_dict(state, strict=False)
-    return model
+
+def _onnx(spec: ModelSpec, data: DataSpec, resolve: Callable[[str], bytes] | None) -> nn.Module:
+    from service.models.onnx import onnx_module
+    from service.settings import get_settings
+
+    assert spec.source is not None  # ModelSpec checks it
+    return onnx_module(_resolver(resolve)(spec.source), data, max_nodes=get_settings().max_onnx_nodes)
+
+
+def _module(spec: ModelSpec, data: DataSpec, resolve: Callable[[str], bytes] | None) -> nn.Module:
+    from service.models.local import local_module
+
+    assert spec.source is not None  # ModelSpec checks it
+    model = local_module(spec.source)
+    check_model_output(model, data, f"the module {spec.source}", "")
+    return model.train()
+
+
+def check_model_output(model: nn.Module, data: DataSpec, what: str, hint: str) -> None:
+    """Two images of `data.shape` in, (2, num_classes) logits out, so that a model that does not
+    fit the data (or takes a fixed batch of one) fails here rather than in the attack. Runs in
+    eval mode, which leaves batch-norm statistics alone."""
+    x = torch.rand(2, *data.shape, device=next((p.device for p in model.parameters()), None))
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as e:  # the user's model raises whatever torch raises
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SpecError(
+            f"{what} does not run on a batch of 2 images of shape {list(data.shape)}: {reason}"
+            + (f"; {hint}" if hint else "")
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SpecError(
+            f"{what} maps 2 images of shape {list(data.shape)} to {shape}; expected logits of shape "
+            f"[2, {data.num_classes}] (data.num_classes {data.num_classes})"
+        )
+
+
+# Model sources other than the architecture registry, by `ModelSpec.arch` (specs.SOURCE_ARCHS).
+MODEL_SOURCES: dict[str, Callable[[ModelSpec, DataSpec, Callable[[str], bytes] | None], nn.Module]] = {
+    "onnx": _onnx,
+    "module": _module,
+}
 
 
 def catalog() -> list[dict[str, Any]]:
@@ -218,3 +275,45 @@ def kaiming_fan_out(weight: torch.Tensor) -> None:
 
 def conv_out(size: int, kernel: int, padding: int, stride: int = 1) -> int:
     return (size + 2 * padding - kernel) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the weight-naming contract
+# ---------------------------------------------------------------------------------------------
+
+WEIGHT_CONTRACT = (
+    "Uploads are safetensors whose keys are the model's state_dict names, as torch writes them for "
+    "the model built with these knobs. weights (w_new, or the model the server sent): every "
+    "floating-point entry (parameters and batch-norm running statistics); integer buffers such as "
+    "num_batches_tracked may be left out. gradient: exactly the trainable parameters. delta "
+    "(w_new - w_old): the trainable parameters, and optionally the other floating-point entries. "
+    "Shapes must match; dtypes may be any float. Your own model (ONNX, or a torch module locally) "
+    "follows the same rules with its own names: the ONNX initializer names, which "
+    "torch.onnx.export takes from your state_dict."
+)
+
+
+def weight_names(spec: ModelSpec, data: DataSpec) -> list[dict[str, Any]]:
+    """The tensors an upload for this model holds, in state_dict order: name, shape, dtype kind,
+    and in which update kinds each is required, optional or absent (see WEIGHT_CONTRACT)."""
+    model = build_model(spec, data)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    rows = []
+    for name, tensor in model.state_dict().items():
+        floating = tensor.is_floating_point()
+        if name in trainable:
+            kinds = {"weights": "required", "gradient": "required", "delta": "required"}
+        elif floating:
+            kinds = {"weights": "required", "gradient": "absent", "delta": "optional"}
+        else:
+            kinds = {"weights": "optional", "gradient": "absent", "delta": "optional"}
+        rows.append(
+            {
+                "name": name,
+                "shape": list(tensor.shape),
+                "dtype": "float" if floating else "integer",
+                "role": "parameter" if name in trainable else "buffer",
+                **kinds,
+            }
+        )
+    return rows

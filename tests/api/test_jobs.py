@@ -36,7 +36,13 @@ def test_submit_from_uploads_and_follow_to_the_result(client: TestClient, ids: d
     assert created.headers["location"] == f"/v1/jobs/{job['id']}" == job["links"]["self"]
     assert job["status"] == "queued"
     spec = job["spec"]
-    assert spec["model"] == {"arch": "lenet", "knobs": {}, "weights": ids["model"], "init_seed": 0}
+    assert spec["model"] == {
+        "arch": "lenet",
+        "knobs": {},
+        "weights": ids["model"],
+        "init_seed": 0,
+        "source": None,
+    }
     assert spec["update"]["artifact"] == ids["update"] and spec["ground_truth"] == ids["truth"]
     assert spec["data"]["num_images"] == 1 and spec["data"]["normalization"] == "none"
     assert spec["budget"]["time_limit_s"] == 300.0  # the server's default filled in

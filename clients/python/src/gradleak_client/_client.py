@@ -41,7 +41,16 @@ from gradleak_client._resources import (
     Progress,
     Updates,
 )
-from gradleak_client.types import Attack, Budget, ClientTraining, Defense, Job, Normalization, UpdateKind
+from gradleak_client.types import (
+    Attack,
+    Budget,
+    ClientTraining,
+    Defense,
+    Job,
+    ModelUpload,
+    Normalization,
+    UpdateKind,
+)
 
 
 class Client(BaseClient):
@@ -162,12 +171,25 @@ class Client(BaseClient):
 
     # --- the whole audit in one call --------------------------------------------------------
 
+    def _upload_model(
+        self,
+        model: Any,
+        arch: str | None,
+        image_shape: Sequence[int],
+        num_classes: int,
+        knobs: Mapping[str, Any] | None,
+    ) -> ModelUpload:
+        # A remote service takes files; the embedded client also takes torch modules.
+        return self.models.upload(
+            model, arch=arch, image_shape=image_shape, num_classes=num_classes, knobs=knobs
+        )
+
     def audit(
         self,
         *,
         model: FileInput,
         update: FileInput,
-        arch: str,
+        arch: str | None = None,
         image_shape: Sequence[int],
         num_classes: int = 10,
         knobs: Mapping[str, Any] | None = None,
@@ -187,15 +209,15 @@ class Client(BaseClient):
     ) -> Job:
         """Upload the model, the update and (to score the result) the client's images, run one
         attack job and wait for it. Returns the finished job; `job.scores` has the metrics.
+        `model` holds the weights of the registered architecture `arch`, or, without `arch`, is
+        your own model as ONNX (`gradleak_client.prepare` writes all three files).
 
         >>> job = client.audit(model="lenet.safetensors", update="grad.safetensors", arch="lenet",
         ...                    image_shape=(3, 32, 32), ground_truth="batch.safetensors",
         ...                    attack={"name": "dlg"}, budget={"iterations": 300}, progress=True)
         >>> job.raise_for_status().scores.worst_case["psnr"]
         """
-        uploaded_model = self.models.upload(
-            model, arch=arch, image_shape=image_shape, num_classes=num_classes, knobs=knobs
-        )
+        uploaded_model = self._upload_model(model, arch, image_shape, num_classes, knobs)
         uploaded_update = self.updates.upload(
             update,
             model_id=uploaded_model.id,
@@ -329,7 +351,7 @@ class AsyncClient(BaseClient):
         *,
         model: FileInput,
         update: FileInput,
-        arch: str,
+        arch: str | None = None,
         image_shape: Sequence[int],
         num_classes: int = 10,
         knobs: Mapping[str, Any] | None = None,

@@ -154,6 +154,11 @@ class UnprocessableEntityError(BadRequestError):
         """The first tensors that do not fit the architecture."""
         return list((self.body or {}).get("mismatches") or [])
 
+    @property
+    def unsupported_ops(self) -> list[str]:
+        """For an ONNX model: the operators gradleak cannot attack through."""
+        return list((self.body or {}).get("unsupported_ops") or [])
+
 
 class UnauthorizedError(APIStatusError):
     """401: the API key is missing, invalid or revoked."""

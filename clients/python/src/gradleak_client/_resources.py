@@ -71,17 +71,27 @@ def _metadata(values: Mapping[str, Any]) -> dict[str, str]:
 
 def _model_options(
     file: FileInput,
-    arch: str,
+    arch: str | None,
     image_shape: Sequence[int],
     num_classes: int,
     knobs: Mapping[str, Any] | None,
     timeout: Timeout,
+    source: str | None = None,
 ) -> RequestOptions:
-    meta = {"arch": arch, "image_shape": list(image_shape), "num_classes": num_classes, "knobs": knobs}
+    # No architecture: the file is the model itself, as ONNX.
+    onnx = arch in (None, "onnx")
+    meta = {
+        "format": "onnx" if onnx else "safetensors",
+        "arch": None if onnx else arch,
+        "image_shape": list(image_shape),
+        "num_classes": num_classes,
+        "knobs": knobs,
+        "source": source,
+    }
     return RequestOptions(
         "POST",
         "/v1/models",
-        files={"file": _file_part(file, "model.safetensors")},
+        files={"file": _file_part(file, "model.onnx" if onnx else "model.safetensors")},
         data=_metadata(meta),
         timeout=timeout,
     )
@@ -206,17 +216,20 @@ class Models(_Resource):
         self,
         file: FileInput,
         *,
-        arch: str,
+        arch: str | None = None,
         image_shape: Sequence[int],
         num_classes: int = 10,
         knobs: Mapping[str, Any] | None = None,
         timeout: Timeout = None,
     ) -> ModelUpload:
-        """Upload a model's weights (safetensors) and say which architecture they belong to.
+        """Upload a model's weights (safetensors) and say which architecture they belong to, or,
+        without `arch`, your own model as an ONNX file (see `gradleak_client.prepare`); its
+        update's tensors are then named like the ONNX initializers (your `state_dict()` names).
 
         >>> model = client.models.upload("lenet.safetensors", arch="lenet", image_shape=(3, 32, 32))
         >>> model.id
         'mdl_...'
+        >>> mine = client.models.upload("model.onnx", image_shape=(3, 32, 32), num_classes=10)
         """
         options = _model_options(file, arch, image_shape, num_classes, knobs, timeout)
         return self._client._call(options, ModelUpload)
@@ -291,7 +304,7 @@ class AsyncModels(_AsyncResource):
         self,
         file: FileInput,
         *,
-        arch: str,
+        arch: str | None = None,
         image_shape: Sequence[int],
         num_classes: int = 10,
         knobs: Mapping[str, Any] | None = None,

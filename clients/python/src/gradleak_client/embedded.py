@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -29,8 +30,11 @@ import httpx
 
 from gradleak_client._client import AsyncClient, Client
 from gradleak_client._exceptions import GradleakError
+from gradleak_client._resources import _model_options
+from gradleak_client.types import ModelUpload
 
 EMBEDDED_URL = "http://gradleak.embedded"
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 STARTUP_TIMEOUT_S = 120.0
 SHUTDOWN_TIMEOUT_S = 60.0
 Isolation = Literal["thread", "process"]
@@ -120,6 +124,7 @@ class EmbeddedService:
         self._lifespan: _Lifespan | None = None
         self._asgi: httpx.ASGITransport | None = None
         self._saved_threads: int | None = None
+        self._modules: dict[str | int, tuple[str, Any]] = {}
 
     @property
     def data_dir(self) -> Path:
@@ -206,6 +211,12 @@ class EmbeddedService:
                 loop.close()
         self._loop = self._thread = None
         self._asgi = None
+        if self._modules:
+            from service.models.local import unregister_module
+
+            for key, _ in self._modules.values():
+                unregister_module(key)
+            self._modules.clear()
         if self._saved_threads is not None:
             import torch
 
@@ -252,13 +263,92 @@ class EmbeddedService:
         """A transport for `httpx.AsyncClient` (and `AsyncClient`), from any event loop."""
         return _AsyncBridge(self)
 
-    def client(self, **kwargs: Any) -> Client:
-        """A `Client` of this service; keyword arguments go to `Client`."""
-        return Client(base_url=EMBEDDED_URL, api_key="", transport=self.transport(), **kwargs)
+    def client(self, **kwargs: Any) -> EmbeddedClient:
+        """A `Client` of this service that also takes your own torch modules (see
+        `EmbeddedClient`); keyword arguments go to `Client`."""
+        return EmbeddedClient(self, base_url=EMBEDDED_URL, api_key="", transport=self.transport(), **kwargs)
+
+    # --- the user's own torch modules ------------------------------------------------------
+
+    def register_model(self, model: Any) -> str:
+        """Keep a torch module (or the one an import path `package.module:factory` makes) for this
+        service's jobs; return the key that `ModelSpec(arch="module", source=key)` names it by.
+        Jobs run on a copy. Needs thread isolation: a worker process would not see it."""
+        if self.isolation != "thread":
+            raise EmbeddedUnavailableError(
+                "torch modules are handed to jobs in this process: start the embedded service with "
+                "isolation='thread', or export the model to ONNX (gradleak_client.prepare.export_onnx)"
+            )
+        from service.models.local import import_factory, register_module
+
+        # one key per module for the service's life: a Flower run hands the same module every round
+        ident = model if isinstance(model, str) else id(model)
+        if ident not in self._modules:
+            module = import_factory(model) if isinstance(model, str) else model
+            self._modules[ident] = (register_module(module), module)
+        return self._modules[ident][0]
 
     def async_client(self, **kwargs: Any) -> AsyncClient:
         """An `AsyncClient` of this service."""
         return AsyncClient(base_url=EMBEDDED_URL, api_key="", transport=self.async_transport(), **kwargs)
+
+
+def is_module(model: Any) -> bool:
+    """A torch nn.Module, told without importing torch (a client without torch has none)."""
+    return any(
+        f"{cls.__module__}.{cls.__qualname__}" == "torch.nn.modules.module.Module"
+        for cls in type(model).__mro__
+    )
+
+
+def is_import_path(model: Any) -> bool:
+    return isinstance(model, str) and bool(_IMPORT_PATH.match(model)) and not Path(model).exists()
+
+
+class EmbeddedClient(Client):
+    """A `Client` of an `EmbeddedService`. Besides files, `audit(model=...)` and
+    `upload_module` take your own model as a torch `nn.Module` or an import path
+    `package.module:factory`: it stays in this process (it is your code; nothing of it goes over
+    HTTP), and its update's tensors are named like its `named_parameters()`.
+
+        >>> with EmbeddedService() as service, service.client() as client:
+        ...     job = client.audit(model=my_cnn, update="u.safetensors", image_shape=(3, 32, 32),
+        ...                        ground_truth="b.safetensors")
+    """
+
+    def __init__(self, service: EmbeddedService, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._service = service
+
+    def upload_module(
+        self, model: Any, *, image_shape: Sequence[int], num_classes: int = 10, weights: bytes | None = None
+    ) -> ModelUpload:
+        """Register a torch module (or an import path's) with the embedded service and upload the
+        model the server sent: `weights` (safetensors of its state_dict), else the module's own."""
+        from service.models.local import local_module
+        from service.tensorio import save_safetensors
+
+        key = self._service.register_model(model)
+        if weights is None:
+            weights = save_safetensors(local_module(key).state_dict())
+        options = _model_options(weights, "module", image_shape, num_classes, None, None, source=key)
+        return self._call(options, ModelUpload)
+
+    def _upload_model(
+        self,
+        model: Any,
+        arch: str | None,
+        image_shape: Sequence[int],
+        num_classes: int,
+        knobs: Mapping[str, Any] | None,
+    ) -> ModelUpload:
+        if is_module(model) or is_import_path(model):
+            if arch is not None or knobs:
+                raise EmbeddedUnavailableError(
+                    "a torch module is its own architecture: leave out arch and knobs"
+                )
+            return self.upload_module(model, image_shape=image_shape, num_classes=num_classes)
+        return super()._upload_model(model, arch, image_shape, num_classes, knobs)
 
 
 def _read_timeout(request: httpx.Request) -> float | None:

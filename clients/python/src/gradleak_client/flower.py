@@ -46,7 +46,7 @@ from gradleak_client._client import Client
 from gradleak_client._exceptions import GradleakError
 from gradleak_client.audit import Check, evaluate_job
 from gradleak_client.policy import Threshold
-from gradleak_client.types import Attack, Budget, Job
+from gradleak_client.types import Attack, Budget, Job, ModelUpload
 
 log = logging.getLogger("gradleak_client.flower")
 
@@ -105,6 +105,8 @@ class FlowerAuditor:
     config values under the usual keys, e.g. "lr" or "local-epochs", take precedence).
     `ground_truth(round, config)` returns the images (N, C, H, W in [0, 1]) and labels the
     client trained on, to score the reconstruction; without it the verdict is "unscored".
+    The model is a registered `arch`, or your own `model`: an ONNX file (each round's weights are
+    written into its initializers), or with an embedded client an `nn.Module` or import path.
     The default attack is FedAvg unrolling when the training facts are known (knowledge level
     3), else Inverting Gradients. The default threshold is a worst-case PSNR of 20 dB.
     """
@@ -113,7 +115,8 @@ class FlowerAuditor:
         self,
         client: Client,
         *,
-        arch: str,
+        arch: str | None = None,
+        model: Any = None,
         image_shape: Sequence[int],
         num_classes: int = 10,
         knobs: Mapping[str, Any] | None = None,
@@ -136,7 +139,12 @@ class FlowerAuditor:
     ) -> None:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+        if (arch is None) == (model is None):
+            raise ValueError(
+                "give arch (a registered architecture) or model (your own), not both nor neither"
+            )
         self.client = client
+        self.model = model
         self.arch, self.image_shape, self.num_classes = arch, tuple(image_shape), num_classes
         self.knobs = dict(knobs or {})
         self.names = None if names is None else list(names)
@@ -238,6 +246,29 @@ class FlowerAuditor:
             return {"name": "fedavg_unroll"}, 3 if self.knowledge is None else self.knowledge
         return {"name": "inverting_gradients"}, self.knowledge
 
+    def _upload_model(self, received: dict[str, np.ndarray]) -> ModelUpload:
+        """The model the client received: a registered architecture's weights, your ONNX graph
+        with this round's weights, or (embedded service) your module with them."""
+        shape, classes = self.image_shape, self.num_classes
+        if self.model is None:
+            weights = tensors.to_safetensors(received)
+            return self.client.models.upload(
+                weights, arch=self.arch, image_shape=shape, num_classes=classes, knobs=self.knobs
+            )
+        if isinstance(self.model, str | Path) and str(self.model).endswith(".onnx"):
+            from gradleak_client.prepare import onnx_with_weights
+
+            graph = onnx_with_weights(Path(self.model).read_bytes(), received)
+            return self.client.models.upload(graph, image_shape=shape, num_classes=classes)
+        upload_module = getattr(self.client, "upload_module", None)
+        if upload_module is None:
+            raise ValueError(
+                "a torch module or import path is audited by the embedded service "
+                "(EmbeddedService().client()); a remote service takes the model as ONNX (model='model.onnx')"
+            )
+        weights = tensors.to_safetensors(received)
+        return upload_module(self.model, image_shape=shape, num_classes=classes, weights=weights)  # type: ignore[no-any-return]
+
     def _run(
         self,
         record: AuditRecord,
@@ -246,13 +277,7 @@ class FlowerAuditor:
         truth: bytes | None,
     ) -> AuditRecord:
         try:
-            model = self.client.models.upload(
-                tensors.to_safetensors(received),
-                arch=self.arch,
-                image_shape=self.image_shape,
-                num_classes=self.num_classes,
-                knobs=self.knobs,
-            )
+            model = self._upload_model(received)
             update = self.client.updates.upload(
                 tensors.delta_from_states(received, shared),
                 model_id=model.id,

@@ -113,8 +113,10 @@ class Budget(TypedDict, total=False):
 
 
 class ModelMetadata(_Model):
-    arch: str
+    format: Literal["safetensors", "onnx"] = "safetensors"
+    arch: str | None = None  # None for an ONNX model
     knobs: dict[str, Any] = Field(default_factory=dict)
+    source: str | None = None
     image_shape: tuple[int, int, int]
     num_classes: int
 
