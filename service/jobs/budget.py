@@ -17,6 +17,7 @@ specs costs the API nothing after the first.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from functools import lru_cache
 from typing import Any
 
 from service.errors import SpecError
-from service.specs import DataSpec, JobSpec, ModelSpec
+from service.specs import SOURCE_ARCHS, DataSpec, JobSpec, ModelSpec
 
 FLOAT_BYTES = 4
 # Calibrated upper-bound coefficients (see the module docstring and bench/memory_estimate.py).
@@ -74,11 +75,18 @@ class BudgetError(SpecError):
         super().__init__(message)
 
 
-def model_profile(model: ModelSpec, data: DataSpec) -> ModelProfile:
+def model_profile(model: ModelSpec, data: DataSpec, module: Any = None) -> ModelProfile:
     """Parameters and activations per image of the spec's architecture (knobs and image size
-    checked as the runner checks them), from a build on the meta device."""
+    checked as the runner checks them), from a build on the meta device; of `module` itself when
+    given (the user's own model, known once the runner has built it)."""
+    if module is not None:
+        return _count(copy.deepcopy(module), data.shape, module_device(module), "the model")
     knobs = json.dumps(model.knobs, sort_keys=True)
     return _profile(model.arch, knobs, model.init_seed, data.shape, data.num_classes)
+
+
+def module_device(module: Any) -> Any:
+    return next((p.device for p in module.parameters()), "cpu")
 
 
 @lru_cache(maxsize=256)
@@ -92,6 +100,12 @@ def _profile(
     spec = ModelSpec(arch=arch, knobs=json.loads(knobs_json), init_seed=init_seed)
     with torch.device("meta"):
         net = build_model(spec, DataSpec(shape=shape, num_classes=num_classes))
+    return _count(net, shape, "meta", arch)
+
+
+def _count(net: Any, shape: tuple[int, int, int], device: Any, name: str) -> ModelProfile:
+    import torch
+
     count = [0]
 
     def hook(_m: torch.nn.Module, _inputs: Any, output: Any) -> None:
@@ -104,9 +118,10 @@ def _profile(
     try:
         # Two images: batch-norm layers in train mode refuse one value per channel.
         net.train()
-        net(torch.empty((2, *shape), device="meta"))
+        with torch.no_grad():
+            net(torch.zeros((2, *shape), device=device))
     except (RuntimeError, ValueError) as e:
-        raise SpecError(f"{arch} cannot take {'x'.join(map(str, shape))} images: {e}") from None
+        raise SpecError(f"{name} cannot take {'x'.join(map(str, shape))} images: {e}") from None
     finally:
         for h in handles:
             h.remove()
@@ -136,10 +151,11 @@ def attack_images(spec: JobSpec, num_images: int | None = None) -> tuple[int, bo
     return num_images * spec.budget.restarts * unrolled, assumed
 
 
-def estimate_memory(spec: JobSpec, num_images: int | None = None) -> MemoryEstimate:
+def estimate_memory(spec: JobSpec, num_images: int | None = None, module: Any = None) -> MemoryEstimate:
     """The peak memory the runner is expected to reach on `spec` (an upper bound, see above).
-    `num_images`: the image count when the runner knows it (inferred from the update)."""
-    profile = model_profile(spec.model, spec.data)
+    `num_images`: the image count when the runner knows it (inferred from the update); `module`:
+    the built model, for a user's own model (ONNX, a module) that the registry cannot build."""
+    profile = model_profile(spec.model, spec.data, module)
     images, assumed = attack_images(spec, num_images)
     parameter_bytes = math.ceil(profile.parameters * FLOAT_BYTES * PARAM_COPIES)
     activation_bytes = math.ceil(images * profile.activations_per_image * ACTIVATION_COPIES * FLOAT_BYTES)
@@ -155,9 +171,19 @@ def estimate_memory(spec: JobSpec, num_images: int | None = None) -> MemoryEstim
     )
 
 
-def check_memory(spec: JobSpec, limit_bytes: int, num_images: int | None = None) -> MemoryEstimate:
-    """The estimate, or BudgetError when it exceeds `limit_bytes` (the worker memory setting)."""
-    estimate = estimate_memory(spec, num_images)
+def check_memory(
+    spec: JobSpec, limit_bytes: int, num_images: int | None = None, module: Any = None
+) -> MemoryEstimate | None:
+    """The estimate, or BudgetError when it exceeds `limit_bytes` (the worker memory setting).
+    None for a user's own model before it is built: the runner checks it once it has it (an ONNX
+    upload's size and node count are bounded when it is uploaded)."""
+    if spec.model.arch == "module" and module is None and spec.model.source is not None:
+        from service.models.local import local_module
+
+        module = local_module(spec.model.source)  # refused where no such module lives (a server)
+    if spec.model.arch in SOURCE_ARCHS and module is None:
+        return None
+    estimate = estimate_memory(spec, num_images, module)
     if estimate.total_bytes > limit_bytes:
         c, h, w = spec.data.shape
         raise BudgetError(

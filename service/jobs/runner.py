@@ -41,7 +41,7 @@ from service.jobs.types import (
 from service.metrics import score
 from service.models import build_model
 from service.settings import get_settings
-from service.specs import ClientTraining, JobSpec, Knowledge
+from service.specs import SOURCE_ARCHS, ClientTraining, JobSpec, Knowledge
 from service.tensorio import STATE_DTYPES, load_safetensors, match_state, save_safetensors
 
 PROGRESS_INTERVAL_S = 0.25
@@ -252,7 +252,8 @@ def _check_budget(spec: JobSpec, problem: AttackProblem) -> None:
     when the spec did not say): refuse before the attack allocates its graph."""
     from service.jobs.budget import check_memory
 
-    check_memory(spec, get_settings().worker_memory_bytes, num_images=problem.num_images)
+    module = problem.model if spec.model.arch in SOURCE_ARCHS else None
+    check_memory(spec, get_settings().worker_memory_bytes, num_images=problem.num_images, module=module)
 
 
 def _victim(
