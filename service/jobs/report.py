@@ -256,8 +256,7 @@ def _metrics_section(metrics: dict[str, Any] | None, unavailable: str | None) ->
     )
     table = (
         "<table><tr><th>metric</th><th>mean over images</th>"
-        "<th>worst case (the most leaking value over images)</th></tr>"
-        f"{rows}</table>"
+        f"<th>worst case (the most leaking value over images)</th></tr>{rows}</table>"
     )
     acc = metrics.get("label_accuracy")
     labels = (
