@@ -28,7 +28,7 @@ def serve(
     host: Annotated[
         str | None, typer.Option(help="address to bind (default GRADLEAK_HOST, 127.0.0.1)")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="port (default GRADLEAK_PORT, 8000)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default GRADLEAK_PORT, 8731)")] = None,
 ) -> None:
     """Run the REST API. With nothing configured it also runs the jobs (one at a time, in a
     worker process), keeps job state in SQLite and artifacts in a local folder."""

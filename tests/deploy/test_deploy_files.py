@@ -440,3 +440,16 @@ def test_the_cli_has_the_subcommands_the_images_run() -> None:
     if importlib.util.find_spec("service.cli_service") is None:
         pytest.skip("service.cli_service (serve, worker) is not written yet")
     assert {"serve", "worker"} <= commands
+
+
+def test_the_api_port_agrees_everywhere_and_is_not_flowers() -> None:
+    """One port in the settings, the SDK's default URL, the image and the manifests; not 8000,
+    which Flower's SuperLink takes by default on the same machine."""
+    from gradleak_client._base import DEFAULT_URL
+
+    port = Settings().port
+    assert port != 8000 and urlsplit(DEFAULT_URL).port == port
+    dockerfile = DOCKERFILES["api"].read_text()
+    assert f"GRADLEAK_PORT={port}" in dockerfile and f"EXPOSE {port}" in dockerfile
+    assert f":{port}" in services()["api"]["ports"][0]
+    assert {p["containerPort"] for p in container(deployment("api"))["ports"]} == {port}

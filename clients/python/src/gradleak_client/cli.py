@@ -324,7 +324,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def _connection_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("service")
-    group.add_argument("--url", help=f"the gradleak API (default ${ENV_URL}, else http://127.0.0.1:8000)")
+    group.add_argument("--url", help=f"the gradleak API (default ${ENV_URL}, else http://127.0.0.1:8731)")
     group.add_argument("--api-key", help=f"API key (default ${ENV_API_KEY})")
     group.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     group.add_argument(
