@@ -303,3 +303,28 @@ def test_submitted_audits_are_collected_by_a_later_process(live_url: str, tmp_pa
     assert_scored(record)
     assert [r.verdict for r in read_records(log)] == [record.verdict]  # the file's latest state
     assert len(log.read_text().splitlines()) == 2  # submitted, then finished
+
+
+def test_the_cli_collects_a_record_file(live_url: str, tmp_path: Path, capsys: Any) -> None:
+    from gradleak_client.cli import main
+
+    names, before, after, x, y = tiny_round()
+    log = tmp_path / "client.jsonl"
+    with Client(base_url=live_url) as client:
+        submitted = auditor_for(client, names, x, y, wait=False, log_path=log).observe(
+            before, after, 2, {"server-round": 1}, node_id=5
+        )
+    assert submitted is not None and submitted.verdict == "pending"
+    # no reconstruction scores a PSNR of 0 dB or less: the audit fails that threshold (exit 1)
+    assert main(["collect", str(log), "--url", live_url, "--max", "psnr=0"]) == 1
+    [line] = capsys.readouterr().out.strip().splitlines()
+    assert line == f"client round 1 node 5: fail  {submitted.job_id}"
+    assert main(["collect", str(log), "--url", live_url, "--max", "psnr=1000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "pass"  # read again, checked again
+    failed = tmp_path / "failed.jsonl"
+    offline = Client(base_url="http://127.0.0.1:9", max_retries=0)
+    auditor_for(offline, names, x, y, log_path=failed).observe(before, after, 2, {"server-round": 1})
+    assert main(["collect", str(failed), "--url", live_url]) == 2  # an audit that could not run
+    assert "error" in capsys.readouterr().out
+    assert main(["collect", str(log), "--url", live_url, "--max", "psnr=high"]) == 2
+    assert capsys.readouterr().err.startswith("gradleak-client: error: --max psnr=high:")

@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import numpy as np
 
@@ -120,8 +120,94 @@ def ndarrays_from_parameters(parameters: Any) -> NDArrays:
     return [np.load(io.BytesIO(blob), allow_pickle=False) for blob in parameters.tensors]
 
 
-def _scalar(value: Any) -> bool:
+def _scalar(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def describe(record: AuditRecord, what: str) -> str:
+    node = "" if record.node_id is None else f" of node {record.node_id}"
+    return f"{record.side}-side audit of round {record.round}{node}: {what}"
+
+
+class AuditLog:
+    """The audits' record: each state of each audit appended to `path` (JSON lines), when given,
+    and the verdicts of their jobs against `thresholds` once they end."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        thresholds: Sequence[Threshold | Mapping[str, Any]] = DEFAULT_THRESHOLDS,
+        path: str | Path | None = None,
+        timeout: float | None = 3600.0,
+    ) -> None:
+        self.client = client
+        self.thresholds = [t if isinstance(t, Threshold) else Threshold.model_validate(t) for t in thresholds]
+        self.path = None if path is None else Path(path)
+        self.timeout = timeout
+        self.records: list[AuditRecord] = []
+        self._lock = threading.Lock()
+
+    def add(self, record: AuditRecord) -> None:
+        with self._lock:
+            self.records.append(record)
+
+    def write(self, record: AuditRecord) -> None:
+        """Append the record's state as one line; O_APPEND keeps the lines of the processes
+        that share the file (one per ClientApp message) whole."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = (record.to_json() + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def finish(self, record: AuditRecord, *, job: Job | None = None, error: str | None = None) -> None:
+        """Record how an audit ended: its job's verdict, or the error that stopped it."""
+        if job is not None:
+            record.status, record.metrics = job.status, job.metrics
+            if job.status == "succeeded" and job.metrics is None:
+                record.verdict = "unscored"
+            else:
+                checks = evaluate_job(job, self.thresholds, "as-shared", "round", gated=True)
+                record.checks = [dataclasses.asdict(c) for c in checks]
+                outcomes = {c.outcome for c in checks}
+                record.verdict = "fail" if "fail" in outcomes else "error" if "error" in outcomes else "pass"
+        else:
+            record.verdict, record.error = "error", error
+        self.write(record)
+        log.info("gradleak: %s", describe(record, record.verdict))
+
+    def resolve(self, record: AuditRecord, timeout: float | None = None) -> None:
+        """Wait for a submitted audit's job and record its verdict (errors are recorded too)."""
+        assert record.job_id is not None
+        try:
+            job = self.client.jobs.wait(record.job_id, timeout=self.timeout if timeout is None else timeout)
+        except Exception as e:  # recorded, never raised: auditing must not stop training
+            log.warning("gradleak: %s", describe(record, f"job {record.job_id}: {_reason(e)}"))
+            self.finish(record, error=_reason(e))
+            return
+        self.finish(record, job=job)
+
+    def collect(self, timeout: float | None = None, recheck: bool = False) -> list[AuditRecord]:
+        """Wait for every submitted audit, this process's and those in `path` (written by
+        processes that have exited, such as Flower's ClientApp processes), record their
+        verdicts, and return every audit. `recheck` judges the audits that already have a
+        verdict again, against this log's thresholds."""
+        with self._lock:
+            records = {r.id: r for r in self.records}
+        if self.path is not None and self.path.exists():
+            for record in read_records(self.path):
+                records.setdefault(record.id, record)
+        for record in records.values():
+            if record.job_id is not None and (record.verdict == "pending" or (recheck and record.status)):
+                self.resolve(record, timeout)
+        with self._lock:
+            self.records = list(records.values())
+            return list(self.records)
 
 
 class FlowerAuditor:
@@ -177,12 +263,9 @@ class FlowerAuditor:
         self.attack = None if attack is None else dict(attack)
         self.knowledge = knowledge
         self.budget = None if budget is None else dict(budget)
-        self.thresholds = [t if isinstance(t, Threshold) else Threshold.model_validate(t) for t in thresholds]
         self.ground_truth = ground_truth
         self.wait = wait
-        self.timeout = timeout
-        self.log_path = None if log_path is None else Path(log_path)
-        self.records: list[AuditRecord] = []
+        self.audits = AuditLog(client, thresholds=thresholds, path=log_path, timeout=timeout)
         self._lock = threading.Lock()
         self._calls = 0
 
@@ -253,8 +336,7 @@ class FlowerAuditor:
             side=side,
             node_id=node_id,
         )
-        with self._lock:
-            self.records.append(record)
+        self.audits.add(record)
         try:
             keys = list(names) if names is not None else self.names
             if keys is None:
@@ -268,13 +350,13 @@ class FlowerAuditor:
                 truth = tensors.ground_truth(*self.ground_truth(server_round, dict(config)))
             self._submit(record, received, shared, truth)
         except Exception as e:  # a failed audit is recorded: it must never stop training
-            log.warning("gradleak: %s", self._describe(record, f"not audited: {_reason(e)}"))
-            self._finish(record, error=_reason(e))
+            log.warning("gradleak: %s", describe(record, f"not audited: {_reason(e)}"))
+            self.audits.finish(record, error=_reason(e))
             return record
-        self._write(record)
-        log.info("gradleak: %s", self._describe(record, f"submitted as job {record.job_id}"))
+        self.audits.write(record)
+        log.info("gradleak: %s", describe(record, f"submitted as job {record.job_id}"))
         if self.wait:
-            self._resolve(record)
+            self.audits.resolve(record)
         return record
 
     def _job_settings(self, facts: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
@@ -319,64 +401,13 @@ class FlowerAuditor:
         )
         record.job_id, record.status = job.id, job.status
 
-    def _resolve(self, record: AuditRecord, timeout: float | None = None) -> None:
-        """Wait for a submitted job and record its verdict."""
-        assert record.job_id is not None
-        try:
-            job = self.client.jobs.wait(record.job_id, timeout=self.timeout if timeout is None else timeout)
-        except Exception as e:  # recorded, never raised: see observe
-            log.warning("gradleak: %s", self._describe(record, f"job {record.job_id}: {_reason(e)}"))
-            self._finish(record, error=_reason(e))
-            return
-        self._finish(record, job=job)
-
-    def _finish(self, record: AuditRecord, *, job: Job | None = None, error: str | None = None) -> None:
-        if job is not None:
-            record.status, record.metrics = job.status, job.metrics
-            if job.status == "succeeded" and job.metrics is None:
-                record.verdict = "unscored"
-            else:
-                checks = evaluate_job(job, self.thresholds, "as-shared", "round", gated=True)
-                record.checks = [dataclasses.asdict(c) for c in checks]
-                outcomes = {c.outcome for c in checks}
-                record.verdict = "fail" if "fail" in outcomes else "error" if "error" in outcomes else "pass"
-        else:
-            record.verdict, record.error = "error", error
-        self._write(record)
-        log.info("gradleak: %s", self._describe(record, record.verdict))
-
-    def _write(self, record: AuditRecord) -> None:
-        """Append the record's state as one line; O_APPEND keeps the lines of the processes
-        that share the file (one per ClientApp message) whole."""
-        if self.log_path is None:
-            return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        data = (record.to_json() + "\n").encode()
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-
-    @staticmethod
-    def _describe(record: AuditRecord, what: str) -> str:
-        node = "" if record.node_id is None else f" of node {record.node_id}"
-        return f"{record.side}-side audit of round {record.round}{node}: {what}"
-
     def collect(self, timeout: float | None = None) -> list[AuditRecord]:
-        """Wait for every submitted audit, this process's and those in `log_path` (written by
-        processes that have exited), record their verdicts, and return every record."""
-        with self._lock:
-            records = {r.id: r for r in self.records}
-        if self.log_path is not None and self.log_path.exists():
-            for record in read_records(self.log_path):
-                records.setdefault(record.id, record)
-        for record in records.values():
-            if record.verdict == "pending" and record.job_id is not None:
-                self._resolve(record, timeout)
-        with self._lock:
-            self.records = list(records.values())
-            return list(self.records)
+        """See `AuditLog.collect`."""
+        return self.audits.collect(timeout)
+
+    @property
+    def records(self) -> list[AuditRecord]:
+        return self.audits.records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,10 +508,9 @@ class AuditedStrategy:
 
     def _lost(self, server_round: int, node_id: int, config: Mapping[str, Any], error: str) -> None:
         record = AuditRecord(server_round, 0, {}, side="server", node_id=node_id)
-        with self.auditor._lock:
-            self.auditor.records.append(record)
-        log.warning("gradleak: %s", self.auditor._describe(record, f"not audited: {error}"))
-        self.auditor._finish(record, error=error)
+        self.auditor.audits.add(record)
+        log.warning("gradleak: %s", describe(record, f"not audited: {error}"))
+        self.auditor.audits.finish(record, error=error)
 
     def configure_evaluate(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)  # type: ignore[no-any-return]
