@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=DEFAULTS["num-server-rounds"])
     parser.add_argument("--fraction", type=float, default=DEFAULTS["audit-fraction"])
-    parser.add_argument("--audit-rounds", default="", help="rounds to audit, e.g. 2,3 (instead of --fraction)")
+    parser.add_argument("--audit-rounds", default="", help="rounds to audit, e.g. 2,3 (not --fraction)")
     parser.add_argument("--iterations", type=int, default=DEFAULTS["audit-iterations"])
     parser.add_argument("--time-limit-s", type=float, default=0.0, help="per audit (0: none)")
     parser.add_argument("--records", default=DEFAULTS["audit-records"], help="folder for the audit records")
