@@ -63,7 +63,8 @@ def check_both_sides(url: str, records: Path, audited_round: int, min_seconds: f
         for record in server + collected:
             job = service.jobs.get(record.job_id or "")
             assert job.started_at is not None and job.finished_at is not None
-            assert job.finished_at - job.started_at >= timedelta(seconds=min_seconds)
+            ran = job.finished_at - job.started_at
+            assert ran >= timedelta(seconds=min_seconds), f"{record.side} audit {job.id} ran {ran}"
 
 
 def test_the_simulation_engine_records_every_sampled_audit(tmp_path: Path) -> None:
@@ -127,4 +128,4 @@ def test_a_superlink_with_two_supernodes_records_every_sampled_audit(tmp_path: P
             if done and all(r.verdict != "pending" for r in read_records(server_log)):
                 break
             time.sleep(2)
-        check_both_sides(url, records, audited_round=2, min_seconds=29.0)
+        check_both_sides(url, records, audited_round=2, min_seconds=30.0)
