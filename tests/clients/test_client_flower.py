@@ -328,3 +328,29 @@ def test_the_cli_collects_a_record_file(live_url: str, tmp_path: Path, capsys: A
     assert "error" in capsys.readouterr().out
     assert main(["collect", str(log), "--url", live_url, "--max", "psnr=high"]) == 2
     assert capsys.readouterr().err.startswith("gradleak-client: error: --max psnr=high:")
+
+
+def test_flowers_own_messages_fedavg_and_clientapp(live_url: str, tmp_path: Path) -> None:
+    """flwr 1.42's real types (in a subprocess with .flower-env first, see flowerkit): the audited
+    FedAvg aggregates exactly what FedAvg does, and both sides record both nodes' audits."""
+    import subprocess
+    import sys
+
+    from flowerkit import flower_environ
+
+    script = Path(__file__).with_name("flower_types_check.py")
+    run = subprocess.run(
+        [sys.executable, str(script), live_url, str(tmp_path / "records")],
+        env=flower_environ(tmp_path / "flwr"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["same"] and result["sent_to"] == [11, 22]
+    for side, verdicts in (("server", {"unscored"}), ("client", {"pass", "fail"})):
+        records = result[side]
+        assert sorted(r["node_id"] for r in records) == [11, 22]
+        assert all(r["status"] == "succeeded" and r["verdict"] in verdicts for r in records)
+        assert all(r["training"]["lr"] == 0.1 and r["training"]["protocol"] == "fedsgd" for r in records)
