@@ -1,8 +1,9 @@
-"""The Flower integration against the live service (uvicorn on loopback), driven with Flower's own
-formats but without flwr (which needs its own environment, see flowerkit): lists of numpy arrays
-(NumPyClient), `Parameters` of np.save bytes in FitIns/FitRes (Client), and the Message API's
-messages and records (the strategy wrapper and the Mod) as flwr 1.42 builds them. Flower's own
-runtime drives the example app in test_client_flower_runtime.py."""
+"""The Flower integration against the live service (uvicorn on loopback). Most tests drive it with
+Flower's formats but without flwr in this process (flwr needs its own environment, see flowerkit):
+lists of numpy arrays (NumPyClient), `Parameters` of np.save bytes in FitIns/FitRes (Client), and
+the Message API's messages and records (the strategy wrapper and the Mod) as flwr 1.42 builds them;
+one runs flwr's own types in a subprocess (flower_types_check.py). Flower's runtime drives the
+example app in test_client_flower_runtime.py (slow)."""
 
 from __future__ import annotations
 
