@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow lint typecheck bench bench-peer bench-kernels screenshots clean
+.PHONY: venv demo test test-slow lint typecheck bench bench-peer bench-kernels screenshots dist flower-env clean
 
 $(STAMP): pyproject.toml constraints.txt clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,5 +48,17 @@ bench-kernels: venv
 screenshots: venv
 	$(PY) docs/screenshots.py
 
+# wheels of both distributions, the service (gradleak) and the SDK (gradleak-client), into dist/
+dist: venv
+	rm -rf dist clients/python/build build
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist . clients/python
+
+# Flower's runtime for the Flower tests and example: flwr's pins conflict with constraints.txt, so
+# it is installed beside the virtual environment and put first on PYTHONPATH where it runs
+FLOWER_ENV := .flower-env
+flower-env: venv
+	$(PY) -m pip install --quiet --upgrade --target $(FLOWER_ENV) -c constraints-flower.txt 'flwr[simulation]==1.42.0'
+	sha256sum constraints-flower.txt | cut -d' ' -f1 > $(FLOWER_ENV)/.installed
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache runs .gradleak
+	rm -rf $(VENV) $(FLOWER_ENV) .pytest_cache .ruff_cache .mypy_cache runs .gradleak dist build clients/python/build

@@ -1,4 +1,5 @@
-"""The service's commands of `gradleak`: `serve`, `worker` and `keys create|list|revoke`.
+"""The service's commands of `gradleak`: `serve`, `worker`, `keys create|list|revoke` and
+`assets fetch`.
 
 `register(app)` adds them to the `gradleak` typer app. The API and the worker are imported when
 a command runs, so that `gradleak attack` does not pay for them.
@@ -7,6 +8,7 @@ a command runs, so that `gradleak attack` does not pay for them.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -28,7 +30,7 @@ def serve(
     host: Annotated[
         str | None, typer.Option(help="address to bind (default GRADLEAK_HOST, 127.0.0.1)")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="port (default GRADLEAK_PORT, 8000)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default GRADLEAK_PORT, 8731)")] = None,
 ) -> None:
     """Run the REST API. With nothing configured it also runs the jobs (one at a time, in a
     worker process), keeps job state in SQLite and artifacts in a local folder."""
@@ -152,6 +154,29 @@ def _date(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def assets_fetch(
+    name: Annotated[str, typer.Argument(help="the asset: lpips (LPIPS's AlexNet backbone)")],
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", help="where to store it (default GRADLEAK_LPIPS_WEIGHTS_DIR, else the torch hub cache)"
+        ),
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="download from this URL instead (a mirror)")] = None,
+) -> None:
+    """Download a file a metric needs, once, and store it where the metric looks after checking
+    its pinned sha256."""
+    from service.assets import AssetError, default_dir, fetch, get_asset
+
+    try:
+        asset = get_asset(name)
+        folder = directory if directory is not None else default_dir(get_settings().lpips_weights_dir)
+        path, downloaded = fetch(asset, folder, url)
+    except AssetError as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"{'fetched' if downloaded else 'already present'}: {path} (sha256 {asset.sha256})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.command("worker")(worker)
@@ -162,3 +187,8 @@ def register(app: typer.Typer) -> None:
     keys.command("list")(keys_list)
     keys.command("revoke")(keys_revoke)
     app.add_typer(keys, name="keys")
+    assets = typer.Typer(
+        help="Fetch the files metrics need, checked against pinned sha256s.", no_args_is_help=True
+    )
+    assets.command("fetch")(assets_fetch)
+    app.add_typer(assets, name="assets")

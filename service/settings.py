@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     # HTTP server
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8731
     # None: keys required unless the server is bound to a loopback address
     auth_required: bool | None = None
 

@@ -5,7 +5,7 @@ model the ONNX file) and a `metadata` part (a JSON object), e.g.
 
     curl -H "Authorization: Bearer $KEY" -F file=@weights.safetensors \\
          -F 'metadata={"arch": "lenet", "image_shape": [3, 32, 32], "num_classes": 10}' \\
-         http://127.0.0.1:8000/v1/models
+         http://127.0.0.1:8731/v1/models
 
 A file is checked the way a job would use it before anything is stored; a refused upload
 leaves nothing behind. The file part is spooled to a temporary file as it arrives, checked in

@@ -141,7 +141,7 @@ def test_without_the_server_package_embedded_says_so(
     monkeypatch.setitem(sys.modules, "api.app", None)  # as if `gradleak` were not installed
     out = tmp_path / "out"
     assert audit(files, out, write_policy(tmp_path / "policy.json")) == 2
-    assert "pip install gradleak" in capsys.readouterr().err
+    assert "pip install 'gradleak @ git+" in capsys.readouterr().err
     assert junit(out).get("errors") == "1"  # the CI system still gets a report with the reason
 
 
@@ -230,6 +230,14 @@ def test_the_shipped_ci_files() -> None:
     for commands in (steps, " ".join(job["script"])):
         assert "gradleak-client audit" in commands and "make_sample_update.py" in commands
     assert job["artifacts"]["reports"]["junit"] == "gradleak-audit/junit.xml"
+    # gradleak is not on PyPI: both install from the repository, the client from its subdirectory
+    for commands, env in (
+        (steps, github["jobs"]["gradleak"]["env"]),
+        (" ".join(job["before_script"]), job["variables"]),
+    ):
+        assert env["GRADLEAK_GIT"].startswith("https://")
+        assert '"gradleak @ git+$GRADLEAK_GIT"' in commands
+        assert '"gradleak-client[cli] @ git+$GRADLEAK_GIT#subdirectory=clients/python"' in commands
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,44 +1,49 @@
-"""The Flower integration against the live service (uvicorn on loopback). flwr does not install
-beside this project's pinned stack, so the clients are driven with Flower's own formats: lists of
-numpy arrays (NumPyClient), `Parameters` of np.save bytes in FitIns/FitRes (Client), and the
-Message API's records (Mod) as flwr 1.4x builds them. The example's clients subclass flwr's
-NumPyClient and go through `to_client()` whenever flwr is installed."""
+"""The Flower integration against the live service (uvicorn on loopback). Most tests drive it with
+Flower's formats but without flwr in this process (flwr needs its own environment, see flowerkit):
+lists of numpy arrays (NumPyClient), `Parameters` of np.save bytes in FitIns/FitRes (Client), and
+the Message API's messages and records (the strategy wrapper and the Mod) as flwr 1.42 builds them;
+one runs flwr's own types in a subprocess (flower_types_check.py). Flower's runtime drives the
+example app in test_client_flower_runtime.py (slow)."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from gradleak_client import Client
-from gradleak_client.flower import AuditedClient, AuditedNumPyClient, FlowerAuditor, gradleak_mod
+from gradleak_client.flower import (
+    AuditedClient,
+    AuditedNumPyClient,
+    AuditedStrategy,
+    FlowerAuditor,
+    gradleak_mod,
+    read_records,
+)
 from gradleak_client.policy import Threshold
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "clients" / "python" / "examples" / "flower_photo_patches.py"
 SIZE = 16
 UNROLL_BUDGET = {"iterations": 10}
 
 
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("flower_photo_patches", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def build_lenet(size: int) -> torch.nn.Module:
+    from service.models import build_model
+    from service.specs import DataSpec, ModelSpec
+
+    return build_model(ModelSpec(arch="lenet"), DataSpec(shape=(3, size, size), num_classes=10))
 
 
 def tiny_round() -> tuple[list[str], list[np.ndarray], list[np.ndarray], torch.Tensor, torch.Tensor]:
     """A LeNet, two photo patches and one SGD step: names, weights before and after, the batch."""
     from service.data.patches import photo_patches
 
-    net = load_example().build_lenet(SIZE)
+    net = build_lenet(SIZE)
     images, labels = photo_patches(size=SIZE, per_class=1)
     x, y = images[:2], labels[:2]
     before = [v.detach().numpy().copy() for v in net.state_dict().values()]
@@ -63,7 +68,7 @@ def auditor_for(
         "normalization": "none",
         "budget": UNROLL_BUDGET,
         "ground_truth": lambda _round, _config: (x, y),
-        "background": False,
+        "wait": True,
     }
     return FlowerAuditor(client, **{**settings, **kw})
 
@@ -98,12 +103,17 @@ def test_a_fraction_of_rounds_is_sampled_reproducibly() -> None:
     assert picked != sampled(fraction=0.3, seed=2)
     assert sampled(fraction=0.0) == [] and sampled(fraction=1.0) == list(rounds)
     assert sampled(rounds=[3, 7]) == [3, 7]
+    auditor = offline_auditor(fraction=0.5, seed=1)
+    per_node = [[auditor.should_audit(r, node) for r in rounds] for node in (11, 12)]
+    assert per_node[0] != per_node[1]  # each node's updates are drawn on their own
 
 
-def test_training_facts_come_from_the_round_config_first() -> None:
+def test_training_facts_come_from_the_client_then_the_round_config() -> None:
     auditor = offline_auditor(lr=0.01, local_epochs=5, batch_size=32)
     facts = auditor.training_facts({"learning-rate": 0.2, "batch-size": 8}, num_examples=16)
     assert facts == {"lr": 0.2, "local_epochs": 5, "batch_size": 8, "num_samples": 16, "protocol": "fedavg"}
+    declared = auditor.training_facts({"lr": 0.2, "batch-size": 8}, 16, declared={"lr": 0.3, "loss": "x"})
+    assert declared["lr"] == 0.3 and declared["batch_size"] == 8  # what the client says it did wins
     one_step = auditor.training_facts({"local-epochs": 1}, num_examples=20)
     assert one_step["protocol"] == "fedsgd"  # one epoch of one batch is FedSGD
     assert auditor.round_of({"server-round": 12}) == 12 and auditor.round_of({}) == 2  # second call
@@ -127,36 +137,6 @@ def test_the_wrapped_numpy_client_returns_exactly_what_it_would() -> None:
 # ---------------------------------------------------------------------------------------------
 # against the live service
 # ---------------------------------------------------------------------------------------------
-
-
-def test_the_example_audits_sampled_rounds_without_changing_the_update(live_url: str, tmp_path: Path) -> None:
-    example = load_example()
-    log = tmp_path / "audits.jsonl"
-    settings: dict[str, Any] = {
-        "rounds": 2,
-        "per_client": 4,
-        "batch_size": 2,
-        "size": SIZE,
-        "budget": UNROLL_BUDGET,
-    }
-    with Client(base_url=live_url) as client:
-        records, shared = example.run(client, audited_rounds=[2], log_path=str(log), **settings)
-        quiet_records, quiet_shared = example.run(client, audited_rounds=[], **settings)
-    assert [r.round for r in records] == [2] and quiet_records == []
-    record = records[0]
-    assert record.training == {
-        "lr": 0.05,
-        "local_epochs": 1,
-        "batch_size": 2,
-        "num_samples": 4,
-        "protocol": "fedavg",
-    }
-    assert_scored(record)
-    assert record.metrics is not None and record.metrics["num_images"] == 4
-    assert json.loads(log.read_text().splitlines()[0])["job_id"] == record.job_id
-    for audited, plain in zip(shared, quiet_shared, strict=True):  # what client 0 sent, audit or not
-        for a, b in zip(audited, plain, strict=True):
-            np.testing.assert_array_equal(a, b)
 
 
 @dataclass
@@ -219,29 +199,82 @@ class FakeArrayRecord(dict):  # type: ignore[type-arg]
         return list(self.values())
 
 
-def message(kind: str, content: dict[str, Any]) -> SimpleNamespace:
+def message(kind: str, content: dict[str, Any], src: int = 0, dst: int = 0, error: str | None = None) -> Any:
+    """A Message as flwr builds it: metadata (type, source and destination node), content."""
     return SimpleNamespace(
-        metadata=SimpleNamespace(message_type=kind), content=content, has_error=lambda: False
+        metadata=SimpleNamespace(message_type=kind, src_node_id=src, dst_node_id=dst),
+        content=content,
+        has_error=lambda: error is not None,
+        error=SimpleNamespace(reason=error),
     )
+
+
+def records_of(names: list[str], arrays: list[np.ndarray]) -> FakeArrayRecord:
+    return FakeArrayRecord(zip(names, arrays, strict=True))
 
 
 def test_the_mod_audits_train_replies(live_url: str, tmp_path: Path) -> None:
     names, before, after, x, y = tiny_round()
-    incoming = message(
-        "train", {"arrays": FakeArrayRecord(zip(names, before, strict=True)), "config": {"server-round": 1}}
-    )
-    reply = message(
-        "train", {"arrays": FakeArrayRecord(zip(names, after, strict=True)), "metrics": {"num-examples": 2}}
-    )
+    incoming = message("train", {"arrays": records_of(names, before), "config": {"server-round": 1}})
+    reply = message("train", {"arrays": records_of(names, after), "metrics": {"num-examples": 2, "lr": 0.1}})
+    context = SimpleNamespace(node_id=7, run_config={}, node_config={})
     with Client(base_url=live_url) as client:
         auditor = auditor_for(client, None, x, y, thresholds=[Threshold(metric="ssim", max=0.9)])
-        mod = gradleak_mod(auditor)
-        assert mod(incoming, None, lambda _m, _c: reply) is reply
-        assert mod(message("evaluate", incoming.content), None, lambda _m, _c: reply) is reply
+        mod = gradleak_mod(lambda ctx: auditor if ctx.node_id == 7 else None)  # built from the Context
+        assert mod(incoming, context, lambda _m, _c: reply) is reply
+        assert mod(message("evaluate", incoming.content), context, lambda _m, _c: reply) is reply
     [record] = auditor.records  # the evaluate message was not audited
-    assert record.round == 1 and record.status == "succeeded"
+    assert record.round == 1 and record.node_id == 7 and record.side == "client"
+    assert record.status == "succeeded"
     ssim = record.metrics["worst_case"]["ssim"] if record.metrics else None
     assert ssim is not None and record.verdict == ("pass" if ssim <= 0.9 else "fail")
+
+
+class RecordingStrategy:
+    """A Message-API strategy that records what it is asked to aggregate."""
+
+    arrayrecord_key, configrecord_key, weighted_by_key = "arrays", "config", "num-examples"
+
+    def __init__(self, names: list[str], global_arrays: list[np.ndarray]) -> None:
+        self.names, self.global_arrays = names, global_arrays
+        self.aggregated: list[Any] = []
+
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> list[Any]:
+        content = {"arrays": records_of(self.names, self.global_arrays), "config": {**config, "lr": 0.1}}
+        return [message("train", content, dst=node) for node in grid]
+
+    def aggregate_train(self, server_round: int, replies: Any) -> tuple[str, int]:
+        self.aggregated.append(replies)
+        return "aggregated", server_round
+
+
+def test_the_strategy_audits_sampled_replies_and_aggregates_them_unchanged(
+    live_url: str, tmp_path: Path
+) -> None:
+    names, before, after, x, y = tiny_round()
+    inner = RecordingStrategy(names, before)
+    log = tmp_path / "server.jsonl"
+    metrics = {"num-examples": 2, "local-epochs": 1, "batch-size": 2}
+    with Client(base_url=live_url) as client:
+        auditor = auditor_for(client, None, x, y, fraction=1.0, rounds=None, log_path=log)
+        strategy = AuditedStrategy(inner, auditor)
+        sent = list(strategy.configure_train(1, None, {}, grid=[1, 2, 3]))
+        assert [m.metadata.dst_node_id for m in sent] == [1, 2, 3]
+        replies = [
+            message("train", {"arrays": records_of(names, after), "metrics": metrics}, src=1),
+            message("train", {}, src=2, error="out of memory"),
+        ]  # node 3 never replied
+        assert strategy.aggregate_train(1, iter(replies)) == ("aggregated", 1)
+        assert strategy.weighted_by_key == "num-examples"  # the rest is the strategy's
+    [aggregated] = inner.aggregated
+    assert len(aggregated) == 2 and all(a is b for a, b in zip(aggregated, replies, strict=True))
+    by_node = {r.node_id: r for r in auditor.records}
+    assert set(by_node) == {1, 2, 3} and all(r.side == "server" for r in by_node.values())
+    assert by_node[1].training["lr"] == 0.1 and by_node[1].training["protocol"] == "fedsgd"
+    assert_scored(by_node[1])
+    assert by_node[2].verdict == "error" and "out of memory" in (by_node[2].error or "")
+    assert by_node[3].verdict == "error" and "did not reply" in (by_node[3].error or "")
+    assert {r.id: r.verdict for r in read_records(log)} == {r.id: r.verdict for r in auditor.records}
 
 
 def test_audit_failures_are_recorded_not_raised(tmp_path: Path) -> None:
@@ -255,13 +288,70 @@ def test_audit_failures_are_recorded_not_raised(tmp_path: Path) -> None:
     assert bad_names is not None and bad_names.verdict == "error" and "names" in (bad_names.error or "")
 
 
-def test_background_audits_are_flushed(live_url: str) -> None:
+def test_submitted_audits_are_collected_by_a_later_process(live_url: str, tmp_path: Path) -> None:
+    """A ClientApp process submits and exits; whoever reads its record file later gets the verdict."""
     names, before, after, x, y = tiny_round()
+    log = tmp_path / "client.jsonl"
     with Client(base_url=live_url) as client:
-        auditor = auditor_for(client, names, x, y, background=True)
-        pending = auditor.observe(before, after, 2, {"server-round": 1})
-        assert pending is not None
-        [record] = auditor.flush(timeout=120)
-        auditor.close()
-    assert record is pending
+        submitter = auditor_for(client, names, x, y, wait=False, log_path=log)
+        pending = submitter.observe(before, after, 2, {"server-round": 1})
+        assert pending is not None and pending.verdict == "pending" and pending.job_id
+        [line] = read_records(log)
+        assert line.verdict == "pending" and line.job_id == pending.job_id
+        later = FlowerAuditor(client, arch="lenet", image_shape=(3, SIZE, SIZE), log_path=log)
+        [record] = later.collect(timeout=120)
+    assert record.id == pending.id and record.job_id == pending.job_id
     assert_scored(record)
+    assert [r.verdict for r in read_records(log)] == [record.verdict]  # the file's latest state
+    assert len(log.read_text().splitlines()) == 2  # submitted, then finished
+
+
+def test_the_cli_collects_a_record_file(live_url: str, tmp_path: Path, capsys: Any) -> None:
+    from gradleak_client.cli import main
+
+    names, before, after, x, y = tiny_round()
+    log = tmp_path / "client.jsonl"
+    with Client(base_url=live_url) as client:
+        submitted = auditor_for(client, names, x, y, wait=False, log_path=log).observe(
+            before, after, 2, {"server-round": 1}, node_id=5
+        )
+    assert submitted is not None and submitted.verdict == "pending"
+    # no reconstruction scores a PSNR of 0 dB or less: the audit fails that threshold (exit 1)
+    assert main(["collect", str(log), "--url", live_url, "--max", "psnr=0"]) == 1
+    [line] = capsys.readouterr().out.strip().splitlines()
+    assert line == f"client round 1 node 5: fail  {submitted.job_id}"
+    assert main(["collect", str(log), "--url", live_url, "--max", "psnr=1000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "pass"  # read again, checked again
+    failed = tmp_path / "failed.jsonl"
+    offline = Client(base_url="http://127.0.0.1:9", max_retries=0)
+    auditor_for(offline, names, x, y, log_path=failed).observe(before, after, 2, {"server-round": 1})
+    assert main(["collect", str(failed), "--url", live_url]) == 2  # an audit that could not run
+    assert "error" in capsys.readouterr().out
+    assert main(["collect", str(log), "--url", live_url, "--max", "psnr=high"]) == 2
+    assert capsys.readouterr().err.startswith("gradleak-client: error: --max psnr=high:")
+
+
+def test_flowers_own_messages_fedavg_and_clientapp(live_url: str, tmp_path: Path) -> None:
+    """flwr 1.42's real types (in a subprocess with .flower-env first, see flowerkit): the audited
+    FedAvg aggregates exactly what FedAvg does, and both sides record both nodes' audits."""
+    import subprocess
+    import sys
+
+    from flowerkit import flower_environ
+
+    script = Path(__file__).with_name("flower_types_check.py")
+    run = subprocess.run(
+        [sys.executable, str(script), live_url, str(tmp_path / "records")],
+        env=flower_environ(tmp_path / "flwr"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["same"] and result["sent_to"] == [11, 22]
+    for side, verdicts in (("server", {"unscored"}), ("client", {"pass", "fail"})):
+        records = result[side]
+        assert sorted(r["node_id"] for r in records) == [11, 22]
+        assert all(r["status"] == "succeeded" and r["verdict"] in verdicts for r in records)
+        assert all(r["training"]["lr"] == 0.1 and r["training"]["protocol"] == "fedsgd" for r in records)

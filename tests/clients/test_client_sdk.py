@@ -112,6 +112,11 @@ def test_artifacts_read_and_download(client: gl.Client, finished: gl.Job, tmp_pa
     recon = client.artifacts.download(finished.id, "reconstruction.safetensors", tmp_path / "r.safetensors")
     assert load_safetensors(recon.read_bytes())["images"].shape == (1, *SHAPE)
     assert not list(tmp_path.glob("*.part"))
+    # a trailing slash names a folder, created when missing (not a file called "out")
+    grid = client.artifacts.download(finished.id, "grid.png", f"{tmp_path}/out/")
+    assert grid == tmp_path / "out" / "grid.png" and grid.read_bytes().startswith(PNG_SIGNATURE)
+    nested = client.artifacts.download(finished.id, "grid.png", tmp_path / "a" / "b.png")
+    assert nested.is_file() and nested.parent.is_dir()
     with pytest.raises(gl.NotFoundError, match="no artifact"):
         client.artifacts.read(finished.id, "nothing.bin")
 

@@ -440,3 +440,30 @@ def test_the_cli_has_the_subcommands_the_images_run() -> None:
     if importlib.util.find_spec("service.cli_service") is None:
         pytest.skip("service.cli_service (serve, worker) is not written yet")
     assert {"serve", "worker"} <= commands
+
+
+def test_the_api_port_agrees_everywhere_and_is_not_flowers() -> None:
+    """One port in the settings, the SDK's default URL, the image and the manifests; not 8000,
+    which Flower's SuperLink takes by default on the same machine."""
+    from gradleak_client._base import DEFAULT_URL
+
+    port = Settings().port
+    assert port != 8000 and urlsplit(DEFAULT_URL).port == port
+    dockerfile = DOCKERFILES["api"].read_text()
+    assert f"GRADLEAK_PORT={port}" in dockerfile and f"EXPOSE {port}" in dockerfile
+    assert f":{port}" in services()["api"]["ports"][0]
+    assert {p["containerPort"] for p in container(deployment("api"))["ports"]} == {port}
+
+
+def test_worker_image_fetches_the_lpips_weights_where_the_metric_looks() -> None:
+    """Built once into the image (verified by `gradleak assets fetch`), before the unprivileged
+    user takes over, in the folder the worker's settings point the metric at."""
+    steps = dockerfile(DOCKERFILES["worker"])
+    runs = [args for keyword, args in steps if keyword == "RUN"]
+    fetch = runs.index("gradleak assets fetch lpips")
+    install = next(i for i, args in enumerate(runs) if args.startswith("pip install"))
+    assert install < fetch
+    user = next(i for i, (keyword, _) in enumerate(steps) if keyword == "USER")
+    assert steps.index(("RUN", "gradleak assets fetch lpips")) < user
+    env = " ".join(args for keyword, args in steps if keyword == "ENV")
+    assert "GRADLEAK_LPIPS_WEIGHTS_DIR=/opt/gradleak/weights" in env.split()

@@ -36,7 +36,7 @@ log = logging.getLogger("gradleak_client")
 
 ENV_URL = "GRADLEAK_URL"
 ENV_API_KEY = "GRADLEAK_API_KEY"
-DEFAULT_URL = "http://127.0.0.1:8000"  # where `gradleak serve` listens by default
+DEFAULT_URL = "http://127.0.0.1:8731"  # where `gradleak serve` listens by default
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 DEFAULT_MAX_RETRIES = 2
 INITIAL_RETRY_DELAY = 0.5

@@ -56,7 +56,7 @@ from gradleak_client.types import (
 class Client(BaseClient):
     """The gradleak API, synchronously.
 
-    `base_url` defaults to $GRADLEAK_URL (else http://127.0.0.1:8000, where `gradleak serve`
+    `base_url` defaults to $GRADLEAK_URL (else http://127.0.0.1:8731, where `gradleak serve`
     listens) and `api_key` to $GRADLEAK_API_KEY (a local server on 127.0.0.1 needs none).
     `transport` or `http_client` replace the HTTP layer (a proxy, custom TLS, tests).
 

@@ -190,8 +190,15 @@ def _checkpoint_model(fed: Federation) -> dict[str, Any]:
 
 
 def _artifact_target(to: str | os.PathLike[str], name: str) -> Path:
-    path = Path(to)
-    return path / name if path.is_dir() else path
+    """A trailing separator or an existing directory names a folder (created when missing);
+    anything else names the file itself."""
+    text = os.fspath(to)
+    path = Path(text)
+    if path.is_dir() or text.endswith((os.sep, "/")):
+        path.mkdir(parents=True, exist_ok=True)
+        return path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class _Resource:

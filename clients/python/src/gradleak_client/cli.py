@@ -8,10 +8,11 @@
     gradleak-client fetch job_... -o out/   gradleak-client cancel job_...    gradleak-client catalog
     gradleak-client audit --policy policy.yaml --model m.safetensors --update u.safetensors \\
         --ground-truth batch.safetensors [--embedded]
+    gradleak-client collect gradleak-audits/client.jsonl --max psnr=20   # a Flower run's audits
 
 The service is $GRADLEAK_URL (or --url) with the key $GRADLEAK_API_KEY (or --api-key).
-Exit codes: 0 success (audit: pass); 1 audit: leakage above a threshold, wait: the job failed or
-was cancelled; 2 usage or service error.
+Exit codes: 0 success (audit, collect: pass); 1 audit, collect: leakage above a threshold, wait:
+the job failed or was cancelled; 2 usage or service error (collect: an audit could not run).
 """
 
 from __future__ import annotations
@@ -253,6 +254,37 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from gradleak_client.flower import AuditLog
+    from gradleak_client.policy import Threshold
+
+    path = _existing(args.records, "audit record file")
+    limits = _pairs(args.max, "--max") or {"psnr": 20.0}
+    thresholds = []
+    for metric, value in limits.items():
+        try:
+            thresholds.append(Threshold.model_validate({"metric": metric, "max": value}))
+        except ValidationError as e:
+            problem = e.errors()[0]
+            raise UsageError(f"--max {metric}={value}: {problem['msg']}") from None
+    with _client(args) as client:
+        audits = AuditLog(client, thresholds=thresholds, path=path)
+        records = audits.collect(timeout=args.wait_timeout, recheck=True)
+    if not records:
+        raise UsageError(f"{path} records no audit")
+    for r in records:
+        if args.json:
+            _echo(r.to_json())
+            continue
+        node = "" if r.node_id is None else f" node {r.node_id}"
+        reason = f"  ({r.error})" if r.error else ""
+        _echo(f"{r.side} round {r.round}{node}: {r.verdict}  {r.job_id or '-'}{reason}")
+    verdicts = {r.verdict for r in records}
+    return EXIT_LEAK if "fail" in verdicts else EXIT_ERROR if "error" in verdicts else EXIT_OK
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from gradleak_client.audit import (
         AuditInputs,
@@ -325,7 +357,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def _connection_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("service")
-    group.add_argument("--url", help=f"the gradleak API (default ${ENV_URL}, else http://127.0.0.1:8000)")
+    group.add_argument("--url", help=f"the gradleak API (default ${ENV_URL}, else http://127.0.0.1:8731)")
     group.add_argument("--api-key", help=f"API key (default ${ENV_API_KEY})")
     group.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     group.add_argument(
@@ -441,6 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     embedded.add_argument("--isolation", choices=["thread", "process"], default="thread")
     embedded.add_argument("--threads", type=int, help="torch CPU threads for the embedded jobs")
     audit.set_defaults(func=cmd_audit)
+
+    collect = sub.add_parser(
+        "collect",
+        parents=printed,
+        help="wait for the audits a Flower run recorded (gradleak_client.flower) and give their verdicts",
+    )
+    collect.add_argument("records", help="the JSON-lines file of a FlowerAuditor (log_path)")
+    collect.add_argument(
+        "--max", action="append", metavar="METRIC=VALUE", help="a worst-case threshold (default psnr=20)"
+    )
+    collect.add_argument("--wait-timeout", type=float, help="seconds to wait for each job")
+    collect.set_defaults(func=cmd_collect)
     return parser
 
 

@@ -52,7 +52,8 @@ def _server_modules() -> tuple[Any, Any]:
     except ImportError as e:
         raise EmbeddedUnavailableError(
             "running gradleak embedded needs the server package `gradleak` (with torch) in this "
-            f"environment: pip install gradleak ({e}); or point the client at a running service "
+            f"environment ({e}): pip install 'gradleak @ git+<the gradleak repository URL>', or "
+            "a wheel built with `make dist`; or point the client at a running service "
             "with --url / GRADLEAK_URL"
         ) from None
     return create_app, Settings

@@ -265,7 +265,7 @@ def parse_yaml_or_json(text: str, source: str) -> Any:
             return json.loads(text)
         except ValueError:
             raise PolicyError(
-                f"{source}: reading YAML needs PyYAML (pip install 'gradleak-client[cli]'); "
+                f"{source}: reading YAML needs PyYAML (pip install pyyaml, or the client's [cli] extra); "
                 "or write the file as JSON"
             ) from None
     try:

@@ -23,7 +23,8 @@ try:
     from safetensors.numpy import save as _save_numpy
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        f"gradleak_client.tensors needs numpy and safetensors: pip install 'gradleak-client[tensors]' ({e})"
+        "gradleak_client.tensors needs numpy and safetensors: pip install numpy safetensors, "
+        f"or the client's [tensors] extra ({e})"
     ) from None
 
 ArrayLike = Any  # a numpy array or a torch tensor (any device, with or without grad)
