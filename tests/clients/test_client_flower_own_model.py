@@ -54,7 +54,7 @@ def audit(client: Client, names: list[str], before: Any, after: Any, x: Any, y: 
         normalization="none",
         budget={"iterations": 10},
         ground_truth=lambda _round, _config: (x, y),
-        background=False,
+        wait=True,
     )
     auditor.observe(before, after, 2, {"server_round": 1})
     return auditor.records[-1]
