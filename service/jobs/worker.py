@@ -214,6 +214,8 @@ async def _wait_for_redis(arq_worker: Worker) -> None:
         if pool is None:
             return  # arq had not connected yet: its next run connects (or fails, and we wait again)
         try:
+            # The pool's idle connections all point at the lost server: drop them, not one per error.
+            await pool.connection_pool.disconnect(inuse_connections=False)
             await pool.ping()
             return
         except REDIS_NOT_READY:
@@ -240,10 +242,20 @@ def run_worker(settings: Settings) -> None:
 
 
 async def close_worker(arq_worker: Worker) -> None:
-    """arq's close, which needs Redis for its last bookkeeping; without Redis, our own resources."""
+    """arq's close, then our own resources if it could not finish: it needs Redis for its last
+    bookkeeping, and it fails on a job task it cancelled in the middle of that task's bookkeeping."""
     try:
         await arq_worker.close()
+        return
     except REDIS_DOWN as e:
         log.warning("Redis unreachable at shutdown (%s); closing without it", type(e).__name__)
-        if "state" in arq_worker.ctx:
-            await shutdown(arq_worker.ctx)  # does nothing if arq's close got as far as calling it
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this close itself is being cancelled
+    if "state" in arq_worker.ctx:
+        await shutdown(arq_worker.ctx)  # does nothing if arq's close got as far as calling it
+    pool = arq_worker.ctx.get("redis")
+    if pool is not None:
+        with contextlib.suppress(*REDIS_DOWN):
+            await pool.aclose()

@@ -149,6 +149,7 @@ class RedisServer:
         if self.proc is not None:
             self.proc.kill()
         self._reap()
+        (self.directory / "dump.rdb").unlink(missing_ok=True)  # lost, not an older snapshot restored
 
     def _reap(self) -> None:
         if self.proc is not None:
