@@ -8,6 +8,7 @@ from service.errors import SpecError
 from service.federations.spec import FederationSpec
 from service.jobs.state import StateStore
 from service.jobs.uploads import Limits, ModelUpload
+from service.specs import JobSpec, UpdateSpec
 
 
 def check_federation(spec: FederationSpec, limits: Limits) -> FederationSpec:
@@ -18,6 +19,7 @@ def check_federation(spec: FederationSpec, limits: Limits) -> FederationSpec:
     from service.defenses import DEFENSES
     from service.federations.data import check_shards, partition, train_labels
     from service.federations.loop import data_spec
+    from service.jobs.budget import check_memory
     from service.models import build_model
 
     if spec.data.source != "patches":
@@ -54,7 +56,9 @@ def check_federation(spec: FederationSpec, limits: Limits) -> FederationSpec:
     check_shards(shards, spec)
     if spec.audit.rounds:
         audited = [shards[spec.audit.client]] if spec.audit.client is not None else shards
-        limits.check_batch("the audited client's samples", max(len(s) for s in audited))
+        largest = max(len(s) for s in audited)
+        limits.check_batch("the audited client's samples", largest)
+        check_memory(audit_job(spec, largest), limits.worker_memory_bytes)
     limits.check_budget(spec.audit.budget, "audit.budget")
 
     time_limit = spec.time_limit_s
@@ -90,3 +94,22 @@ def check_initial_weights(spec: FederationSpec, tenant: str, state: StateStore) 
             f"{list(meta.image_shape)} images and {meta.num_classes} classes; the federation trains a "
             f"{spec.model.arch} (knobs {spec.model.knobs}) on {list(ours[2])} images of {ours[3]} classes"
         )
+
+
+def audit_job(spec: FederationSpec, num_images: int) -> JobSpec:
+    """The attack job an audited round runs (as the loop builds it), for its memory estimate."""
+    from service.federations.loop import client_training, data_spec
+
+    training = client_training(spec, num_images, 0, 1)
+    return JobSpec(
+        model=spec.model.model_copy(update={"weights": None}),
+        update=UpdateSpec(
+            kind="gradient" if training.protocol == "fedsgd" else "delta",
+            artifact="fed:update",
+            client=training,
+        ),
+        data=data_spec(spec, len(spec.data.patch_photos())).model_copy(update={"num_images": num_images}),
+        knowledge=spec.audit.knowledge,
+        attack=spec.audit.attack,
+        budget=spec.audit.budget,
+    )

@@ -113,6 +113,16 @@ def test_a_running_federation_is_cancelled_within_its_round(real: TestClient) ->
         ({"audit": {"rounds": [1], "budget": {"iterations": 5000}}}, 422, "audit.budget.iterations is 5000"),
         ({"audit": {"rounds": [1], "knowledge": 0}}, 422, "needs knowledge level 1"),
         ({"model": {"arch": "nosucharch"}}, 422, "nosucharch"),
+        (
+            {
+                "model": {"arch": "resnet152"},
+                "data": {"size": 128, "photos": ["astronaut", "coffee", "chelsea"], "per_class": 20},
+                "num_clients": 6,
+                "partition": {"samples_per_client": 8},
+            },
+            422,
+            "this job needs an estimated",
+        ),
         ({"model": {"arch": "mlp", "weights": "mdl_" + "0" * 32}}, 404, "model.weights"),
     ],
 )
