@@ -4,6 +4,7 @@ checked against its initializer names, jobs built from it; refusals name what is
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,6 @@ def test_a_module_named_over_http_is_refused(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("limits", "status", "message"),
     [
-        ({"onnx_check_timeout_s": 1e-6}, 422, "took longer than"),
         ({"max_onnx_bytes": 1000}, 422, "limit of 1000 bytes"),
         ({"max_onnx_nodes": 3}, 422, "limit is 3"),
     ],
@@ -141,3 +141,22 @@ def test_the_conversion_is_bounded(
     with TestClient(make_app(settings.model_copy(update=limits), StubRunner())) as client:
         body = is_problem(post(client, "/v1/models", files.model.read_bytes(), ONNX_META), status)
     assert message in body["detail"]
+
+
+def test_a_conversion_that_outlives_its_deadline_is_refused(
+    settings: Settings, files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.models.onnx as onnx_models
+
+    convert = onnx_models.onnx_module
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.0)  # a conversion slower than the deadline, whatever the machine's speed
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_models, "onnx_module", slow)
+    with TestClient(
+        make_app(settings.model_copy(update={"onnx_check_timeout_s": 0.05}), StubRunner())
+    ) as client:
+        body = is_problem(post(client, "/v1/models", files.model.read_bytes(), ONNX_META), 422)
+    assert "took longer than 0.05 s" in body["detail"]
