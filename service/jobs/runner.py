@@ -151,7 +151,8 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
             )
         problem = _problem(spec, model, update, victim, device)
         strip(problem.model)
-    _check_budget(spec, problem)
+    if ctx.memory_limit_bytes is not None:
+        _check_budget(spec, problem, ctx.memory_limit_bytes)
     _checkpoint(ctx, "setup")
     timings["setup_s"] = time.monotonic() - started
 
@@ -237,12 +238,12 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_budget(spec: JobSpec, problem: AttackProblem) -> None:
+def _check_budget(spec: JobSpec, problem: AttackProblem, limit_bytes: int) -> None:
     """The memory estimate again, now that the image count is known (inferred from the update
     when the spec did not say): refuse before the attack allocates its graph."""
     from service.jobs.budget import check_memory
 
-    check_memory(spec, get_settings().worker_memory_bytes, num_images=problem.num_images)
+    check_memory(spec, limit_bytes, num_images=problem.num_images)
 
 
 def _victim(

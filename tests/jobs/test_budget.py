@@ -3,6 +3,8 @@ above the worker memory setting with the estimate attached."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from service.errors import SpecError, UnknownNameError
@@ -73,3 +75,22 @@ def test_bad_architectures_are_refused_as_before() -> None:
         estimate_memory(
             spec(arch="lenet").model_copy(update={"model": ModelSpec(arch="lenet", knobs={"nope": 1})})
         )
+
+
+def test_the_runner_refuses_a_job_over_its_workers_memory_before_the_attack(tmp_path: Path) -> None:
+    from service.jobs.runner import run_job
+    from service.jobs.types import JobContext
+    from service.storage import LocalStore
+
+    stages: list[str] = []
+    ctx = JobContext(
+        job_id="job",
+        store=LocalStore(tmp_path),
+        prefix="t/jobs/job",
+        resolve=bytes,
+        progress=lambda p: stages.append(p.stage),
+        memory_limit_bytes=2**20,
+    )
+    with pytest.raises(BudgetError):
+        run_job(spec(arch="lenet", side=16), ctx)
+    assert "attack" not in stages
