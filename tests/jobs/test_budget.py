@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import SpecError, UnknownNameError
-from service.jobs.budget import BudgetError, check_memory, estimate_memory, model_profile
+from service.jobs.budget import BudgetError, Profiler, check_memory, estimate_memory, model_profile
 from service.specs import DataSpec, JobSpec, ModelSpec
 
 
@@ -94,3 +94,18 @@ def test_the_runner_refuses_a_job_over_its_workers_memory_before_the_attack(tmp_
     with pytest.raises(BudgetError):
         run_job(spec(arch="lenet", side=16), ctx)
     assert "attack" not in stages
+
+
+def test_the_profiler_process_gives_the_same_profile_and_refusals() -> None:
+    profiler = Profiler()
+    try:
+        model, data = ModelSpec(arch="resnet18"), DataSpec(shape=(3, 32, 32))
+        assert profiler(model, data) == model_profile(model, data)
+        assert profiler(model, data) == model_profile(model, data)  # cached
+        with pytest.raises(UnknownNameError) as unknown:
+            profiler(ModelSpec(arch="resnet9000"), data)
+        assert "resnet18" in unknown.value.valid
+        with pytest.raises(SpecError, match="nope"):
+            profiler(ModelSpec(arch="lenet", knobs={"nope": 1}), data)
+    finally:
+        profiler.close()
