@@ -120,6 +120,9 @@ class Runtime:
         await queue.start()
         housekeeper = Housekeeper(state, store, queue)
         housekeeper.start()
+        if profiler is None:
+            profiler = Profiler()
+            profiler.warm()
         return cls(
             settings=settings,
             state=state,
@@ -132,7 +135,7 @@ class Runtime:
             housekeeper=housekeeper,
             quotas=Quotas.from_settings(settings),
             limiter=RateLimiter(settings),
-            profiler=profiler or Profiler(),
+            profiler=profiler,
         )
 
     async def close(self) -> None:

@@ -140,6 +140,10 @@ class Profiler:
         self._cache[key] = result
         return result
 
+    def warm(self) -> None:
+        """Start the child process and its imports now, rather than on the first submission."""
+        self._executor().submit(_profile_or_message, *_profile_key(ModelSpec(arch="lenet"), DataSpec()))
+
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
