@@ -23,6 +23,7 @@ from api.routes import catalog, federations, health, jobs, uploads
 from api.runtime import QueueFactory, Runtime, auth_enabled, default_queue
 from api.schemas import Problem
 from service import __version__
+from service.jobs.budget import ProfileFn
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("gradleak.api")
@@ -51,14 +52,20 @@ PROBLEM_RESPONSE: dict[str, Any] = {
 }
 
 
-def create_app(settings: Settings | None = None, *, queue_factory: QueueFactory | None = None) -> FastAPI:
-    """The API. `queue_factory` replaces the queue chosen from the settings (tests use it)."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    queue_factory: QueueFactory | None = None,
+    profiler: ProfileFn | None = None,
+) -> FastAPI:
+    """The API. `queue_factory` replaces the queue chosen from the settings and `profiler` the
+    child process that profiles models for the memory budget (tests use both)."""
     settings = settings or get_settings()
     auth_enabled(settings)  # refuse at once a configuration that would serve without keys
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.open(settings, metrics, queue_factory or default_queue)
+        runtime = await Runtime.open(settings, metrics, queue_factory or default_queue, profiler)
         app.state.runtime = runtime
         log.info(
             "gradleak API ready: queue %s, API keys %s",

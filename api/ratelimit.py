@@ -18,6 +18,7 @@ from service.jobs.quotas import QuotaExceededError, Quotas
 from service.settings import Settings
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_REFUSALS = 10_000
 
 
 class RateLimiter:
@@ -31,6 +32,9 @@ class RateLimiter:
         else:
             self.storage = MemoryStorage()
         self.limiter = MovingWindowRateLimiter(self.storage)
+        # (tenant, kind, burst, window) -> when its window frees a slot: until then a refusal needs
+        # no round trip to the counters, so a flooding tenant costs each replica little
+        self._refused_until: dict[tuple[str, str, int, int], float] = {}
 
     async def hit(self, tenant: str, method: str, quotas: Quotas) -> None:
         """Count one request; QuotaExceededError (with when to retry) when the tenant is over its rate."""
@@ -39,14 +43,20 @@ class RateLimiter:
         else:
             kind, rate, burst = "write", quotas.rate_write_per_s, quotas.rate_write_burst
         window = max(1, math.ceil(burst / rate))
-        item = RateLimitItemPerSecond(burst, window)
-        if await self.limiter.hit(item, tenant, kind):
-            return
-        stats = await self.limiter.get_window_stats(item, tenant, kind)
+        refusal = (tenant, kind, burst, window)
+        until = self._refused_until.get(refusal, 0.0)
+        if until <= time.time():
+            item = RateLimitItemPerSecond(burst, window)
+            if await self.limiter.hit(item, tenant, kind):
+                return
+            until = (await self.limiter.get_window_stats(item, tenant, kind)).reset_time
+            if len(self._refused_until) >= MAX_REFUSALS:
+                self._refused_until.clear()
+            self._refused_until[refusal] = until
         raise QuotaExceededError(
             f"tenant {tenant} sent more than {burst} {kind} requests in {window} s "
             f"(its rate is {rate:g} per second with bursts of {burst}); retry after the Retry-After delay",
             quota=f"rate_{kind}",
             limit=rate,
-            retry_after_s=stats.reset_time - time.time(),
+            retry_after_s=until - time.time(),
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 from api.observability import Metrics
 from api.ratelimit import RateLimiter
+from service.jobs.budget import ProfileFn, Profiler
 from service.jobs.keys import authenticate, digest
 from service.jobs.maintenance import Housekeeper
 from service.jobs.queue import JobQueue
@@ -99,10 +100,17 @@ class Runtime:
     housekeeper: Housekeeper
     quotas: Quotas
     limiter: RateLimiter
+    profiler: ProfileFn
     _catalog: dict[str, Any] | None = field(default=None, repr=False)
 
     @classmethod
-    async def open(cls, settings: Settings, metrics: Metrics, queue_factory: QueueFactory) -> Runtime:
+    async def open(
+        cls,
+        settings: Settings,
+        metrics: Metrics,
+        queue_factory: QueueFactory,
+        profiler: ProfileFn | None = None,
+    ) -> Runtime:
         from service.storage_s3 import make_store
 
         auth = auth_enabled(settings)
@@ -112,6 +120,9 @@ class Runtime:
         await queue.start()
         housekeeper = Housekeeper(state, store, queue, orphan_age_s=settings.retention_hours * 3600.0)
         housekeeper.start()
+        if profiler is None:
+            profiler = Profiler()
+            profiler.warm()
         return cls(
             settings=settings,
             state=state,
@@ -124,11 +135,14 @@ class Runtime:
             housekeeper=housekeeper,
             quotas=Quotas.from_settings(settings),
             limiter=RateLimiter(settings),
+            profiler=profiler,
         )
 
     async def close(self) -> None:
         await self.housekeeper.stop()
         await self.queue.close()
+        if isinstance(self.profiler, Profiler):
+            self.profiler.close()
         self.state.close()
 
     def catalog(self) -> dict[str, Any]:

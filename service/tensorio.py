@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, cast
 
 import safetensors.torch
 import torch
@@ -164,7 +164,9 @@ def scan_safetensors(
     (name, shape and dtype; no data), in header order, and the file's sha256."""
     prefix = f"{name}: " if name else ""
     try:
-        header_len, entries = _parse_header(_FileView(f, size), max_header_bytes, allowed_dtypes)
+        # the view answers every read _parse_header makes of its bytes
+        view = cast(bytes, _FileView(f, size))
+        header_len, entries = _parse_header(view, max_header_bytes, allowed_dtypes)
     except ArtifactError as e:
         raise type(e)(prefix + str(e)) from None
     digest = hashlib.sha256()

@@ -40,7 +40,7 @@ def _submit(
     from service.federations.checks import check_federation, check_initial_weights
     from service.jobs.submit import new_job
 
-    spec = check_federation(body.spec, rt.limits)
+    spec = check_federation(body.spec, rt.limits, rt.profiler)
     check_initial_weights(spec, tenant, rt.state)
     return rt.state.create_job(
         new_job(spec, tenant, rt.settings, idempotency_key=key, request_hash=request_hash)

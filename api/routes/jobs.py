@@ -66,7 +66,7 @@ def _submit(
             budget=body.budget,
             seed=body.seed,
         )
-    spec = check_spec(spec, rt.limits)
+    spec = check_spec(spec, rt.limits, rt.profiler)
     check_references(spec, tenant, rt.state)
     try:
         check_job_quotas(rt.state, tenant, caller.quotas)

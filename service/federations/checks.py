@@ -6,21 +6,24 @@ from __future__ import annotations
 
 from service.errors import SpecError
 from service.federations.spec import FederationSpec
+from service.jobs.budget import ProfileFn
 from service.jobs.state import StateStore
 from service.jobs.uploads import Limits, ModelUpload
 from service.specs import JobSpec, UpdateSpec
 
 
-def check_federation(spec: FederationSpec, limits: Limits) -> FederationSpec:
+def check_federation(
+    spec: FederationSpec, limits: Limits, profile_fn: ProfileFn | None = None
+) -> FederationSpec:
     """Refuse what the loop would refuse or the tenant may not ask for; return the spec with the
-    server's default time limit filled in."""
+    server's default time limit filled in. `profile_fn` profiles the model off the request's
+    thread (the API's Profiler); by default here."""
     from service.attacks import ATTACKS
     from service.data.photos import resolve_photo_name
     from service.defenses import DEFENSES
     from service.federations.data import check_shards, partition, train_labels
     from service.federations.loop import data_spec
-    from service.jobs.budget import check_memory
-    from service.models import build_model
+    from service.jobs.budget import check_memory, model_profile
 
     if spec.data.source != "patches":
         raise SpecError(
@@ -34,7 +37,7 @@ def check_federation(spec: FederationSpec, limits: Limits) -> FederationSpec:
     ATTACKS.get(spec.audit.attack.name)
     for defense in spec.defenses:
         DEFENSES.get(defense.name)
-    model = build_model(spec.model.model_copy(update={"weights": None}), data_spec(spec, len(photos)))
+    profile = (profile_fn or model_profile)(spec.model, data_spec(spec, len(photos)))
 
     if spec.num_clients > limits.max_federation_clients:
         raise SpecError(
@@ -45,7 +48,7 @@ def check_federation(spec: FederationSpec, limits: Limits) -> FederationSpec:
             f"clients_per_round x rounds is {spec.client_rounds()} local trainings; this server's limit is "
             f"{limits.max_federation_client_rounds}"
         )
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = profile.parameters
     if parameters * spec.client_rounds() > limits.max_federation_parameter_rounds:
         raise SpecError(
             f"{spec.model.arch} has {parameters:,} parameters; trained {spec.client_rounds()} times that is "
@@ -58,7 +61,9 @@ def check_federation(spec: FederationSpec, limits: Limits) -> FederationSpec:
         audited = [shards[spec.audit.client]] if spec.audit.client is not None else shards
         largest = max(len(s) for s in audited)
         limits.check_batch("the audited client's samples", largest)
-        check_memory(audit_job(spec, largest), limits.worker_memory_bytes)
+        check_memory(
+            audit_job(spec, largest), limits.worker_memory_bytes, profile_fn=profile_fn or model_profile
+        )
     limits.check_budget(spec.audit.budget, "audit.budget")
 
     time_limit = spec.time_limit_s

@@ -453,6 +453,7 @@ def _audit(
         should_stop=ctx.should_stop,
         device=ctx.device,
         lpips_weights_dir=ctx.lpips_weights_dir,
+        memory_limit_bytes=ctx.memory_limit_bytes,
     )
     t = time.monotonic()
     result = run_job(job, sub)

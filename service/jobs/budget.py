@@ -10,9 +10,9 @@ the gradients and their own graph) and the process itself. The coefficients are 
 (bench/results/memory-estimate-cpu.json), so that the estimate is an upper bound within a
 factor stated there.
 
-Building on the meta device costs well under a second for the largest registered model and the
-profile is cached per (architecture, knobs, image shape, classes), so a flood of identical
-specs costs the API nothing after the first.
+Building on the meta device costs well under a second for the largest registered model; the API
+does it in a child process (`Profiler`), so that the build never holds up its other requests, and
+caches the profile per (architecture, knobs, image shape, classes).
 """
 
 from __future__ import annotations
@@ -20,11 +20,17 @@ from __future__ import annotations
 import copy
 import json
 import math
+import multiprocessing
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from service.errors import SpecError
+from service.errors import GradleakError, SpecError
 from service.specs import SOURCE_ARCHS, DataSpec, JobSpec, ModelSpec
 
 FLOAT_BYTES = 4
@@ -75,18 +81,90 @@ class BudgetError(SpecError):
         super().__init__(message)
 
 
+ProfileFn = Callable[[ModelSpec, DataSpec], ModelProfile]
+
+
 def model_profile(model: ModelSpec, data: DataSpec, module: Any = None) -> ModelProfile:
     """Parameters and activations per image of the spec's architecture (knobs and image size
     checked as the runner checks them), from a build on the meta device; of `module` itself when
     given (the user's own model, known once the runner has built it)."""
     if module is not None:
         return _count(copy.deepcopy(module), data.shape, module_device(module), "the model")
-    knobs = json.dumps(model.knobs, sort_keys=True)
-    return _profile(model.arch, knobs, model.init_seed, data.shape, data.num_classes)
+    return _profile(*_profile_key(model, data))
 
 
 def module_device(module: Any) -> Any:
     return next((p.device for p in module.parameters()), "cpu")
+
+
+def _profile_key(model: ModelSpec, data: DataSpec) -> tuple[str, str, int, tuple[int, int, int], int]:
+    return model.arch, json.dumps(model.knobs, sort_keys=True), model.init_seed, data.shape, data.num_classes
+
+
+def _profile_or_message(*key: Any) -> ModelProfile | str:
+    """`_profile` in the profiler's process; a refusal comes back as its message."""
+    try:
+        return _profile(*key)
+    except GradleakError as e:
+        return str(e)
+
+
+class Profiler:
+    """`model_profile` in a child process, one at a time, with a time bound and a cache: building
+    even on the meta device holds the interpreter's lock for a while (about a second for a
+    ResNet-152 on a loaded machine), which would stall every other request of the API process.
+    Unknown architectures are refused here, with the list of valid ones."""
+
+    TIMEOUT_S = 60.0
+    CACHE_ENTRIES = 1024
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+        self._cache: dict[tuple[Any, ...], ModelProfile] = {}
+
+    def __call__(self, model: ModelSpec, data: DataSpec) -> ModelProfile:
+        from service.models import MODELS
+
+        MODELS.get(model.arch)
+        key = _profile_key(model, data)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        try:
+            result = self._executor().submit(_profile_or_message, *key).result(self.TIMEOUT_S)
+        except FutureTimeout:
+            raise SpecError(
+                f"checking {model.arch} took over {self.TIMEOUT_S:g} s; the server is busy, retry later"
+            ) from None
+        except BrokenProcessPool:
+            with self._lock:
+                self._pool = None  # the next call starts a new one
+            raise SpecError(f"checking {model.arch} failed; retry") from None
+        if isinstance(result, str):
+            raise SpecError(result)
+        if len(self._cache) >= self.CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[key] = result
+        return result
+
+    def warm(self) -> None:
+        """Start the child process and its imports now, rather than on the first submission."""
+        self._executor().submit(_profile_or_message, *_profile_key(ModelSpec(arch="lenet"), DataSpec()))
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                )
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 @lru_cache(maxsize=256)
@@ -151,11 +229,18 @@ def attack_images(spec: JobSpec, num_images: int | None = None) -> tuple[int, bo
     return num_images * spec.budget.restarts * unrolled, assumed
 
 
-def estimate_memory(spec: JobSpec, num_images: int | None = None, module: Any = None) -> MemoryEstimate:
+def estimate_memory(
+    spec: JobSpec, num_images: int | None = None, profile_fn: ProfileFn = model_profile, module: Any = None
+) -> MemoryEstimate:
     """The peak memory the runner is expected to reach on `spec` (an upper bound, see above).
-    `num_images`: the image count when the runner knows it (inferred from the update); `module`:
-    the built model, for a user's own model (ONNX, a module) that the registry cannot build."""
-    profile = model_profile(spec.model, spec.data, module)
+    `num_images`: the image count when the runner knows it (inferred from the update);
+    `profile_fn`: how the model is profiled (the API uses a Profiler); `module`: the built model,
+    for a user's own model (ONNX, a module) that the registry cannot build."""
+    profile = (
+        model_profile(spec.model, spec.data, module)
+        if module is not None
+        else profile_fn(spec.model, spec.data)
+    )
     images, assumed = attack_images(spec, num_images)
     parameter_bytes = math.ceil(profile.parameters * FLOAT_BYTES * PARAM_COPIES)
     activation_bytes = math.ceil(images * profile.activations_per_image * ACTIVATION_COPIES * FLOAT_BYTES)
@@ -172,7 +257,11 @@ def estimate_memory(spec: JobSpec, num_images: int | None = None, module: Any = 
 
 
 def check_memory(
-    spec: JobSpec, limit_bytes: int, num_images: int | None = None, module: Any = None
+    spec: JobSpec,
+    limit_bytes: int,
+    num_images: int | None = None,
+    profile_fn: ProfileFn = model_profile,
+    module: Any = None,
 ) -> MemoryEstimate | None:
     """The estimate, or BudgetError when it exceeds `limit_bytes` (the worker memory setting).
     None for a user's own model before it is built: the runner checks it once it has it (an ONNX
@@ -183,7 +272,7 @@ def check_memory(
         module = local_module(spec.model.source)  # refused where no such module lives (a server)
     if spec.model.arch in SOURCE_ARCHS and module is None:
         return None
-    estimate = estimate_memory(spec, num_images, module)
+    estimate = estimate_memory(spec, num_images, profile_fn, module)
     if estimate.total_bytes > limit_bytes:
         c, h, w = spec.data.shape
         raise BudgetError(

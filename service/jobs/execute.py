@@ -25,6 +25,7 @@ from service.federations.spec import FederationSpec
 from service.jobs.records import RUNNABLE, JobError, JobProgress, JobRecord, JobStatus, error_code
 from service.jobs.state import StateStore
 from service.jobs.types import JobContext, JobResult, Progress
+from service.settings import get_settings
 from service.specs import JobSpec
 from service.storage import ArtifactStore
 
@@ -207,6 +208,7 @@ def execute_job(
         should_stop=stopper,
         device=device,
         lpips_weights_dir=lpips_weights_dir,
+        memory_limit_bytes=get_settings().worker_memory_bytes,
     )
     heartbeat = _Heartbeat(state, job.id, worker_id, stopper)
     heartbeat.start()

@@ -159,7 +159,8 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
             )
         problem = _problem(spec, model, update, victim, device)
         strip(problem.model)
-    _check_budget(spec, problem)
+    if ctx.memory_limit_bytes is not None:
+        _check_budget(spec, problem, ctx.memory_limit_bytes)
     _checkpoint(ctx, "setup")
     timings["setup_s"] = time.monotonic() - started
 
@@ -247,13 +248,13 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_budget(spec: JobSpec, problem: AttackProblem) -> None:
+def _check_budget(spec: JobSpec, problem: AttackProblem, limit_bytes: int) -> None:
     """The memory estimate again, now that the image count is known (inferred from the update
     when the spec did not say): refuse before the attack allocates its graph."""
     from service.jobs.budget import check_memory
 
     module = problem.model if spec.model.arch in SOURCE_ARCHS else None
-    check_memory(spec, get_settings().worker_memory_bytes, num_images=problem.num_images, module=module)
+    check_memory(spec, limit_bytes, num_images=problem.num_images, module=module)
 
 
 def _victim(

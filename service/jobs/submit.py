@@ -14,6 +14,7 @@ import time
 
 from service.errors import NotFoundError, SpecError
 from service.federations.spec import FederationSpec
+from service.jobs.budget import ProfileFn
 from service.jobs.records import (
     FEDERATION_PREFIX,
     JOB_PREFIX,
@@ -69,13 +70,14 @@ def spec_from_uploads(
     return JobSpec(**fields)
 
 
-def check_spec(spec: JobSpec, limits: Limits) -> JobSpec:
+def check_spec(spec: JobSpec, limits: Limits, profile_fn: ProfileFn | None = None) -> JobSpec:
     """Refuse what the runner would refuse or the tenant may not ask for; return the spec with the
-    server's defaults filled in (the time limit)."""
+    server's defaults filled in (the time limit). `profile_fn` profiles the model (default: here,
+    on the meta device; the API passes its Profiler)."""
     from service.attacks import ATTACKS
     from service.data.photos import resolve_photo_name
     from service.defenses import DEFENSES
-    from service.jobs.budget import check_memory
+    from service.jobs.budget import check_memory, model_profile
 
     spec.check_knowledge()
     ATTACKS.get(spec.attack.name)
@@ -104,7 +106,7 @@ def check_spec(spec: JobSpec, limits: Limits) -> JobSpec:
         raise SpecError(f"seed must lie in 0..{2**63 - 1}")
     # Architecture, knobs and image size as the runner will build them (on the meta device), and
     # the job's estimated peak memory against what a worker may use.
-    check_memory(spec, limits.worker_memory_bytes)
+    check_memory(spec, limits.worker_memory_bytes, profile_fn=profile_fn or model_profile)
     if budget.time_limit_s is None:
         budget = budget.model_copy(update={"time_limit_s": limits.default_time_limit_s})
         spec = spec.model_copy(update={"budget": budget})

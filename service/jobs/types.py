@@ -60,6 +60,9 @@ class JobContext:
     should_stop: Callable[[], bool] | None = None
     device: str | None = None
     lpips_weights_dir: str | None = None
+    # service workers: the memory a job may use; the runner refuses, before the attack, a job whose
+    # estimate with the image count it found (service/jobs/budget.py) exceeds it
+    memory_limit_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from httpx import Response
 
 from api.app import create_app
+from service.jobs.budget import model_profile
 from service.jobs.embedded import EmbeddedQueue
 from service.jobs.state import StateStore
 from service.jobs.types import GRID_PNG, METRICS_JSON, JobContext, JobResult, Progress
@@ -31,12 +32,13 @@ PNG = bytes.fromhex(
 
 
 def make_app(settings: Settings, runner: StubRunner) -> FastAPI:
-    """The API with the embedded queue running jobs in a thread with `runner`."""
+    """The API with the embedded queue running jobs in a thread with `runner`, and models
+    profiled in this process (no profiler process to spawn per test)."""
 
     def queue(s: Settings, state: StateStore, store: ArtifactStore) -> EmbeddedQueue:
         return EmbeddedQueue(s, state, store, isolation="thread", runner=runner)
 
-    return create_app(settings, queue_factory=queue)
+    return create_app(settings, queue_factory=queue, profiler=model_profile)
 
 
 @lru_cache(maxsize=1)

@@ -114,6 +114,10 @@ def server_settings(data_dir: Path, **changes: Any) -> Any:
         "s3_endpoint": None,
         "host": "127.0.0.1",
         "auth_required": False,
+        # the module-scoped servers take many tests' requests; the quota tests use their own
+        "rate_read_burst": 100_000,
+        "rate_write_burst": 100_000,
+        "max_queued_jobs": 1000,
     }
     return Settings(**{**base, **changes})
 

@@ -3,10 +3,12 @@ above the worker memory setting with the estimate attached."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from service.errors import SpecError, UnknownNameError
-from service.jobs.budget import BudgetError, check_memory, estimate_memory, model_profile
+from service.jobs.budget import BudgetError, Profiler, check_memory, estimate_memory, model_profile
 from service.specs import DataSpec, JobSpec, ModelSpec
 
 
@@ -73,3 +75,37 @@ def test_bad_architectures_are_refused_as_before() -> None:
         estimate_memory(
             spec(arch="lenet").model_copy(update={"model": ModelSpec(arch="lenet", knobs={"nope": 1})})
         )
+
+
+def test_the_runner_refuses_a_job_over_its_workers_memory_before_the_attack(tmp_path: Path) -> None:
+    from service.jobs.runner import run_job
+    from service.jobs.types import JobContext
+    from service.storage import LocalStore
+
+    stages: list[str] = []
+    ctx = JobContext(
+        job_id="job",
+        store=LocalStore(tmp_path),
+        prefix="t/jobs/job",
+        resolve=bytes,
+        progress=lambda p: stages.append(p.stage),
+        memory_limit_bytes=2**20,
+    )
+    with pytest.raises(BudgetError):
+        run_job(spec(arch="lenet", side=16), ctx)
+    assert "attack" not in stages
+
+
+def test_the_profiler_process_gives_the_same_profile_and_refusals() -> None:
+    profiler = Profiler()
+    try:
+        model, data = ModelSpec(arch="resnet18"), DataSpec(shape=(3, 32, 32))
+        assert profiler(model, data) == model_profile(model, data)
+        assert profiler(model, data) == model_profile(model, data)  # cached
+        with pytest.raises(UnknownNameError) as unknown:
+            profiler(ModelSpec(arch="resnet9000"), data)
+        assert "resnet18" in unknown.value.valid
+        with pytest.raises(SpecError, match="nope"):
+            profiler(ModelSpec(arch="lenet", knobs={"nope": 1}), data)
+    finally:
+        profiler.close()
