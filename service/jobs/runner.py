@@ -94,16 +94,12 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
     generator = torch.Generator().manual_seed(spec.seed)
     model = build_model(spec.model, spec.data, resolve=ctx.resolve).to(device)
     victim = _victim(spec, model, ctx, generator, device)
-    update = victim.update
-    if spec.defenses:
-        update = apply_defenses(_as_delta_or_gradient(spec, model, update), list(spec.defenses), generator)
-    problem = _problem(spec, model, update, victim, device)
+    problem = problem_for(spec, model, victim, generator, device)
     timings["setup_s"] = time.monotonic() - started
 
-    attack = ATTACKS.get(spec.attack.name)
     control = Control(spec.budget, progress=emit.attack_progress, should_stop=ctx.should_stop)
     t = time.monotonic()
-    result = attack.run(problem, spec.attack, control, generator)
+    result = ATTACKS.get(spec.attack.name).run(problem, spec.attack, control, generator)
     timings["attack_s"] = time.monotonic() - t
     timings["iterations_per_s"] = result.iterations / max(timings["attack_s"], 1e-9)
 
@@ -128,7 +124,18 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
         unavailable = None
     timings["scoring_s"] = time.monotonic() - t
 
-    artifacts = _write_artifacts(spec, ctx, result, victim, metrics)
+    estimate = None
+    wanted = spec.verdict.when == "always" or (spec.verdict.when == "auto" and victim.truth_images is None)
+    if wanted and result.stop_reason != "stopped":
+        from service.verdict import estimate_leakage
+
+        t = time.monotonic()
+        estimate = estimate_leakage(
+            spec, model, problem, result, victim.truth_images, metrics, ctx, device, progress=emit
+        )
+        timings["estimate_s"] = time.monotonic() - t
+
+    artifacts = _write_artifacts(spec, ctx, result, victim, metrics, estimate)
     timings["total_s"] = time.monotonic() - started
     status: Literal["succeeded", "cancelled"] = (
         "cancelled" if result.stop_reason == "stopped" else "succeeded"
@@ -159,6 +166,7 @@ def _run(spec: JobSpec, ctx: JobContext) -> JobResult:
         },
         "metrics": metrics,
         "metrics_unavailable": unavailable,
+        "estimate": estimate,
         "artifacts": artifacts,
     }
     key = f"{ctx.prefix}/{METRICS_JSON}"
@@ -184,7 +192,6 @@ def _victim(
     spec: JobSpec, model: nn.Module, ctx: JobContext, generator: torch.Generator, device: torch.device
 ) -> Victim:
     sim = spec.update.simulate
-    norm = spec.data.resolved_normalization()
     if sim is not None:
         c, h, w = spec.data.shape
         if h != w:
@@ -196,13 +203,7 @@ def _victim(
             labels = torch.as_tensor(dataset_labels, dtype=torch.long) % spec.data.num_classes
         else:
             labels = torch.arange(len(sim.images)) % spec.data.num_classes
-        images, labels = images.to(device), labels.to(device)
-        x = normalize(images, norm)
-        training = sim.training
-        bn_stats = _client_bn_stats(model, x) if training.bn_mode != "eval" else None
-        shared = simulate_client(copy.deepcopy(model), x, labels, training, spec.update.kind)
-        params, buffers = _split(model, shared, spec.update.kind)
-        return Victim(params, buffers, images, labels, bn_stats)
+        return simulated_victim(spec, model, images.to(device), labels.to(device), sim.training)
 
     assert spec.update.artifact is not None
     tensors = load_safetensors(ctx.resolve(spec.update.artifact), allowed_dtypes=STATE_DTYPES, name="update")
@@ -215,6 +216,27 @@ def _victim(
         )
         truth_images, truth_labels = _ground_truth(truth, spec)
     return Victim(params, buffers, truth_images, truth_labels, None)
+
+
+def simulated_victim(
+    spec: JobSpec, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, training: ClientTraining
+) -> Victim:
+    """A client that trains on `images` (in [0, 1]) as `training` says and shares spec.update.kind."""
+    x = normalize(images, spec.data.resolved_normalization())
+    bn_stats = _client_bn_stats(model, x) if training.bn_mode != "eval" else None
+    shared = simulate_client(copy.deepcopy(model), x, labels, training, spec.update.kind)
+    params, buffers = _split(model, shared, spec.update.kind)
+    return Victim(params, buffers, images, labels, bn_stats)
+
+
+def problem_for(
+    spec: JobSpec, model: nn.Module, victim: Victim, generator: torch.Generator, device: torch.device
+) -> AttackProblem:
+    """The attack's problem for a victim's update, after the spec's defenses (drawn from `generator`)."""
+    update = victim.update
+    if spec.defenses:
+        update = apply_defenses(_as_delta_or_gradient(spec, model, update), list(spec.defenses), generator)
+    return _problem(spec, model, update, victim, device)
 
 
 def _split(
@@ -410,7 +432,12 @@ def _bn_targets(
 
 
 def _write_artifacts(
-    spec: JobSpec, ctx: JobContext, result: AttackResult, victim: Victim, metrics: dict | None
+    spec: JobSpec,
+    ctx: JobContext,
+    result: AttackResult,
+    victim: Victim,
+    metrics: dict | None,
+    estimate: dict | None = None,
 ) -> dict[str, str]:
     images = result.images.detach().float().cpu().contiguous()
     tensors = {
@@ -424,7 +451,7 @@ def _write_artifacts(
         RECONSTRUCTION: save_safetensors(tensors, {"job_id": ctx.job_id, "attack": spec.attack.name}),
         GRID_PNG: render_grid_png(images, truth, order),
     }
-    outputs[REPORT_HTML] = render_report_html(spec, result, metrics, outputs[GRID_PNG]).encode()
+    outputs[REPORT_HTML] = render_report_html(spec, result, metrics, outputs[GRID_PNG], estimate).encode()
     keys = {}
     for name, data in outputs.items():
         key = f"{ctx.prefix}/{name}"

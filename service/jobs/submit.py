@@ -26,7 +26,12 @@ from service.settings import Settings
 from service.specs import AttackParams, Budget, DefenseSpec, JobSpec, Knowledge, UpdateSpec
 
 # (where in the spec, which kind of upload it must name)
-REFERENCES = (("model.weights", "model"), ("update.artifact", "update"), ("ground_truth", "ground_truth"))
+REFERENCES = (
+    ("model.weights", "model"),
+    ("update.artifact", "update"),
+    ("ground_truth", "ground_truth"),
+    ("verdict.proxy_data", "ground_truth"),  # an image set named as proxy data
+)
 
 
 def spec_from_uploads(
@@ -95,6 +100,8 @@ def check_spec(spec: JobSpec, limits: Limits) -> JobSpec:
 
     budget = spec.budget
     limits.check_budget(budget)
+    if spec.verdict.budget is not None:
+        limits.check_budget(spec.verdict.budget)
     if not 0 <= spec.seed < 2**63:
         raise SpecError(f"seed must lie in 0..{2**63 - 1}")
     if budget.time_limit_s is None:
@@ -109,6 +116,7 @@ def check_references(spec: JobSpec, tenant: str, state: StateStore) -> None:
         "model.weights": spec.model.weights,
         "update.artifact": spec.update.artifact,
         "ground_truth": spec.ground_truth,
+        "verdict.proxy_data": spec.verdict.proxy_data,
     }
     for where, kind in REFERENCES:
         ref = refs[where]
@@ -137,7 +145,7 @@ def check_references(spec: JobSpec, tenant: str, state: StateStore) -> None:
                     f"{where} {ref} holds images of shape {list(shape)}; "
                     f"data.shape is {list(spec.data.shape)}"
                 )
-            if spec.data.num_images is not None and count != spec.data.num_images:
+            if where == "ground_truth" and spec.data.num_images is not None and count != spec.data.num_images:
                 raise SpecError(
                     f"{where} {ref} holds {count} images; data.num_images is {spec.data.num_images}"
                 )
