@@ -62,8 +62,14 @@ def _fmt(v: Any) -> str:
 
 
 def render_report_html(
-    spec: JobSpec, result: AttackResult, metrics: dict[str, Any] | None, grid_png: bytes
+    spec: JobSpec,
+    result: AttackResult,
+    metrics: dict[str, Any] | None,
+    grid_png: bytes,
+    estimate: dict[str, Any] | None = None,
 ) -> str:
+    from service.verdict.render import render_estimate_html
+
     grid = base64.b64encode(grid_png).decode()
     rows = ""
     if metrics is not None:
@@ -97,5 +103,6 @@ best attack loss {_fmt(result.best_loss)}, labels {_fmt(result.labels.tolist())}
 <figure><img alt="reconstruction grid" src="data:image/png;base64,{grid}">
 <figcaption>{caption}</figcaption></figure>
 {table}
+{render_estimate_html(estimate)}
 </body></html>
 """
