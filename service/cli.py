@@ -342,6 +342,11 @@ def summarize(manifest: dict[str, Any], paths: dict[str, Path]) -> None:
             typer.echo(f"LPIPS unavailable: {m['lpips_unavailable']}")
     else:
         typer.echo(f"no metrics: {manifest.get('metrics_unavailable')}")
+    estimate = manifest.get("estimate")
+    if estimate:
+        labels = estimate["labels"]
+        typer.echo(f"{estimate['summary']} ({estimate['shadows_run']} shadow audits)")
+        typer.echo(f"labels revealed ({labels['certainty']}): {labels['counts']}")
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from service.attacks import ATTACKS, AttackProblem, Control
-from service.data.photos import load_photo, photo_names
+from service.data.patches import photo_patches
+from service.data.photos import photo_names
 from service.errors import ArtifactError
 from service.jobs.types import JobContext
 from service.metrics import score
@@ -29,9 +30,18 @@ from service.tensorio import STATE_DTYPES, load_safetensors
 DEFAULT_LR = 0.01  # assumed for a shadow whose update needs an lr the server was not told
 
 
+PROXY_CROPS_PER_PHOTO = 8
+
+
 @lru_cache(maxsize=8)
 def _photo_pool(size: int, channels: int) -> torch.Tensor:
-    return torch.stack([load_photo(name, size, channels) for name in photo_names()])
+    """Random crops (fixed seed) of every shipped photo but the faces: 100 near-identical
+    low-contrast face crops would make most draws far easier to invert than natural images."""
+    names = [n for n in photo_names() if not n.startswith("face")]
+    images, _ = photo_patches(
+        size=size, photos=names, per_class=PROXY_CROPS_PER_PHOTO, seed=0, channels=channels
+    )
+    return images
 
 
 def proxy_pool(spec: JobSpec, resolve: Callable[[str], Any]) -> tuple[torch.Tensor, str]:
@@ -41,7 +51,7 @@ def proxy_pool(spec: JobSpec, resolve: Callable[[str], Any]) -> tuple[torch.Tens
     if ref is None:
         if h != w:
             raise ArtifactError("the shipped photos are square: give verdict.proxy_data for other shapes")
-        return _photo_pool(h, c), "the shipped photos"
+        return _photo_pool(h, c), "crops of the shipped photos"
     tensors = load_safetensors(resolve(ref), allowed_dtypes=STATE_DTYPES, name="proxy_data")
     images = tensors.get("images")
     if images is None or images.dim() != 4 or tuple(images.shape[1:]) != spec.data.shape:

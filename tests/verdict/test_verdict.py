@@ -140,10 +140,9 @@ def test_a_claimed_exact_histogram_is_right_and_proven_classes_are_present(
         assert sorted(int(k) for k, c in h["counts"].items() for _ in range(c)) == sorted(labels)
     else:
         assert (
-            (h["certainty"] == "proven classes, estimated counts"
-            and len(set(labels)) > len(h["proven_present"]))
-            or len(set(labels)) < len(labels)
-        )
+            h["certainty"] == "proven classes, estimated counts"
+            and len(set(labels)) > len(h["proven_present"])
+        ) or len(set(labels)) < len(labels)
 
 
 def test_repeated_labels_or_sign_flipping_defenses_are_not_claimed_exact(tmp_path: Path) -> None:
@@ -215,7 +214,7 @@ def test_the_shipped_photos_are_the_default_proxy() -> None:
         {"model": {"arch": "lenet"}, "update": {"artifact": "u"}, "data": {"shape": [1, 8, 8]}}
     )
     pool, source = proxy_pool(spec, lambda ref: b"")
-    assert source == "the shipped photos" and pool.shape[1:] == (1, 8, 8) and len(pool) > 100
+    assert source == "crops of the shipped photos" and pool.shape[1:] == (1, 8, 8) and len(pool) > 100
     a = draw_images(pool, 4, torch.Generator().manual_seed(3))
     b = draw_images(pool, 4, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
