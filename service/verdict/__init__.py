@@ -23,7 +23,7 @@ from service.data import normalize
 from service.jobs.types import JobContext, Progress
 from service.metrics import score
 from service.specs import JobSpec
-from service.verdict.estimate import HALF_WIDTH_FLOOR, METRICS, SCOPES, Z, combine
+from service.verdict.estimate import CONFIDENCE, HALF_WIDTH_FLOOR, METRICS, SCOPES, combine, spread_factor
 from service.verdict.histogram import label_histogram
 from service.verdict.shadows import draw_images, proxy_pool, run_shadow, shadow_training
 
@@ -33,7 +33,7 @@ METHOD = (
     "K shadow clients like the real one (model, declared training, defenses, image count, label "
     "histogram) on proxy images, attacked like it and scored; estimate = the shadows' mean moved by "
     "r^2 along their line of score against log matching loss to the real attack's loss; interval = "
-    f"+- max(floor, {Z:g} x the shadows' sd about the line)"
+    f"+- max(floor, t x the shadows' sd about the line), t the two-sided {CONFIDENCE:.0%} Student quantile"
 )
 
 
@@ -139,7 +139,7 @@ def estimate_leakage(
         "execution": "sequential (one attack per shadow; restarts batch within each)",
         "assumed": assumed,
         "half_width_floor": HALF_WIDTH_FLOOR,
-        "z": Z,
+        "spread_factor": spread_factor(max(len(shadows), 2)),
         "real_loss": real_loss,
         "shadow_losses": [s.loss for s in shadows],
         **estimates,

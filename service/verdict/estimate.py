@@ -8,20 +8,25 @@ final matching loss to the real update's loss, by the fraction r^2 of the score'
 the loss explains (no move when K < 3, the losses do not vary, or the line says a lower loss
 means less leakage); the move is clipped to the shadows' range widened by one half-width. The
 interval is the estimate +- a half-width: the larger of a floor per metric (HALF_WIDTH_FLOOR,
-the domain shift between proxy and real images that the shadows cannot see; set by
-bench/verdict.py) and Z times the shadows' standard deviation about the line (about their mean
-when not moved).
+the domain shift between proxy and real images that the shadows cannot see; calibrated on
+bench/verdict.py's calibration cases) and t times the shadows' standard deviation about the line
+(about their mean when not moved), t the two-sided 90 % Student quantile with K - 1 degrees of
+freedom (2.92 for K = 3).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
-# Half-width floors: the typical gap between proxy and real images measured by bench/verdict.py.
-HALF_WIDTH_FLOOR: dict[str, float] = {"psnr": 2.5, "ssim": 0.12, "lpips": 0.12}
-Z = 2.0
+from scipy.stats import t as student_t
+
+# Half-width floors: the gap between proxy and real images the shadows cannot see, the smallest
+# that covers 80 % of bench/verdict.py's calibration cases (PSNR; SSIM and LPIPS in proportion).
+HALF_WIDTH_FLOOR: dict[str, float] = {"psnr": 3.0, "ssim": 0.12, "lpips": 0.12}
+CONFIDENCE = 0.90  # two-sided, of the Student quantile that scales the shadows' spread
 BOUNDS: dict[str, tuple[float, float]] = {"psnr": (0.0, 100.0), "ssim": (-1.0, 1.0), "lpips": (0.0, 2.0)}
 METRICS = ("psnr", "ssim", "lpips")
 SCOPES = ("mean", "worst_case")
@@ -36,6 +41,12 @@ def _sd(v: Sequence[float]) -> float:
         return 0.0
     m = _mean(v)
     return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+@cache
+def spread_factor(k: int) -> float:
+    """The two-sided CONFIDENCE Student quantile with k - 1 degrees of freedom."""
+    return float(student_t.ppf(0.5 + CONFIDENCE / 2, max(k - 1, 1)))
 
 
 def refine(
@@ -62,7 +73,7 @@ def refine(
             residual_sd = math.sqrt(rss / (k - 1))
         else:
             r2 = 0.0
-    half = max(HALF_WIDTH_FLOOR[metric], Z * residual_sd)
+    half = max(HALF_WIDTH_FLOOR[metric], spread_factor(k) * residual_sd)
     lo_clip, hi_clip = min(values) - half, max(values) + half
     point = min(max(centre + shift, lo_clip), hi_clip)
     lo_b, hi_b = BOUNDS[metric]

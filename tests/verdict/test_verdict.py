@@ -18,7 +18,7 @@ from service.models import build_model
 from service.specs import ClientTraining, DataSpec, JobSpec, ModelSpec
 from service.storage import LocalStore
 from service.tensorio import save_safetensors
-from service.verdict.estimate import HALF_WIDTH_FLOOR, refine
+from service.verdict.estimate import HALF_WIDTH_FLOOR, refine, spread_factor
 from service.verdict.histogram import label_histogram
 from service.verdict.shadows import draw_images, proxy_pool, run_shadow, shadow_training
 
@@ -207,6 +207,10 @@ def test_refine_moves_with_the_real_loss_and_keeps_a_floor_width() -> None:
     assert wrong_way["value"] == pytest.approx(16.0) and wrong_way["loss_r2"] == 0.0
     lo, hi = refine([15.0, 15.0], [0.0, 0.0], None, "psnr")["interval"]
     assert hi - lo == pytest.approx(2 * HALF_WIDTH_FLOOR["psnr"])
+    # dispersed shadows: the Student quantile (2 degrees of freedom, 90 %) times their spread
+    assert spread_factor(3) == pytest.approx(2.92, abs=0.01)
+    lo, hi = refine([10.0, 20.0, 30.0], [0.0, 0.0, 0.0], None, "psnr")["interval"]
+    assert (hi - lo) / 2 == pytest.approx(spread_factor(3) * 10.0)
 
 
 def test_the_shipped_photos_are_the_default_proxy() -> None:
