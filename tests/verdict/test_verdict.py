@@ -209,7 +209,7 @@ def test_refine_moves_with_the_real_loss_and_keeps_a_floor_width() -> None:
     assert hi - lo == pytest.approx(2 * HALF_WIDTH_FLOOR["psnr"])
     # dispersed shadows: the Student quantile (2 degrees of freedom, 90 %) times their spread
     assert spread_factor(3) == pytest.approx(2.92, abs=0.01)
-    lo, hi = refine([10.0, 20.0, 30.0], [0.0, 0.0, 0.0], None, "psnr")["interval"]
+    lo, hi = refine([40.0, 50.0, 60.0], [0.0, 0.0, 0.0], None, "psnr")["interval"]
     assert (hi - lo) / 2 == pytest.approx(spread_factor(3) * 10.0)
 
 
