@@ -191,6 +191,9 @@ class RunOut(Output):
 
 class JobOut(RunOut):
     metrics: dict[str, Any] | None = Field(description="the result's metrics (PSNR, SSIM, ...), when scored")
+    estimate: dict[str, Any] | None = Field(
+        default=None, description="the leakage estimate from shadow audits, when the job made one"
+    )
     result: dict[str, Any] | None = Field(
         description="the result manifest without the spec: attack summary, versions, timings, device"
     )
@@ -203,6 +206,7 @@ def job_out(job: JobRecord) -> JobOut:
     return JobOut(
         **_run_fields(job, f"/v1/jobs/{job.id}"),
         metrics=None if manifest is None else manifest.get("metrics"),
+        estimate=None if manifest is None else manifest.get("estimate"),
         result=result,
         spec=JobSpec.model_validate_json(job.spec_json),
     )

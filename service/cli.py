@@ -429,6 +429,11 @@ def summarize(manifest: dict[str, Any], paths: dict[str, Path]) -> None:
             f"warning: not converged: {conv['iterations']} iterations, fewer than the "
             f"{conv['needed_iterations']} the attack needs ({conv['basis']}); a larger budget may leak more"
         )
+    estimate = manifest.get("estimate")
+    if estimate:
+        labels = estimate["labels"]
+        typer.echo(f"{estimate['summary']} ({estimate['shadows_run']} shadow audits)")
+        typer.echo(f"labels revealed ({labels['certainty']}): {labels['counts']}")
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 

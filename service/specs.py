@@ -406,6 +406,28 @@ class Budget(Frozen):
     time_limit_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
 
 
+class VerdictSpec(Frozen):
+    """The leakage estimate for an update without the client's images (service.verdict): K shadow
+    clients like the real one, trained on proxy data, attacked like it and scored."""
+
+    when: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="auto: estimate when no ground truth is given (a scored run needs no estimate, "
+        "and the K shadow attacks cost K times the attack); always; never",
+    )
+    shadows: Annotated[int, Field(ge=2, le=16)] = Field(
+        default=3, description="K, the number of shadow clients (each one attack of the budget)"
+    )
+    budget: Budget | None = Field(default=None, description="each shadow attack's budget; none: the attack's")
+    proxy_data: str | None = Field(
+        default=None,
+        description="safetensors with proxy `images` (N, C, H, W) in [0, 1], a ground-truth upload "
+        "marked as proxy data by naming it here; none: the shipped photos",
+    )
+    seed: int = Field(default=0, ge=0, description="seeds the proxy images drawn and the shadows' attacks")
+    igsa: bool = Field(default=True, description="report IGSA of the model on the proxy data (cheap)")
+
+
 # ---------------------------------------------------------------------------------------------
 # the job spec
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +445,9 @@ class JobSpec(YamlSpec):
     seed: int = 0
     ground_truth: str | None = Field(
         default=None, description="safetensors with the client's images and labels, for scoring only"
+    )
+    verdict: VerdictSpec = Field(
+        default_factory=VerdictSpec, description="the leakage estimate without ground truth (shadow audits)"
     )
 
     @model_validator(mode="after")

@@ -423,8 +423,9 @@ def estimate_section(estimate: dict[str, Any] | None) -> str:
     job has one; an empty string otherwise."""
     if not estimate:
         return ""
-    rows = sorted((str(k), v) for k, v in estimate.items() if not isinstance(v, dict | list))
-    return f"<h2>Verdict</h2>{_kv_table(rows)}"
+    from service.verdict.render import render_estimate_html
+
+    return render_estimate_html(estimate)
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5rem auto;max-width:62rem;padding:0 1rem;

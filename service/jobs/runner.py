@@ -152,22 +152,16 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
     with _interruptible(model, ctx) as strip:
         victim = _victim(spec, model, ctx, generator, device)
         _checkpoint(ctx, "setup")
-        update = victim.update
-        if spec.defenses:
-            update = apply_defenses(
-                _as_delta_or_gradient(spec, model, update), list(spec.defenses), generator
-            )
-        problem = _problem(spec, model, update, victim, device)
+        problem = problem_for(spec, model, victim, generator, device)
         strip(problem.model)
     if ctx.memory_limit_bytes is not None:
         _check_budget(spec, problem, ctx.memory_limit_bytes)
     _checkpoint(ctx, "setup")
     timings["setup_s"] = time.monotonic() - started
 
-    attack = ATTACKS.get(spec.attack.name)
     control = Control(spec.budget, progress=emit.attack_progress, should_stop=ctx.should_stop)
     t = time.monotonic()
-    result = attack.run(problem, spec.attack, control, generator)
+    result = ATTACKS.get(spec.attack.name).run(problem, spec.attack, control, generator)
     timings["attack_s"] = time.monotonic() - t
     timings["iterations_per_s"] = result.iterations / max(timings["attack_s"], 1e-9)
 
@@ -196,6 +190,16 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
         unavailable = None
     timings["scoring_s"] = time.monotonic() - t
 
+    estimate = None
+    wanted = spec.verdict.when == "always" or (spec.verdict.when == "auto" and victim.truth_images is None)
+    if wanted and not stopped:
+        from service.verdict import estimate_leakage
+
+        t = time.monotonic()
+        estimate = estimate_leakage(
+            spec, model, problem, result, victim.truth_images, metrics, ctx, device, progress=emit
+        )
+        timings["estimate_s"] = time.monotonic() - t
     status: Literal["succeeded", "cancelled"] = "cancelled" if stopped else "succeeded"
     manifest = {
         "job_id": ctx.job_id,
@@ -225,6 +229,7 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
         },
         "metrics": metrics,
         "metrics_unavailable": unavailable,
+        "estimate": estimate,
     }
     artifacts = _write_artifacts(spec, ctx, result, victim, manifest)
     timings["total_s"] = time.monotonic() - started
@@ -261,7 +266,6 @@ def _victim(
     spec: JobSpec, model: nn.Module, ctx: JobContext, generator: torch.Generator, device: torch.device
 ) -> Victim:
     sim = spec.update.simulate
-    norm = spec.data.resolved_normalization()
     if sim is not None:
         c, h, w = spec.data.shape
         if h != w:
@@ -273,13 +277,7 @@ def _victim(
             labels = torch.as_tensor(dataset_labels, dtype=torch.long) % spec.data.num_classes
         else:
             labels = torch.arange(len(sim.images)) % spec.data.num_classes
-        images, labels = images.to(device), labels.to(device)
-        x = normalize(images, norm)
-        training = sim.training
-        bn_stats = _client_bn_stats(model, x) if training.bn_mode != "eval" else None
-        shared = simulate_client(copy.deepcopy(model), x, labels, training, spec.update.kind)
-        params, buffers = _split(model, shared, spec.update.kind)
-        return Victim(params, buffers, images, labels, bn_stats)
+        return simulated_victim(spec, model, images.to(device), labels.to(device), sim.training)
 
     assert spec.update.artifact is not None
     tensors = load_safetensors(ctx.resolve(spec.update.artifact), allowed_dtypes=STATE_DTYPES, name="update")
@@ -292,6 +290,27 @@ def _victim(
         )
         truth_images, truth_labels = _ground_truth(truth, spec)
     return Victim(params, buffers, truth_images, truth_labels, None)
+
+
+def simulated_victim(
+    spec: JobSpec, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, training: ClientTraining
+) -> Victim:
+    """A client that trains on `images` (in [0, 1]) as `training` says and shares spec.update.kind."""
+    x = normalize(images, spec.data.resolved_normalization())
+    bn_stats = _client_bn_stats(model, x) if training.bn_mode != "eval" else None
+    shared = simulate_client(copy.deepcopy(model), x, labels, training, spec.update.kind)
+    params, buffers = _split(model, shared, spec.update.kind)
+    return Victim(params, buffers, images, labels, bn_stats)
+
+
+def problem_for(
+    spec: JobSpec, model: nn.Module, victim: Victim, generator: torch.Generator, device: torch.device
+) -> AttackProblem:
+    """The attack's problem for a victim's update, after the spec's defenses (drawn from `generator`)."""
+    update = victim.update
+    if spec.defenses:
+        update = apply_defenses(_as_delta_or_gradient(spec, model, update), list(spec.defenses), generator)
+    return _problem(spec, model, update, victim, device)
 
 
 def _split(
@@ -504,7 +523,9 @@ def _write_artifacts(
     outputs = {
         RECONSTRUCTION: save_safetensors(tensors, {"job_id": ctx.job_id, "attack": spec.attack.name}),
         GRID_PNG: grid,
-        REPORT_HTML: render_report_html(spec, result, manifest, grid, true_labels=truth_labels).encode(),
+        REPORT_HTML: render_report_html(
+            spec, result, manifest, grid, true_labels=truth_labels, estimate=manifest.get("estimate")
+        ).encode(),
     }
     keys = {}
     for name, data in outputs.items():

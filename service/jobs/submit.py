@@ -34,6 +34,7 @@ REFERENCES = (
     ("model.source", "model"),
     ("update.artifact", "update"),
     ("ground_truth", "ground_truth"),
+    ("verdict.proxy_data", "ground_truth"),  # an image set named as proxy data
 )
 
 
@@ -102,6 +103,8 @@ def check_spec(spec: JobSpec, limits: Limits, profile_fn: ProfileFn | None = Non
 
     budget = spec.budget
     limits.check_budget(budget)
+    if spec.verdict.budget is not None:
+        limits.check_budget(spec.verdict.budget)
     if not 0 <= spec.seed < 2**63:
         raise SpecError(f"seed must lie in 0..{2**63 - 1}")
     # Architecture, knobs and image size as the runner will build them (on the meta device), and
@@ -121,6 +124,7 @@ def check_references(spec: JobSpec, tenant: str, state: StateStore) -> None:
         "model.source": spec.model.source if spec.model.arch == "onnx" else None,
         "update.artifact": spec.update.artifact,
         "ground_truth": spec.ground_truth,
+        "verdict.proxy_data": spec.verdict.proxy_data,
     }
     for where, kind in REFERENCES:
         ref = refs[where]
@@ -149,7 +153,7 @@ def check_references(spec: JobSpec, tenant: str, state: StateStore) -> None:
                     f"{where} {ref} holds images of shape {list(shape)}; "
                     f"data.shape is {list(spec.data.shape)}"
                 )
-            if spec.data.num_images is not None and count != spec.data.num_images:
+            if where == "ground_truth" and spec.data.num_images is not None and count != spec.data.num_images:
                 raise SpecError(
                     f"{where} {ref} holds {count} images; data.num_images is {spec.data.num_images}"
                 )

@@ -147,7 +147,13 @@ class StubRunner:
             if ctx.progress is not None:
                 ctx.progress(Progress(stage="attack", iteration=i, total=self.iterations, loss=1.0 / i))
             time.sleep(self.delay_s)
-        manifest = {"job_id": ctx.job_id, "status": status, "spec": {}, "metrics": {"mean": {"psnr": 21.0}}}
+        manifest = {
+            "job_id": ctx.job_id,
+            "status": status,
+            "spec": {},
+            "metrics": {"mean": {"psnr": 21.0}},
+            "estimate": {"summary": "estimated worst-case PSNR 20.0 dB [17.0, 23.0]"},
+        }
         keys = {METRICS_JSON: f"{ctx.prefix}/{METRICS_JSON}", GRID_PNG: f"{ctx.prefix}/{GRID_PNG}"}
         ctx.store.put_bytes(keys[METRICS_JSON], json.dumps(manifest).encode(), "application/json")
         ctx.store.put_bytes(keys[GRID_PNG], PNG, "image/png")

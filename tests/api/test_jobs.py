@@ -50,6 +50,7 @@ def test_submit_from_uploads_and_follow_to_the_result(client: TestClient, ids: d
     done = wait_job(client, job["id"])
     assert done["status"] == "succeeded" and done["attempts"] == 1
     assert done["metrics"] == {"mean": {"psnr": 21.0}} and "spec" not in done["result"]
+    assert done["estimate"]["summary"].startswith("estimated worst-case PSNR")
     assert done["progress"]["iteration"] == 3 and done["progress"]["best_loss"] == pytest.approx(1 / 3)
 
     artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]

@@ -114,17 +114,9 @@ def test_a_gated_what_if_defense_passes_while_the_shared_update_is_only_reported
 
 def test_usage_errors_exit_2(files: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
     good = write_policy(tmp_path / "policy.json")
-    no_truth = [
-        "audit",
-        "--policy",
-        str(good),
-        "--model",
-        str(files["weights"]),
-        "--update",
-        str(files["gradient"]),
-    ]
-    assert main([*no_truth, "--embedded"]) == 2
-    assert "ground truth" in capsys.readouterr().err
+    no_model = ["audit", "--policy", str(good), "--update", str(files["gradient"]), "--embedded"]
+    assert main(no_model) == 2
+    assert "needs its model" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(policy(thresholds={"min_psnr": 20})))
     assert audit(files, tmp_path / "out", bad) == 2
@@ -319,7 +311,39 @@ def test_failed_or_unscored_jobs_are_errors() -> None:
     assert outcomes([{"metric": "psnr", "max": 20}], job=failed) == [
         ("error", "job job_x failed: time_limit: ran out of time")
     ]
-    assert "not scored" in outcomes([{"metric": "psnr", "max": 20}], job=job_with(None))[0][1]
+    assert "nor a leakage estimate" in outcomes([{"metric": "psnr", "max": 20}], job=job_with(None))[0][1]
+
+
+def estimate(value: float, lo: float, hi: float) -> dict[str, Any]:
+    one = {"value": value, "interval": [lo, hi], "gain_over_floor": value - 12.0, "shadows": [value]}
+    return {
+        "summary": "s",
+        "shadows_run": 3,
+        "proxy_data": "the shipped photos",
+        "psnr": {"mean": one, "worst_case": one},
+        "labels": {"counts": {"3": 1}, "num_images": 1, "certainty": "exact", "why": "one image"},
+        "floor": {},
+        "unavailable": {"lpips": "LPIPS needs 31 pixels a side"},
+    }
+
+
+def test_without_ground_truth_the_gate_checks_the_estimate() -> None:
+    job = job_with(None)
+    job = job.model_copy(update={"estimate": estimate(18.0, 15.5, 20.5)})
+    # the leaky end of the interval by default, the point estimate on request
+    assert outcomes([{"metric": "psnr", "max": 20}], job=job) == [
+        ("fail", "estimated worst-case psnr (leaky_end) 20.5 dB > 20 dB")
+    ]
+    assert outcomes([{"metric": "psnr", "max": 20, "estimate": "value"}], job=job) == [
+        ("pass", "estimated worst-case psnr (value) 18 dB <= 20 dB")
+    ]
+    assert outcomes([{"metric": "psnr", "max": 21, "over": "mean"}], job=job)[0][0] == "pass"
+    assert outcomes([{"metric": "lpips", "min": 0.3}], job=job) == [
+        ("error", "lpips unavailable: LPIPS needs 31 pixels a side")
+    ]
+    per_image = outcomes([{"metric": "psnr", "max": 20, "over": "per_image"}], job=job)
+    assert per_image[0][0] == "error" and "no ground truth" in per_image[0][1]
+    assert outcomes([{"metric": "label_accuracy", "max": 1}], job=job)[0][0] == "error"
 
 
 def test_the_verdict_a_leak_outranks_an_error_and_what_ifs_do_not_count() -> None:

@@ -35,6 +35,7 @@ from gradleak_client._version import __version__
 from gradleak_client.types import (
     Artifact,
     Catalog,
+    Estimate,
     Federation,
     GroundTruthUpload,
     Job,
@@ -60,6 +61,7 @@ __all__ = [
     "Catalog",
     "Client",
     "ConflictError",
+    "Estimate",
     "Federation",
     "GradleakError",
     "GroundTruthUpload",

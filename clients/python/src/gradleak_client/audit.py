@@ -5,7 +5,8 @@ write a JUnit XML and a Markdown summary for CI systems to show.
 The verdict: `fail` when a gated result leaks beyond a threshold (exit code 1), else `error`
 when a gated job or metric could not be checked (exit code 2), else `pass` (exit code 0). An
 attack that had not converged within its budget is a warning (`warn`), or an error when the
-policy's `convergence.on_unconverged` says so: its pass is weak evidence.
+policy's `convergence.on_unconverged` says so: its pass is weak evidence. Without the ground
+truth the jobs make a leakage estimate and the thresholds apply to it.
 
     >>> from gradleak_client import Client
     >>> from gradleak_client.audit import AuditInputs, run_audit
@@ -33,7 +34,9 @@ from gradleak_client._client import Client
 from gradleak_client._exceptions import GradleakError, WaitTimeoutError
 from gradleak_client._resources import FileInput, Progress
 from gradleak_client.policy import (
+    ESTIMATED_METRICS,
     LABEL_METRICS,
+    MORE_LEAK_WHEN_HIGHER,
     UNITS,
     AttackRun,
     Convergence,
@@ -41,7 +44,7 @@ from gradleak_client.policy import (
     Scenario,
     Threshold,
 )
-from gradleak_client.types import Job, Metrics
+from gradleak_client.types import Estimate, Job, Metrics
 
 Outcome = Literal["pass", "fail", "error", "skipped", "warn"]
 Verdict = Literal["pass", "fail", "error"]
@@ -175,6 +178,22 @@ def convergence_check(job: Job, policy: Convergence, scenario: str, attack: str,
     return Check(scenario, attack, "budget", weak, message, gated, job.id, float(iterations))
 
 
+def _estimated(estimate: Estimate, rule: Threshold) -> tuple[list[tuple[int | None, float]] | None, str]:
+    """The estimate a threshold applies to when there is no ground truth, or None and why."""
+    if rule.metric not in ESTIMATED_METRICS or rule.over == "per_image":
+        return None, (
+            f"no ground truth, and the leakage estimate has no {rule.subject()} "
+            "(only mean and worst-case psnr, ssim, lpips)"
+        )
+    value = estimate.get(rule.metric, rule.over)
+    if value is None:
+        return None, estimate.unavailable.get(rule.metric, f"the estimate has no {rule.metric}")
+    if rule.estimate == "value":
+        return [(None, value.value)], ""
+    lo, hi = value.interval
+    return [(None, hi if MORE_LEAK_WHEN_HIGHER[rule.metric] else lo)], ""
+
+
 def evaluate_job(
     job: Job,
     thresholds: list[Threshold],
@@ -187,13 +206,17 @@ def evaluate_job(
     if job.status != "succeeded":
         why = f": {job.error.code}: {job.error.message}" if job.error is not None else ""
         return [Check(scenario, attack, "job", "error", f"job {job.id} {job.status}{why}", gated, job.id)]
-    scores = job.scores
-    if scores is None:
-        message = f"job {job.id} was not scored: the audit needs the client's images"
+    scores, estimate = job.scores, job.verdict
+    if scores is None and estimate is None:
+        message = f"job {job.id} has neither metrics (no ground truth) nor a leakage estimate"
         return [Check(scenario, attack, "job", "error", message, gated, job.id)]
     checks = []
     for rule in thresholds:
-        values, reason = _values(scores, rule)
+        if scores is not None:
+            values, reason = _values(scores, rule)
+        else:
+            assert estimate is not None
+            values, reason = _estimated(estimate, rule)
         if values is None:
             outcome: Outcome = "error" if rule.required else "skipped"
             message = f"{rule.metric} unavailable: {reason}"
@@ -204,7 +227,10 @@ def evaluate_job(
             op = ("<=" if passed else ">") if rule.max is not None else (">=" if passed else "<")
             where = "" if image is None else f" (image {image})"
             bound = _fmt(rule.bound, rule.metric)
-            message = f"{rule.subject()} {_fmt(value, rule.metric)} {op} {bound}{where}"
+            subject = (
+                rule.subject() if scores is not None else f"estimated {rule.subject()} ({rule.estimate})"
+            )
+            message = f"{subject} {_fmt(value, rule.metric)} {op} {bound}{where}"
             name = rule.describe() if rule.over != "per_image" else f"{rule.describe()} [image {image}]"
             outcome = "pass" if passed else "fail"
             checks.append(Check(scenario, attack, name, outcome, message, gated, job.id, value, image))
@@ -223,11 +249,6 @@ def _slug(text: str) -> str:
 
 def check_inputs(policy: Policy, inputs: AuditInputs) -> None:
     """Refuse, before anything is uploaded, inputs the audit cannot run on."""
-    if inputs.ground_truth is None and inputs.ground_truth_id is None:
-        raise AuditUsageError(
-            "the thresholds need the client's own images to score reconstructions: give the ground truth "
-            "(safetensors with `images` N x C x H x W in [0, 1] and optional `labels`)"
-        )
     if inputs.update_id is not None:
         return
     if inputs.update is None:
@@ -239,7 +260,7 @@ def check_inputs(policy: Policy, inputs: AuditInputs) -> None:
         )
 
 
-def _upload(client: Client, policy: Policy, inputs: AuditInputs) -> tuple[str, str]:
+def _upload(client: Client, policy: Policy, inputs: AuditInputs) -> tuple[str, str | None]:
     check_inputs(policy, inputs)
     if inputs.update_id is not None:
         update_id = inputs.update_id
@@ -259,9 +280,8 @@ def _upload(client: Client, policy: Policy, inputs: AuditInputs) -> tuple[str, s
             num_images=u.num_images,
             labels=u.labels,
         ).id
-    if inputs.ground_truth_id is not None:
-        return update_id, inputs.ground_truth_id
-    assert inputs.ground_truth is not None
+    if inputs.ground_truth_id is not None or inputs.ground_truth is None:
+        return update_id, inputs.ground_truth_id  # none: each job makes a leakage estimate
     return update_id, client.ground_truth.upload(inputs.ground_truth).id
 
 

@@ -21,6 +21,10 @@ the thresholds every result must meet. Torch-free; read from YAML (extra `cli`) 
     convergence: {on_unconverged: error} # an attack still improving at the end fails the gate (exit 2)
 
 `thresholds` may also be a mapping of shorthands: ``{max_psnr: 20, min_lpips: 0.3}`` (worst case).
+
+Without the client's images (no ground truth) a job carries a leakage estimate instead of
+metrics; thresholds on psnr, ssim and lpips (mean or worst case) then apply to the estimate, by
+default to the leaky end of its interval (`estimate: value` for the point estimate).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from gradleak_client._exceptions import GradleakError
 
 MetricName = Literal["psnr", "ssim", "lpips", "mse", "label_accuracy", "label_accuracy_positional"]
 Over = Literal["worst_case", "mean", "per_image"]
+EstimateSide = Literal["leaky_end", "value"]
+ESTIMATED_METRICS = frozenset({"psnr", "ssim", "lpips"})
 
 # Which way each metric means more leakage: a threshold must bound it from the leaking side.
 MORE_LEAK_WHEN_HIGHER: dict[str, bool] = {
@@ -124,6 +130,11 @@ class Threshold(_Strict):
     min: float | None = None
     over: Over = Field(default="worst_case", description="worst_case, mean, or per_image (each image)")
     required: bool = Field(default=True, description="false: skipped (with the reason) when unavailable")
+    estimate: EstimateSide = Field(
+        default="leaky_end",
+        description="a job with no ground truth is checked on its leakage estimate: the leaky end of "
+        "its interval (the upper end for PSNR/SSIM, the lower for LPIPS), or its value",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Threshold:

@@ -22,6 +22,8 @@ __all__ = [
     "ClientTraining",
     "ClientTrainingInfo",
     "Defense",
+    "Estimate",
+    "EstimateValue",
     "Federation",
     "FederationList",
     "GroundTruthInfo",
@@ -35,6 +37,7 @@ __all__ = [
     "JobStatus",
     "KnowledgeLevel",
     "LabelAccuracy",
+    "LabelHistogram",
     "Metrics",
     "ModelMetadata",
     "ModelUpload",
@@ -230,6 +233,47 @@ class Metrics(_Model):
         }
 
 
+class EstimateValue(_Model):
+    """One estimated score: the value, its interval, and its gain over the no-leak floor."""
+
+    value: float
+    interval: tuple[float, float]
+    gain_over_floor: float | None = None
+    shadows: list[float] = Field(default_factory=list)
+
+
+class LabelHistogram(_Model):
+    """The label counts the update reveals (class -> images) and how sure the inference is:
+    `exact`, `proven classes, estimated counts`, `estimated` or `given`."""
+
+    counts: dict[str, int]
+    num_images: int
+    certainty: str
+    why: str
+    proven_present: list[int] = Field(default_factory=list)
+
+
+class Estimate(_Model):
+    """What the update leaks, estimated without the client's images from shadow audits on proxy
+    data (see the README's "Leakage verdict"): per metric (psnr, ssim, lpips) and scope (mean,
+    worst_case) a value with an interval; the label histogram; the no-leak floor."""
+
+    summary: str
+    shadows_run: int
+    proxy_data: str
+    psnr: dict[str, EstimateValue] | None = None
+    ssim: dict[str, EstimateValue] | None = None
+    lpips: dict[str, EstimateValue] | None = None
+    labels: LabelHistogram
+    floor: dict[str, Any] = Field(default_factory=dict)
+    unavailable: dict[str, str] = Field(default_factory=dict)
+
+    def get(self, metric: str, scope: str = "worst_case") -> EstimateValue | None:
+        """The estimate of `metric` over `scope`, or None when it was not estimated."""
+        per_scope = getattr(self, metric, None) if metric in ("psnr", "ssim", "lpips") else None
+        return None if per_scope is None else per_scope.get(scope)
+
+
 class Run(_Model):
     """What a job and a federation share: their life, progress and error."""
 
@@ -263,11 +307,17 @@ class Run(_Model):
 
 class Job(Run):
     metrics: dict[str, Any] | None = None
+    estimate: dict[str, Any] | None = None
 
     @property
     def scores(self) -> Metrics | None:
         """The typed metrics, when the job was scored against ground truth."""
         return None if self.metrics is None else Metrics.model_validate(self.metrics)
+
+    @property
+    def verdict(self) -> Estimate | None:
+        """The typed leakage estimate, when the job made one (by default: no ground truth given)."""
+        return None if self.estimate is None else Estimate.model_validate(self.estimate)
 
 
 class Federation(Run):

@@ -1,0 +1,108 @@
+"""The estimate: what a real update leaks, from shadow audits whose truth is known.
+
+Method (one paragraph). K shadow clients, made like the real one (same model, declared training,
+defenses, image count and label histogram) but on proxy images, are attacked like it and scored
+against their own images. For each score (PSNR, SSIM, LPIPS; mean and worst case) the estimate is
+the shadows' mean, moved along their least-squares line of score against the log of the attack's
+final matching loss to the real update's loss, by the fraction r^2 of the score's variance that
+the loss explains (no move when K < 3, the losses do not vary, or the line says a lower loss
+means less leakage); the move is clipped to the shadows' range widened by one half-width. The
+interval is the estimate +- a half-width: the larger of a floor per metric (HALF_WIDTH_FLOOR,
+the domain shift between proxy and real images that the shadows cannot see; calibrated on
+bench/verdict.py's calibration cases) and t times the shadows' standard deviation about the line
+(about their mean when not moved), t the two-sided 90 % Student quantile with K - 1 degrees of
+freedom (2.92 for K = 3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import cache
+from typing import Any
+
+from scipy.stats import t as student_t
+
+# Half-width floors: the gap between proxy and real images the shadows cannot see, the smallest
+# that covers 80 % of bench/verdict.py's calibration cases (PSNR; SSIM and LPIPS in proportion).
+HALF_WIDTH_FLOOR: dict[str, float] = {"psnr": 3.0, "ssim": 0.12, "lpips": 0.12}
+CONFIDENCE = 0.90  # two-sided, of the Student quantile that scales the shadows' spread
+BOUNDS: dict[str, tuple[float, float]] = {"psnr": (0.0, 100.0), "ssim": (-1.0, 1.0), "lpips": (0.0, 2.0)}
+METRICS = ("psnr", "ssim", "lpips")
+SCOPES = ("mean", "worst_case")
+
+
+def _mean(v: Sequence[float]) -> float:
+    return sum(v) / len(v)
+
+
+def _sd(v: Sequence[float]) -> float:
+    if len(v) < 2:
+        return 0.0
+    m = _mean(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+@cache
+def spread_factor(k: int) -> float:
+    """The two-sided CONFIDENCE Student quantile with k - 1 degrees of freedom."""
+    return float(student_t.ppf(0.5 + CONFIDENCE / 2, max(k - 1, 1)))
+
+
+def refine(
+    values: Sequence[float], log_losses: Sequence[float], real_log_loss: float | None, metric: str
+) -> dict:
+    """One score's estimate and interval from the shadows' (value, log loss) pairs (module docstring)."""
+    more_leak_when_higher = metric != "lpips"
+    k = len(values)
+    centre, spread = _mean(values), _sd(values)
+    shift, r2, slope = 0.0, 0.0, None
+    residual_sd = spread
+    lx = _mean(log_losses) if log_losses else 0.0
+    sxx = sum((x - lx) ** 2 for x in log_losses)
+    if k >= 3 and real_log_loss is not None and math.isfinite(real_log_loss) and sxx > 1e-12:
+        sxy = sum((x - lx) * (y - centre) for x, y in zip(log_losses, values, strict=True))
+        slope = sxy / sxx
+        syy = sum((y - centre) ** 2 for y in values)
+        r2 = 0.0 if syy <= 1e-12 else min(1.0, sxy * sxy / (sxx * syy))
+        # a lower matching loss must mean more leakage, else the relation is noise
+        if (slope < 0) == more_leak_when_higher:
+            shift = r2 * slope * (real_log_loss - lx)
+            fitted = [centre + slope * (x - lx) for x in log_losses]
+            rss = sum((y - f) ** 2 for y, f in zip(values, fitted, strict=True))
+            residual_sd = math.sqrt(rss / (k - 1))
+        else:
+            r2 = 0.0
+    half = max(HALF_WIDTH_FLOOR[metric], spread_factor(k) * residual_sd)
+    lo_clip, hi_clip = min(values) - half, max(values) + half
+    point = min(max(centre + shift, lo_clip), hi_clip)
+    lo_b, hi_b = BOUNDS[metric]
+    return {
+        "value": point,
+        "interval": [max(lo_b, point - half), min(hi_b, point + half)],
+        "shadows": list(values),
+        "shadow_mean": centre,
+        "shadow_sd": spread,
+        "loss_slope": slope,
+        "loss_r2": r2,
+    }
+
+
+def combine(shadow_scores: list[dict[str, Any]], real_loss: float | None) -> tuple[dict, dict]:
+    """Per metric and scope, the refined estimate; and what is unavailable (LPIPS without weights)."""
+    logs = [math.log(max(s["loss"], 1e-30)) for s in shadow_scores]
+    real_log = None if real_loss is None or real_loss <= 0 else math.log(real_loss)
+    out: dict[str, dict[str, Any]] = {}
+    unavailable: dict[str, str] = {}
+    for metric in METRICS:
+        per_scope: dict[str, Any] = {}
+        for scope in SCOPES:
+            values = [s["metrics"][scope].get(metric) for s in shadow_scores]
+            if any(v is None for v in values):
+                reason = shadow_scores[0]["metrics"].get(f"{metric}_unavailable", "not computed")
+                unavailable[metric] = str(reason)
+                break
+            per_scope[scope] = refine(values, logs, real_log, metric)
+        if metric not in unavailable:
+            out[metric] = per_scope
+    return out, unavailable

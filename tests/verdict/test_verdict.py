@@ -1,0 +1,224 @@
+"""The leakage verdict: shadow audits, the estimate, the label histogram and the no-leak floor."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.data import normalize
+from service.fl import simulate_client
+from service.fl.client import float_state
+from service.jobs.runner import problem_for, run_job, simulated_victim
+from service.jobs.types import JobContext
+from service.models import build_model
+from service.specs import ClientTraining, DataSpec, JobSpec, ModelSpec
+from service.storage import LocalStore
+from service.tensorio import save_safetensors
+from service.verdict.estimate import HALF_WIDTH_FLOOR, refine, spread_factor
+from service.verdict.histogram import label_histogram
+from service.verdict.shadows import draw_images, proxy_pool, run_shadow, shadow_training
+
+SIZE = 16
+DATA = DataSpec(shape=(3, SIZE, SIZE), num_classes=10)
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(base, size=SIZE, mode="bilinear", align_corners=False)
+
+
+def make_job(
+    tmp: Path, kind: str, training: ClientTraining, labels: list[int], truth: bool = False, **extra: Any
+) -> tuple[JobSpec, JobContext, torch.Tensor]:
+    """A real-update job: files on disk, the update made by a client on known images."""
+    model_spec = ModelSpec(arch="lenet")
+    model = build_model(model_spec, DATA)
+    x = images(len(labels), 1)
+    update = simulate_client(
+        model, normalize(x, DATA.resolved_normalization()), torch.tensor(labels), training, kind
+    )
+    (tmp / "w.safetensors").write_bytes(save_safetensors(float_state(model)))
+    (tmp / "u.safetensors").write_bytes(save_safetensors(update))
+    (tmp / "proxy.safetensors").write_bytes(save_safetensors({"images": images(12, 7).contiguous()}))
+    (tmp / "truth.safetensors").write_bytes(save_safetensors({"images": x.contiguous()}))
+    spec = JobSpec.model_validate(
+        {
+            "model": {"arch": "lenet", "weights": str(tmp / "w.safetensors")},
+            "update": {"kind": kind, "artifact": str(tmp / "u.safetensors"), "client": training.model_dump()},
+            "data": DATA.model_dump(),
+            "budget": {"iterations": 4},
+            "ground_truth": str(tmp / "truth.safetensors") if truth else None,
+            **extra,
+        }
+        | {
+            "verdict": {
+                "shadows": 3,
+                "proxy_data": str(tmp / "proxy.safetensors"),
+                **extra.get("verdict", {}),
+            }
+        }
+    )
+    ctx = JobContext("t", LocalStore(tmp / "store"), "t", lambda ref: Path(ref).read_bytes())
+    return spec, ctx, x
+
+
+def test_shadows_reproduce_the_declared_protocol_and_defenses(tmp_path: Path) -> None:
+    declared = ClientTraining(protocol="fedavg", lr=0.05, local_epochs=2, batch_size=1, num_samples=2)
+    spec, ctx, _ = make_job(
+        tmp_path, "delta", declared, [1, 4], knowledge=3, defenses=[{"name": "topk", "ratio": 0.2}]
+    )
+    training, assumed = shadow_training(spec, 2)
+    assert training == declared and assumed == []
+    model = build_model(spec.model, spec.data, resolve=ctx.resolve)
+    pool, source = proxy_pool(spec, ctx.resolve)
+    assert source == "uploaded proxy data" and pool.shape == (12, 3, SIZE, SIZE)
+    x = draw_images(pool, 2, torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 4])
+    shadow = run_shadow(spec, model, x, y, training, 0, ctx, torch.device("cpu"))
+    problem = shadow.problem
+    # the attacker of the shadow is told what the real one is told, and sees a pseudo-gradient
+    assert problem.client == declared and problem.target_scale_known
+    # the shadow's update is the declared local training (2 epochs of batch 1: 4 SGD steps) ...
+    delta = simulate_client(model, normalize(x, spec.data.resolved_normalization()), y, declared, "delta")
+    names = problem.param_names
+    undefended = torch.cat([(-delta[n] / (0.05 * 4)).flatten() for n in names])
+    shared = torch.cat([t.flatten() for t in problem.target])
+    # ... after the same top-k defense: 20 % of each tensor kept, unchanged
+    kept = shared != 0
+    assert 0.15 < kept.float().mean() < 0.25
+    assert torch.allclose(shared[kept], undefended[kept], rtol=1e-4, atol=1e-7)
+    assert set(shadow.metrics["mean"]) >= {"psnr", "ssim"}
+
+
+def test_a_missing_declared_fact_is_assumed_and_said(tmp_path: Path) -> None:
+    spec, _, _ = make_job(
+        tmp_path, "delta", ClientTraining(protocol="fedavg", lr=0.1, local_epochs=1, batch_size=1), [2]
+    )
+    told = ClientTraining(protocol="fedavg", lr=0.1, local_epochs=1)
+    spec = spec.model_copy(update={"update": spec.update.model_copy(update={"client": told})})
+    training, assumed = shadow_training(spec, 3)
+    assert training.batch_size == 3 and training.num_samples == 3 and training.lr == 0.1
+    assert assumed == ["one batch per epoch"]
+
+
+def problem_of(tmp: Path, labels: list[int], **extra: Any):
+    spec, ctx, x = make_job(
+        tmp,
+        "gradient",
+        ClientTraining(protocol="fedsgd"),
+        labels,
+        data={**DATA.model_dump(), "num_images": len(labels)},
+        **extra,
+    )
+    model = build_model(spec.model, spec.data, resolve=ctx.resolve)
+    victim = simulated_victim(spec, model, x, torch.tensor(labels), ClientTraining(protocol="fedsgd"))
+    return spec, problem_for(spec, model, victim, torch.Generator().manual_seed(0), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("labels", [[7], [0, 3, 9]])
+def test_distinct_labels_of_a_known_count_are_exact(tmp_path: Path, labels: list[int]) -> None:
+    spec, problem = problem_of(tmp_path, labels)
+    h = label_histogram(spec, problem)
+    assert h["certainty"] == "exact", h["why"]
+    assert h["counts"] == {str(y): 1 for y in sorted(labels)}
+    assert h["proven_present"] == sorted(labels)
+
+
+@pytest.mark.parametrize("labels", [[1, 2, 5, 8], [4, 4, 0, 9], [3, 6], [5, 5]])
+def test_a_claimed_exact_histogram_is_right_and_proven_classes_are_present(
+    tmp_path: Path, labels: list[int]
+) -> None:
+    spec, problem = problem_of(tmp_path, labels)
+    h = label_histogram(spec, problem)
+    assert set(h["proven_present"]) <= set(labels)
+    if h["certainty"] == "exact":
+        assert sorted(int(k) for k, c in h["counts"].items() for _ in range(c)) == sorted(labels)
+    else:
+        assert (
+            h["certainty"] == "proven classes, estimated counts"
+            and len(set(labels)) > len(h["proven_present"])
+        ) or len(set(labels)) < len(labels)
+
+
+def test_repeated_labels_or_sign_flipping_defenses_are_not_claimed_exact(tmp_path: Path) -> None:
+    spec, problem = problem_of(tmp_path, [2, 2, 6])
+    h = label_histogram(spec, problem)
+    assert h["certainty"] == "proven classes, estimated counts"
+    assert set(h["proven_present"]) == {2, 6}
+    spec, problem = problem_of(tmp_path, [0, 3, 9], defenses=[{"name": "noise", "scale": 1e-2}])
+    h = label_histogram(spec, problem)
+    assert h["certainty"] == "estimated" and h["proven_present"] == [] and "noise" in h["why"]
+
+
+def test_the_estimate_is_deterministic_for_a_seed_and_has_a_floor_without_truth(tmp_path: Path) -> None:
+    spec, ctx, _ = make_job(tmp_path, "gradient", ClientTraining(protocol="fedsgd"), [3, 5])
+    first = run_job(spec, ctx).manifest
+    assert first["metrics"] is None  # no ground truth: the estimate is the answer
+    est = first["estimate"]
+    again = run_job(spec, ctx).manifest["estimate"]
+    drop = ("elapsed_s",)
+    assert {k: v for k, v in est.items() if k not in drop} == {
+        k: v for k, v in again.items() if k not in drop
+    }
+    other = run_job(spec.model_copy(update={"verdict": spec.verdict.model_copy(update={"seed": 1})}), ctx)
+    assert other.manifest["estimate"]["psnr"] != est["psnr"]
+
+    assert est["shadows_run"] == 3 and est["proxy_data"] == "uploaded proxy data"
+    floor = est["floor"]
+    assert est["floor_truth"] is None and set(floor["baselines"]) == {"proxy mean image", "attack start"}
+    for metric in ("psnr", "ssim"):
+        for scope in ("mean", "worst_case"):
+            e = est[metric][scope]
+            lo, hi = e["interval"]
+            assert (lo <= e["value"] <= hi and hi - lo >= 2 * HALF_WIDTH_FLOOR[metric] - 1e-9) or lo == -1.0
+            assert math.isclose(e["gain_over_floor"], e["value"] - floor[metric][scope])
+            assert floor[metric][scope] == max(b[metric][scope] for b in floor["baselines"].values())
+    assert "estimated worst-case PSNR" in est["summary"]
+
+
+def test_the_estimate_is_made_only_when_asked_or_without_truth(tmp_path: Path) -> None:
+    spec, ctx, _ = make_job(tmp_path, "gradient", ClientTraining(protocol="fedsgd"), [3], truth=True)
+    scored = run_job(spec, ctx).manifest
+    assert scored["metrics"] is not None and scored["estimate"] is None
+    always = spec.model_copy(update={"verdict": spec.verdict.model_copy(update={"when": "always"})})
+    both = run_job(always, ctx).manifest
+    est = both["estimate"]
+    assert est["floor_truth"] is not None
+    gain = est["metrics_gain"]["psnr"]["mean"]
+    assert math.isclose(gain, both["metrics"]["mean"]["psnr"] - est["floor_truth"]["psnr"]["mean"])
+    html = (tmp_path / "store" / "t" / "report.html").read_text()
+    assert 'id="estimate"' in html and "Leakage estimate" in html
+
+
+def test_refine_moves_with_the_real_loss_and_keeps_a_floor_width() -> None:
+    values, logs = [14.0, 16.0, 18.0], [0.0, -1.0, -2.0]  # a lower loss, a higher PSNR
+    centre = refine(values, logs, -1.0, "psnr")
+    assert centre["value"] == pytest.approx(16.0) and centre["loss_r2"] == pytest.approx(1.0)
+    lower_loss = refine(values, logs, -2.5, "psnr")
+    assert lower_loss["value"] == pytest.approx(19.0)
+    far = refine(values, logs, -50.0, "psnr")  # clipped to the range widened by one half-width
+    assert far["value"] == pytest.approx(18.0 + HALF_WIDTH_FLOOR["psnr"])
+    wrong_way = refine(values, [-2.0, -1.0, 0.0], -3.0, "psnr")  # lower loss, less leakage: ignored
+    assert wrong_way["value"] == pytest.approx(16.0) and wrong_way["loss_r2"] == 0.0
+    lo, hi = refine([15.0, 15.0], [0.0, 0.0], None, "psnr")["interval"]
+    assert hi - lo == pytest.approx(2 * HALF_WIDTH_FLOOR["psnr"])
+    # dispersed shadows: the Student quantile (2 degrees of freedom, 90 %) times their spread
+    assert spread_factor(3) == pytest.approx(2.92, abs=0.01)
+    lo, hi = refine([40.0, 50.0, 60.0], [0.0, 0.0, 0.0], None, "psnr")["interval"]
+    assert (hi - lo) / 2 == pytest.approx(spread_factor(3) * 10.0)
+
+
+def test_the_shipped_photos_are_the_default_proxy() -> None:
+    spec = JobSpec.model_validate(
+        {"model": {"arch": "lenet"}, "update": {"artifact": "u"}, "data": {"shape": [1, 8, 8]}}
+    )
+    pool, source = proxy_pool(spec, lambda ref: b"")
+    assert source == "crops of the shipped photos" and pool.shape[1:] == (1, 8, 8) and len(pool) > 100
+    a = draw_images(pool, 4, torch.Generator().manual_seed(3))
+    b = draw_images(pool, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
