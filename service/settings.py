@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     max_federation_time_limit_s: float = 24 * 3600.0
     default_federation_time_limit_s: float = 6 * 3600.0
     max_federation_parameter_rounds: float = 1e11  # parameters x local trainings
+    # studies: points (axis combinations x seeds), each within the limits above, and wall-clock
+    max_study_points: int = 500
+    max_study_time_limit_s: float = 7 * 24 * 3600.0
+    default_study_time_limit_s: float = 2 * 24 * 3600.0
 
     # privacy: uploads, reconstructions and reports are private data
     retention_hours: float = 7 * 24.0
