@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from service.errors import SpecError
+from service.jobs.queue import JobQueue
 from service.jobs.records import STUDY_PREFIX, JobRecord, new_id
 from service.jobs.state import StateStore
 from service.jobs.submit import new_job
@@ -87,8 +88,16 @@ def _checked(check: Check, spec: Any, values: dict[str, Any], seed: int) -> Any:
         return check(spec)
     except SpecError as e:
         where = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "base"
-        raise type(e)(f"study point {where} (seed {seed}): {e}") from None
+        raise SpecError(f"study point {where} (seed {seed}): {e}") from None
 
 
 def plan_of(record: JobRecord) -> StudyPlan:
     return StudyPlan.model_validate_json(record.spec_json)
+
+
+async def enqueue_study(queue: JobQueue, study: JobRecord, points: list[JobRecord]) -> None:
+    """Queue the study (it works through its points and then aggregates) and every point, so that
+    any worker may take any point."""
+    await queue.enqueue(study)
+    for point in points:
+        await queue.enqueue(point)
