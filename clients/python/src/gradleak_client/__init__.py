@@ -42,6 +42,9 @@ from gradleak_client.types import (
     JobList,
     Metrics,
     ModelUpload,
+    Study,
+    StudyPoint,
+    StudyPoints,
     UpdateUpload,
 )
 
@@ -74,6 +77,9 @@ __all__ = [
     "RateLimitError",
     "RequestTimeoutError",
     "ServerError",
+    "Study",
+    "StudyPoint",
+    "StudyPoints",
     "UnauthorizedError",
     "UnprocessableEntityError",
     "UpdateUpload",
