@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from service import cli_federation, cli_service
+from service import cli_federation, cli_service, cli_study
 from service.errors import GradleakError
 from service.specs import (
     ATTACK_PARAMS,
@@ -367,6 +367,7 @@ def catalog(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 cli_service.register(app)
 cli_federation.register(app)
+cli_study.register(app)
 
 
 def main() -> None:

@@ -29,6 +29,11 @@ class Axis(Frozen):
     values: list[Any] = Field(min_length=1, max_length=1000, description="the values the field takes")
     name: str | None = Field(default=None, description="the axis' column name; default: the path")
     labels: list[str] | None = Field(default=None, description="a label per value for tables and plots")
+    also: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="linked fields: path -> values, the i-th set together with the axis' i-th value "
+        "(e.g. what the attacker is told alongside what the client did)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Axis:
@@ -36,7 +41,18 @@ class Axis(Frozen):
             raise ValueError(f"axis path {self.path!r} is not a dotted field path")
         if self.labels is not None and len(self.labels) != len(self.values):
             raise ValueError(f"axis {self.path}: {len(self.labels)} labels for {len(self.values)} values")
+        for path, values in self.also.items():
+            if len(values) != len(self.values):
+                raise ValueError(
+                    f"axis {self.path}: linked field {path} has {len(values)} values for {len(self.values)}"
+                )
         return self
+
+    def assign(self, data: dict[str, Any], i: int) -> None:
+        """Set the axis' i-th value (and its linked fields' i-th values) in a spec mapping."""
+        set_field(data, self.path, self.values[i])
+        for path, values in self.also.items():
+            set_field(data, path, values[i])
 
     @property
     def column(self) -> str:
@@ -101,7 +117,8 @@ class StudySpec(YamlSpec):
             raise ValueError(f"zipped axes need as many values each; they have {lengths}")
         base = self.base_dict()
         for axis in self.axes:
-            check_path(base, axis.path)
+            for path in (axis.path, *axis.also):
+                check_path(base, path)
         return self
 
     @property
@@ -151,7 +168,7 @@ def expand(study: StudySpec) -> list[StudyPoint]:
         for seed in study.seeds:
             data = study.base_dict()
             for axis, i in zip(study.axes, combo, strict=True):
-                set_field(data, axis.path, axis.values[i])
+                axis.assign(data, i)
             data["seed"] = seed
             where = ", ".join(f"{a.column}={a.values[i]!r}" for a, i in zip(study.axes, combo, strict=True))
             try:
