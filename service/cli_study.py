@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -218,8 +217,9 @@ def _summarize(state: Any, out: Path, record: Any) -> None:
         counts[s] = counts.get(s, 0) + 1
     done = sum(n for s, n in counts.items() if s in ("succeeded", "failed", "cancelled"))
     by_status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    total = len(plan.points)
     typer.echo(
-        f"study {record.id} ({plan.study.title}): {record.status.value}; {done}/{len(plan.points)} points ({by_status})"
+        f"study {record.id} ({plan.study.title}): {record.status.value}; {done}/{total} points ({by_status})"
     )
     if record.progress is not None and record.progress.message:
         typer.echo(f"progress: {record.progress.message}")

@@ -133,7 +133,7 @@ def content(scale: Scale) -> dict[str, Any]:
                 "values": list(groups.values()),
                 "labels": list(groups),
             },
-        ],  # fmt: skip
+        ],
         "seeds": _pick(scale, [0, 1], [0, 1, 2]),
     }
 
@@ -160,7 +160,7 @@ def micro_designs(scale: Scale) -> dict[str, Any]:
                 "values": [{**base, **d} for d in designs.values()],
                 "labels": list(designs),
             },
-        ],  # fmt: skip
+        ],
         "seeds": _pick(scale, [0], [0, 1, 2]),
     }
 
@@ -218,17 +218,26 @@ def privacy_utility(scale: Scale) -> dict[str, Any]:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("local-updates", "Tab. I", "FedAvg with U = 1, 2, 4, 6, 8 local updates, unrolled", local_updates),
-        Preset("batch-knowledge", "Tab. II", "the attacker knows the batch size (Case 1) or not (Case 2)",
-               batch_knowledge),
+        Preset("local-updates", "Tab. I", "FedAvg with U = 1, 2, 4, 6, 8 local updates", local_updates),
+        Preset(
+            "batch-knowledge",
+            "Tab. II",
+            "the attacker knows the batch size (Case 1) or not (Case 2)",
+            batch_knowledge,
+        ),
         Preset("content", "Fig. 6-8", "natural photos against faces, textures and text", content),
-        Preset("micro-designs", "Tab. IV", "ConvNet without bias, ReLU, max-pooling; dropout; kernels; padding",
-               micro_designs),
+        Preset(
+            "micro-designs",
+            "Tab. IV",
+            "ConvNet without bias, ReLU, max-pooling; dropout; kernels; padding",
+            micro_designs,
+        ),
         Preset("rounds", "Fig. 10", "a federation's leakage and IGSA at later rounds", rounds),
-        Preset("privacy-utility", "Fig. 15", "each defense's audit PSNR against its final accuracy",
-               privacy_utility),
+        Preset(
+            "privacy-utility", "Fig. 15", "each defense's audit PSNR against its accuracy", privacy_utility
+        ),
     )
-}  # fmt: skip
+}
 
 
 def preset(name: str, scale: Scale = "quick") -> StudySpec:
