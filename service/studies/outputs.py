@@ -203,8 +203,35 @@ def plot_axes(plan: StudyPlan, rows: list[dict[str, Any]]) -> dict[str, bytes]:
     return out
 
 
+MAX_GRIDS = 48  # reconstructions shown in the report: the first seed's points, up to this many
+
+
+def reconstruction_grids(plan: StudyPlan, records: list[JobRecord], store: Any) -> list[tuple[str, bytes]]:
+    """(caption, PNG) of each point's truth-over-reconstruction grid, first seed only; a federation
+    point shows its last audited round."""
+    first_seed = plan.study.seeds[0]
+    grids = []
+    for point, record in zip(plan.points, records, strict=True):
+        if point.seed != first_seed or len(grids) >= MAX_GRIDS:
+            continue
+        names = sorted(n for n in record.artifacts if n == "grid.png" or n.endswith("/grid.png"))
+        if not names:
+            continue
+        try:
+            data = store.get_bytes(record.artifacts[names[-1]])
+        except Exception:  # a point's outputs may be gone (retention); the report goes on without
+            continue
+        caption = ", ".join(f"{k}={v}" for k, v in point.values.items()) or "base"
+        grids.append((caption, data))
+    return grids
+
+
 def render_report_html(
-    plan: StudyPlan, rows: list[dict[str, Any]], cols: list[str], plots: dict[str, bytes]
+    plan: StudyPlan,
+    rows: list[dict[str, Any]],
+    cols: list[str],
+    plots: dict[str, bytes],
+    grids: list[tuple[str, bytes]] | None = None,
 ) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -219,7 +246,12 @@ def render_report_html(
         for name, data in plots.items()
         if name.endswith(".png")
     )
-    counts = defaultdict(int)
+    recon = "".join(
+        f'<figure><img alt="reconstruction" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for caption, data in grids or []
+    )
+    counts: dict[str, int] = defaultdict(int)
     for r in rows:
         counts[r["status"]] += 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
@@ -232,7 +264,12 @@ def render_report_html(
         f"<p>{len(rows)} points ({html.escape(summary)}); {html.escape(plan.study.describe_count())}.</p>"
         f"<h2>Plots</h2>{images or '<p>no finished point to plot</p>'}"
         f"<h2>Table</h2><table><tr>{head}</tr>{body}</table>"
-        f"<h2>Spec</h2><pre>{html.escape(plan.study.to_yaml())}</pre></body></html>"
+        + (
+            f"<h2>Reconstructions (truth over reconstruction, seed {plan.study.seeds[0]})</h2>{recon}"
+            if recon
+            else ""
+        )
+        + f"<h2>Spec</h2><pre>{html.escape(plan.study.to_yaml())}</pre></body></html>"
     )
 
 
@@ -247,7 +284,9 @@ def write_outputs(
         TABLE_CSV: table_csv(rows, cols),
         TABLE_JSON: json.dumps({"columns": cols, "rows": rows}, indent=1).encode(),
         **plots,
-        REPORT_HTML: render_report_html(plan, rows, cols, plots).encode(),
+        REPORT_HTML: render_report_html(
+            plan, rows, cols, plots, reconstruction_grids(plan, records, ctx.store)
+        ).encode(),
     }
     artifacts: dict[str, str] = {}
     for name, data in files.items():

@@ -58,7 +58,9 @@ def test_a_study_runs_from_a_spec_file_and_writes_its_outputs(tmp_path: Path) ->
     rows = list(csv.DictReader((folder / "table.csv").open()))
     assert [row["budget.iterations"] for row in rows] == ["2", "3"] and all(row["psnr_mean"] for row in rows)
     assert (folder / "plots" / "budget.iterations.png").stat().st_size > 0
-    assert (folder / "report.html").read_text().count("<tr>") == 3
+    report = (folder / "report.html").read_text()
+    assert report.count("<tr>") == 3
+    assert "Reconstructions" in report and report.count('alt="reconstruction"') == 2
     status = invoke("study", "status", study_id, "--out", str(out))
     assert status.exit_code == 0 and "2/2 points" in status.output
     again = invoke("study", "run", "--resume", study_id, "--out", str(out))
