@@ -42,10 +42,11 @@ def _fedavg_job(
     n = len(images)
     training = {"protocol": "fedavg", "lr": 0.01, "local_epochs": epochs, "batch_size": batch or n}
     side = _pick(scale, 16, 32)
+    # unrolling multiplies an iteration's cost by the local steps: quick halves the width for it
     return {
         "model": {
             "arch": "convnet",
-            "knobs": _pick(scale, {"width": 16, "depth": 2}, {"width": 64, "depth": 3}),
+            "knobs": _pick(scale, {"width": 8, "depth": 2}, {"width": 64, "depth": 3}),
         },
         "data": {"shape": [3, side, side], "labels": list(range(n))},
         "update": {
@@ -55,7 +56,7 @@ def _fedavg_job(
         },
         "knowledge": 3,
         "attack": {"name": "fedavg_unroll"},
-        "budget": {"iterations": _pick(scale, 150, 4000)},
+        "budget": {"iterations": _pick(scale, 100, 4000)},
     }
 
 
