@@ -45,7 +45,7 @@ def progress_of(plan: StudyPlan, records: list[JobRecord], elapsed_s: float) -> 
     done = sum(r.status.terminal for r in records)
     running = sum(r.status.value == "running" for r in records)
     eta = elapsed_s / done * (total - done) if done else None
-    eta_text = "" if eta is None else f", ETA {eta:.0f} s"
+    eta_text = "" if eta is None or done == total else f", ETA {eta:.0f} s"
     return Progress(
         stage="done" if done == total else "attack",
         iteration=done,
