@@ -166,6 +166,33 @@ def micro_designs(scale: Scale) -> dict[str, Any]:
     }
 
 
+def dimensions(scale: Scale) -> dict[str, Any]:
+    sides = _pick(scale, [16, 32], [32, 64, 128, 256, 512])
+    batches = _pick(scale, [1, 2, 4], [1, 4, 16, 64])
+    pool = NATURAL + [f"face{i:02d}" for i in range(100)]
+    labels = [[i % 10 for i in range(b)] for b in batches]
+    return {
+        "title": "Resolution and batch size (SoK Fig. 4)",
+        "job": _gradient_job(scale, pool[:1]),
+        "axes": [
+            {
+                "path": "data.shape",
+                "name": "resolution",
+                "values": [[3, s, s] for s in sides],
+                "labels": [str(s) for s in sides],
+            },
+            {
+                "path": "update.simulate.images",
+                "name": "batch_size",
+                "values": [pool[:b] for b in batches],
+                "labels": [str(b) for b in batches],
+                "also": {"update.simulate.labels": labels, "data.labels": labels},
+            },
+        ],
+        "seeds": _pick(scale, [0], [0, 1, 2]),
+    }
+
+
 def _federation(scale: Scale, rounds: int) -> dict[str, Any]:
     return {
         "model": {"arch": "mlp", "knobs": _pick(scale, {"width": 32}, {"width": 256})},
@@ -233,6 +260,7 @@ PRESETS: dict[str, Preset] = {
             "ConvNet without bias, ReLU, max-pooling; dropout; kernels; padding",
             micro_designs,
         ),
+        Preset("dimensions", "Fig. 4", "image resolution against batch size", dimensions),
         Preset("rounds", "Fig. 10", "a federation's leakage and IGSA at later rounds", rounds),
         Preset(
             "privacy-utility", "Fig. 15", "each defense's audit PSNR against its accuracy", privacy_utility
