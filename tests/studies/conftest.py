@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "jobs"))
 
-from jobtools import REDIS_URL, TINY_SPEC, redis_client
+from jobtools import REDIS_URL, redis_client
 
 from service.jobs.state_sqlite import SQLiteStateStore
 from service.settings import Settings
@@ -39,17 +39,3 @@ def redis_prefix() -> Iterator[str]:
     for key in client.scan_iter(f"{prefix}*"):
         client.delete(key)
     client.close()
-
-
-def tiny_study(**changes: object) -> dict:
-    study: dict = {
-        "title": "tiny",
-        "job": TINY_SPEC,
-        "axes": [
-            {"path": "budget.iterations", "values": [2, 4]},
-            {"path": "defenses", "name": "defense", "values": [[], [{"name": "quantize", "bits": 4}]]},
-        ],
-        "seeds": [0, 1],
-    }
-    study.update(changes)
-    return study

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import tiny_study
 from jobtools import REDIS_URL, redis_client
-from test_study_run import PointRunner
+from studytools import PointRunner, tiny_study
 
 from service.jobs import worker
 from service.jobs.queue import ArqQueue

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_study
+from studytools import tiny_study
 from typer.testing import CliRunner
 
 from service.cli import app

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_study
 from pydantic import ValidationError
+from studytools import tiny_study
 
 from service.errors import SpecError
 from service.settings import Settings
