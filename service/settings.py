@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(default=2, ge=1)
     max_queued_jobs: int = Field(default=20, ge=1)
     max_stored_bytes: int = Field(default=10 * 2**30, ge=0)  # the tenant's uploads
+    # studies: points (axis combinations x seeds), each within the limits above, and wall-clock
+    max_study_points: int = 500
+    max_study_time_limit_s: float = 7 * 24 * 3600.0
+    default_study_time_limit_s: float = 2 * 24 * 3600.0
 
     # privacy: uploads, reconstructions and reports are private data
     retention_hours: float = 7 * 24.0

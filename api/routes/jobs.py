@@ -298,5 +298,6 @@ def content_type(name: str) -> str:
 
 
 _BY_SUFFIX = {name.rsplit(".", 1)[-1]: kind for name, kind in CONTENT_TYPES.items()} | {
-    "csv": "text/csv; charset=utf-8"
+    "csv": "text/csv; charset=utf-8",
+    "svg": "image/svg+xml",
 }

@@ -28,6 +28,7 @@ from service.jobs.types import JobContext, JobResult, Progress
 from service.settings import get_settings
 from service.specs import JobSpec
 from service.storage import ArtifactStore
+from service.studies.spec import StudyPlan
 
 log = logging.getLogger("gradleak.worker")
 
@@ -46,7 +47,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     urllib3.exceptions.HTTPError,
 )
 
-AnySpec = JobSpec | FederationSpec
+AnySpec = JobSpec | FederationSpec | StudyPlan
 Runner = Callable[[AnySpec, JobContext], JobResult]
 
 _SMALLER = "lower the batch size or the image size, or use a worker with more memory"
@@ -152,18 +153,25 @@ def upload_resolver(state: StateStore, store: ArtifactStore, tenant: str) -> Cal
 
 
 def job_prefix(job: JobRecord) -> str:
-    return f"{job.tenant}/{'federations' if job.kind == 'federation' else 'jobs'}/{job.id}"
+    return f"{job.tenant}/{_FOLDERS[job.kind]}/{job.id}"
+
+
+_FOLDERS = {"job": "jobs", "federation": "federations", "study": "studies"}
 
 
 def record_spec(job: JobRecord) -> AnySpec:
-    """The spec a stored record runs: a JobSpec, or a FederationSpec for a federation."""
+    """The spec a stored record runs: a JobSpec, a FederationSpec, or a study's plan."""
+    if job.kind == "study":
+        return StudyPlan.model_validate_json(job.spec_json)
     if job.kind == "federation":
         return FederationSpec.model_validate_json(job.spec_json)
     return JobSpec.model_validate_json(job.spec_json)
 
 
 def time_limit(spec: AnySpec) -> float | None:
-    """The wall-clock limit of a run: an attack's budget, or a whole federation's."""
+    """The wall-clock limit of a run: an attack's budget, or a whole federation's or study's."""
+    if isinstance(spec, StudyPlan):
+        return spec.study.time_limit_s
     return spec.time_limit_s if isinstance(spec, FederationSpec) else spec.budget.time_limit_s
 
 
@@ -193,6 +201,18 @@ def execute_job(
         from service.jobs.runner import run_job
 
         runner = run_job
+    if job.kind == "study":
+        # A study's run works through its points with this very function, then aggregates them.
+        from service.studies.run import study_runner
+
+        runner = study_runner(
+            state=state,
+            store=store,
+            worker_id=worker_id,
+            point_runner=runner,
+            device=device,
+            lpips_weights_dir=lpips_weights_dir,
+        )
 
     stopper = stopper or Stopper()
     spec = record_spec(job)
@@ -273,7 +293,7 @@ def _run_and_record(
         back = JobError(code="interrupted", message="the worker shut down during the run")
         return _release(state, job, worker_id, back)
     if result.status == "cancelled" and stopped == StopReason.DEADLINE:
-        field = "time_limit_s" if isinstance(spec, FederationSpec) else "budget.time_limit_s"
+        field = "budget.time_limit_s" if isinstance(spec, JobSpec) else "time_limit_s"
         message = (
             f"the run outlived its time limit ({time_limit(spec):g} s, {field}) plus "
             f"{SETUP_GRACE_S:g} s for setup and scoring; raise the time limit or ask for less work"

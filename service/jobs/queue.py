@@ -33,6 +33,8 @@ log = logging.getLogger("gradleak.queue")
 
 ARQ_FUNCTION = "run_attack"
 ARQ_FEDERATION = "run_federation"  # the same work function, with a federation's longer timeout
+ARQ_STUDY = "run_study"  # the same again, with a study's timeout
+ARQ_FUNCTIONS = {"job": ARQ_FUNCTION, "federation": ARQ_FEDERATION, "study": ARQ_STUDY}
 ABORT_WAIT_S = 10.0
 
 
@@ -122,7 +124,7 @@ class ArqQueue:
         ref = queue_ref(job)
         # arq drops a job nobody picked up before it expires; ours live as long as their retention.
         expires_s = max(60.0, job.expires_at - job.created_at)
-        function = ARQ_FEDERATION if job.kind == "federation" else ARQ_FUNCTION
+        function = ARQ_FUNCTIONS[job.kind]
         await self.pool.enqueue_job(
             function, job.id, _job_id=ref, _queue_name=self.settings.queue_name, _expires=expires_s
         )

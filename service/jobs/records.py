@@ -21,10 +21,11 @@ UploadKind = Literal["model", "update", "ground_truth"]
 UPLOAD_PREFIXES: dict[str, str] = {"model": "mdl", "update": "upd", "ground_truth": "gt"}
 JOB_PREFIX = "job"
 FEDERATION_PREFIX = "fed"
+STUDY_PREFIX = "std"
 KEY_PREFIX = "key"
 
 # Ids sort by creation time: 12 hex digits of milliseconds, then 80 random bits.
-_ID_RE = re.compile(r"^(job|fed|mdl|upd|gt|key)_[0-9a-f]{32}$")
+_ID_RE = re.compile(r"^(job|fed|std|mdl|upd|gt|key)_[0-9a-f]{32}$")
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 LOCAL_TENANT = "local"
 
@@ -138,9 +139,12 @@ class JobRecord(Record):
     max_running_jobs: int | None = None
 
     @property
-    def kind(self) -> Literal["job", "federation"]:
-        """What the record runs, told by its id: an attack job, or a federation."""
-        return "federation" if self.id.startswith(FEDERATION_PREFIX + "_") else "job"
+    def kind(self) -> Literal["job", "federation", "study"]:
+        """What the record runs, told by its id: an attack job, a federation, or a study."""
+        return _KINDS.get(self.id.split("_", 1)[0], "job")
+
+
+_KINDS: dict[str, Literal["federation", "study"]] = {FEDERATION_PREFIX: "federation", STUDY_PREFIX: "study"}
 
 
 class UploadRecord(Record):

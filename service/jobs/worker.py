@@ -39,6 +39,7 @@ from service.jobs.maintenance import Housekeeper
 from service.jobs.queue import (
     ARQ_FEDERATION,
     ARQ_FUNCTION,
+    ARQ_STUDY,
     ArqQueue,
     json_deserializer,
     json_serializer,
@@ -158,6 +159,7 @@ def worker_settings(settings: Settings, runner: Runner | None = None) -> dict[st
             for name, limit in (
                 (ARQ_FUNCTION, settings.max_time_limit_s),
                 (ARQ_FEDERATION, settings.max_federation_time_limit_s),
+                (ARQ_STUDY, settings.max_study_time_limit_s),
             )
         ],
         "queue_name": settings.queue_name,

@@ -43,6 +43,9 @@ from gradleak_client.types import (
     JobList,
     Metrics,
     ModelUpload,
+    Study,
+    StudyPoint,
+    StudyPoints,
     UpdateUpload,
 )
 
@@ -76,6 +79,9 @@ __all__ = [
     "RateLimitError",
     "RequestTimeoutError",
     "ServerError",
+    "Study",
+    "StudyPoint",
+    "StudyPoints",
     "UnauthorizedError",
     "UnprocessableEntityError",
     "UpdateUpload",

@@ -31,6 +31,7 @@ from gradleak_client._resources import (
     AsyncGroundTruth,
     AsyncJobs,
     AsyncModels,
+    AsyncStudies,
     AsyncUpdates,
     CatalogResource,
     Federations,
@@ -39,6 +40,7 @@ from gradleak_client._resources import (
     Jobs,
     Models,
     Progress,
+    Studies,
     Updates,
 )
 from gradleak_client.types import (
@@ -92,6 +94,7 @@ class Client(BaseClient):
         self.ground_truth = GroundTruth(self)
         self.jobs = Jobs(self)
         self.federations = Federations(self)
+        self.studies = Studies(self)
         self.artifacts = Artifacts(self)
         self.catalog = CatalogResource(self)
 
@@ -274,6 +277,7 @@ class AsyncClient(BaseClient):
         self.ground_truth = AsyncGroundTruth(self)
         self.jobs = AsyncJobs(self)
         self.federations = AsyncFederations(self)
+        self.studies = AsyncStudies(self)
         self.artifacts = AsyncArtifacts(self)
         self.catalog = AsyncCatalogResource(self)
 

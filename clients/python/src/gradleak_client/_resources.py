@@ -38,6 +38,8 @@ from gradleak_client.types import (
     ModelUpload,
     Normalization,
     Run,
+    Study,
+    StudyList,
     UpdateKind,
     UpdateUpload,
 )
@@ -572,6 +574,34 @@ class Federations(_Runs[Federation]):
         return self._client.models.upload(weights, **_checkpoint_model(fed))
 
 
+class Studies(_Runs[Study]):
+    """Studies: a job or federation spec swept over axes (grid or zipped) and seeds, run as
+    ordinary jobs on the service's workers and aggregated into a table, plots and a report."""
+
+    _path = "/v1/studies"
+    _model = Study
+    _list_model = StudyList
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
+        self.artifacts = Artifacts(client, self._path)
+
+    def create(
+        self, spec: Mapping[str, Any], *, idempotency_key: str | None = None, timeout: Timeout = None
+    ) -> Study:
+        """Queue a study (a StudySpec as a mapping); every point is checked before any is queued.
+
+        >>> study = client.studies.create({
+        ...     "job": job_spec, "seeds": [0, 1, 2],
+        ...     "axes": [{"path": "update.simulate.training.local_epochs", "values": [1, 2, 4]}],
+        ... })
+        >>> study = client.studies.wait(study.id, progress=True).raise_for_status()
+        >>> table = client.studies.artifacts.read(study.id, "table.csv")
+        """
+        options = _create_options(self._path, {"spec": dict(spec)}, idempotency_key, timeout)
+        return self._client._call(options, Study)
+
+
 class Artifacts(_Resource):
     """A finished job's outputs: metrics.json, grid.png, reconstruction.safetensors, report.html
     (a federation's: `client.federations.artifacts`)."""
@@ -747,6 +777,25 @@ class AsyncFederations(_AsyncRuns[Federation]):
         fed = await self.get(federation_id)
         weights = await self.artifacts.read(federation_id, f"checkpoints/round-{round:03d}.safetensors")
         return await self._client.models.upload(weights, **_checkpoint_model(fed))
+
+
+class AsyncStudies(_AsyncRuns[Study]):
+    """See `Studies`."""
+
+    _path = "/v1/studies"
+    _model = Study
+    _list_model = StudyList
+
+    def __init__(self, client: AsyncClient) -> None:
+        super().__init__(client)
+        self.artifacts = AsyncArtifacts(client, self._path)
+
+    async def create(
+        self, spec: Mapping[str, Any], *, idempotency_key: str | None = None, timeout: Timeout = None
+    ) -> Study:
+        """See `Studies.create`."""
+        options = _create_options(self._path, {"spec": dict(spec)}, idempotency_key, timeout)
+        return await self._client._call(options, Study)
 
 
 class AsyncArtifacts(_AsyncResource):

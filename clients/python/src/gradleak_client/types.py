@@ -328,6 +328,44 @@ class Federation(Run):
     rounds: list[dict[str, Any]] | None = None
 
 
+class StudyPoints(_Model):
+    """A study's points by state: `done` counts those finished (succeeded, failed or cancelled)."""
+
+    total: int
+    done: int
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    running: int = 0
+    waiting: int = 0
+
+
+class StudyPoint(_Model):
+    """One point of a study: its axis values, seed, and the job (or federation) that runs it."""
+
+    index: int
+    id: str
+    values: dict[str, Any]
+    seed: int
+    status: JobStatus
+
+
+class Study(Run):
+    """A study: a job or federation spec swept over axes and seeds. `points` counts its points
+    (done of total), `eta_s` estimates the time left; when done, `result` and the artifacts
+    (table.csv, table.json, plots/<axis>.png|svg, report.html) hold the aggregate."""
+
+    kind: str = "job"
+    points: StudyPoints
+    eta_s: float | None = None
+    items: list[StudyPoint] = Field(default_factory=list)
+
+
+class StudyList(_Model):
+    items: list[Study]
+    next_cursor: str | None = None
+
+
 class FederationList(_Model):
     items: list[Federation]
     next_cursor: str | None = None
@@ -343,7 +381,9 @@ class JobEvent(_Model):
 
     event: str
     id: str | None = None
-    job: Job | Federation = Field(description="the job (or, for a federation's stream, the federation)")
+    job: Job | Federation | Study = Field(
+        description="the job (or, for a federation's or a study's stream, the federation or study)"
+    )
 
 
 class Artifact(_Model):

@@ -1,0 +1,275 @@
+"""Presets: studies that reproduce the SoK's experiments on data available offline.
+
+Each preset builds a StudySpec at a scale: `quick` (reduced sizes: finishes in minutes on two CPU
+cores) or `paper` (the SoK's sizes, for a GPU worker). Simulated clients use the shipped photos
+(natural photos, faces, textures, text); federations train on the photo-patch task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from service.errors import UnknownNameError
+from service.studies.spec import StudySpec
+
+Scale = Literal["quick", "paper"]
+SCALES: tuple[Scale, ...] = ("quick", "paper")
+
+NATURAL = ["astronaut", "coffee", "chelsea", "camera", "clock", "coins", "rocket", "motorcycle_left"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    reproduces: str
+    description: str
+    build: Callable[[Scale], dict[str, Any]]
+
+    def spec(self, scale: Scale) -> StudySpec:
+        return StudySpec.model_validate(self.build(scale))
+
+
+def _pick(scale: Scale, quick: Any, paper: Any) -> Any:
+    return quick if scale == "quick" else paper
+
+
+def _fedavg_job(
+    scale: Scale, images: list[str], *, epochs: int = 1, batch: int | None = None
+) -> dict[str, Any]:
+    """A FedAvg client on `images` and the unrolling attack told its training (SoK Case 1)."""
+    n = len(images)
+    training = {"protocol": "fedavg", "lr": 0.01, "local_epochs": epochs, "batch_size": batch or n}
+    side = _pick(scale, 16, 32)
+    # unrolling multiplies an iteration's cost by the local steps: quick halves the width for it
+    return {
+        "model": {
+            "arch": "convnet",
+            "knobs": _pick(scale, {"width": 8, "depth": 2}, {"width": 64, "depth": 3}),
+        },
+        "data": {"shape": [3, side, side], "labels": list(range(n))},
+        "update": {
+            "kind": "delta",
+            "simulate": {"images": images, "labels": list(range(n)), "training": training},
+            "client": {**training, "num_samples": n},
+        },
+        "knowledge": 3,
+        "attack": {"name": "fedavg_unroll"},
+        "budget": {"iterations": _pick(scale, 100, 4000)},
+    }
+
+
+def _gradient_job(scale: Scale, images: list[str], model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A FedSGD client on `images` attacked with Inverting Gradients (labels known)."""
+    n = len(images)
+    side = _pick(scale, 16, 32)
+    return {
+        "model": model
+        or {"arch": "convnet", "knobs": _pick(scale, {"width": 16, "depth": 2}, {"width": 64, "depth": 3})},
+        "data": {"shape": [3, side, side], "labels": list(range(n))},
+        "update": {"simulate": {"images": images, "labels": list(range(n))}},
+        "attack": {"name": "inverting_gradients"},
+        "budget": {"iterations": _pick(scale, 150, 4000)},
+    }
+
+
+def local_updates(scale: Scale) -> dict[str, Any]:
+    updates = [1, 2, 4, 6, 8]
+    return {
+        "title": "Local updates U (SoK Tab. I)",
+        "job": _fedavg_job(scale, NATURAL[: _pick(scale, 2, 8)]),
+        "axes": [
+            {
+                "path": "update.simulate.training.local_epochs",
+                "name": "local_updates",
+                "values": updates,
+                "also": {"update.client.local_epochs": updates},
+            }
+        ],
+        "seeds": _pick(scale, [0], [0, 1, 2]),
+    }
+
+
+def batch_knowledge(scale: Scale) -> dict[str, Any]:
+    n = _pick(scale, 4, 10)
+    batches = _pick(scale, [4, 2, 1], [10, 5, 4, 3, 2])  # 1, 2, 4 (quick) or 1..5 mini-batches
+    return {
+        "title": "Attacker knows the batch size or not (SoK Tab. II)",
+        "job": _fedavg_job(scale, NATURAL[:n]),
+        "axes": [
+            {
+                "path": "update.simulate.training.batch_size",
+                "name": "mini_batches",
+                "values": batches,
+                "labels": [str(-(-n // b)) for b in batches],
+                "also": {"update.client.batch_size": batches},
+            },
+            {
+                "path": "attack",
+                "name": "case",
+                "values": [{"name": "fedavg_unroll"}, {"name": "inverting_gradients", "cost": "cosine"}],
+                "labels": ["case 1: B known (unrolled)", "case 2: B unknown (single step)"],
+            },
+        ],
+        "seeds": _pick(scale, [0], [0, 1, 2]),
+    }
+
+
+def content(scale: Scale) -> dict[str, Any]:
+    k = _pick(scale, 1, 4)
+    groups = {
+        "photos": NATURAL[:k],
+        "faces": [f"face{i:02d}" for i in range(k)],
+        "textures": ["brick", "grass", "gravel", "brick"][:k],
+        "text": ["text", "page", "text", "page"][:k],
+    }
+    return {
+        "title": "Image content: photos, faces, textures, text (SoK Fig. 6-8)",
+        "job": _gradient_job(scale, groups["photos"]),
+        "axes": [
+            {
+                "path": "update.simulate.images",
+                "name": "content",
+                "values": list(groups.values()),
+                "labels": list(groups),
+            },
+        ],
+        "seeds": _pick(scale, [0, 1], [0, 1, 2]),
+    }
+
+
+def micro_designs(scale: Scale) -> dict[str, Any]:
+    base = _pick(scale, {"width": 16, "depth": 2}, {"width": 64, "depth": 3})
+    designs = {
+        "baseline": {},
+        "no bias": {"bias": False},
+        "no ReLU": {"relu": False},
+        "dropout 0.3": {"dropout": 0.3},
+        "no max-pooling": {"maxpool": False},
+        "kernel 5": {"kernel_size": 5},
+        "kernel 1": {"kernel_size": 1},
+        "padding 3": {"padding": 3},
+    }
+    return {
+        "title": "ConvNet micro-designs (SoK Tab. IV)",
+        "job": _gradient_job(scale, NATURAL[: _pick(scale, 1, 4)]),
+        "axes": [
+            {
+                "path": "model.knobs",
+                "name": "design",
+                "values": [{**base, **d} for d in designs.values()],
+                "labels": list(designs),
+            },
+        ],
+        "seeds": _pick(scale, [0], [0, 1, 2]),
+    }
+
+
+def dimensions(scale: Scale) -> dict[str, Any]:
+    sides = _pick(scale, [16, 32], [32, 64, 128, 256, 512])
+    batches = _pick(scale, [1, 2, 4], [1, 4, 16, 64])
+    pool = NATURAL + [f"face{i:02d}" for i in range(100)]
+    labels = [[i % 10 for i in range(b)] for b in batches]
+    return {
+        "title": "Resolution and batch size (SoK Fig. 4)",
+        "job": _gradient_job(scale, pool[:1]),
+        "axes": [
+            {
+                "path": "data.shape",
+                "name": "resolution",
+                "values": [[3, s, s] for s in sides],
+                "labels": [str(s) for s in sides],
+            },
+            {
+                "path": "update.simulate.images",
+                "name": "batch_size",
+                "values": [pool[:b] for b in batches],
+                "labels": [str(b) for b in batches],
+                "also": {"update.simulate.labels": labels, "data.labels": labels},
+            },
+        ],
+        "seeds": _pick(scale, [0], [0, 1, 2]),
+    }
+
+
+def _federation(scale: Scale, rounds: int) -> dict[str, Any]:
+    return {
+        "model": {"arch": "mlp", "knobs": _pick(scale, {"width": 32}, {"width": 256})},
+        "data": _pick(
+            scale,
+            {"per_class": 8, "size": 16, "photos": ["astronaut", "coffee", "chelsea", "camera"]},
+            {"per_class": 60, "size": 32},
+        ),
+        "num_clients": _pick(scale, 4, 10),
+        "rounds": rounds,
+        "client": {"protocol": "fedavg", "lr": 0.1, "batch_size": _pick(scale, 2, 8)},
+        "audit": {"rounds": [rounds], "budget": {"iterations": _pick(scale, 100, 2000)}},
+    }
+
+
+def rounds(scale: Scale) -> dict[str, Any]:
+    at = _pick(scale, [1, 3, 6], [1, 5, 10, 20, 50])
+    return {
+        "title": "Leakage and IGSA over training rounds (SoK Fig. 10)",
+        "federation": _federation(scale, max(at)),
+        "axes": [
+            {"path": "rounds", "name": "round", "values": at, "also": {"audit.rounds": [[r] for r in at]}}
+        ],
+        "seeds": _pick(scale, [0], [0, 1, 2]),
+    }
+
+
+def privacy_utility(scale: Scale) -> dict[str, Any]:
+    defenses = {
+        "none": [],
+        "quantize 4 bits": [{"name": "quantize", "bits": 4}],
+        "top-k 10%": [{"name": "topk", "ratio": 0.1}],
+        "noise 0.01": [{"name": "noise", "scale": 0.01}],
+        "sign": [{"name": "sign"}],
+    }
+    return {
+        "title": "Each defense's leakage against its accuracy (SoK Fig. 15)",
+        "federation": _federation(scale, _pick(scale, 4, 20)),
+        "axes": [
+            {
+                "path": "defenses",
+                "name": "defense",
+                "values": list(defenses.values()),
+                "labels": list(defenses),
+            }
+        ],
+        "seeds": _pick(scale, [0], [0, 1, 2]),
+    }
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("local-updates", "Tab. I", "FedAvg with U = 1, 2, 4, 6, 8 local updates", local_updates),
+        Preset(
+            "batch-knowledge",
+            "Tab. II",
+            "the attacker knows the batch size (Case 1) or not (Case 2)",
+            batch_knowledge,
+        ),
+        Preset("content", "Fig. 6-8", "natural photos against faces, textures and text", content),
+        Preset(
+            "micro-designs",
+            "Tab. IV",
+            "ConvNet without bias, ReLU, max-pooling; dropout; kernels; padding",
+            micro_designs,
+        ),
+        Preset("dimensions", "Fig. 4", "image resolution against batch size", dimensions),
+        Preset("rounds", "Fig. 10", "a federation's leakage and IGSA at later rounds", rounds),
+        Preset(
+            "privacy-utility", "Fig. 15", "each defense's audit PSNR against its accuracy", privacy_utility
+        ),
+    )
+}
+
+
+def preset(name: str, scale: Scale = "quick") -> StudySpec:
+    if name not in PRESETS:
+        raise UnknownNameError("study preset", name, list(PRESETS))
+    return PRESETS[name].spec(scale)
