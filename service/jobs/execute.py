@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import redis.exceptions
 import urllib3.exceptions
@@ -48,7 +49,8 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 
 AnySpec = JobSpec | FederationSpec | StudyPlan
-Runner = Callable[[AnySpec, JobContext], JobResult]
+# a job, federation or study spec; the runner dispatches on its type
+Runner = Callable[[Any, JobContext], JobResult]
 
 _SMALLER = "lower the batch size or the image size, or use a worker with more memory"
 

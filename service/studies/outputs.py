@@ -210,7 +210,7 @@ def reconstruction_grids(plan: StudyPlan, records: list[JobRecord], store: Any) 
     """(caption, PNG) of each point's truth-over-reconstruction grid, first seed only; a federation
     point shows its last audited round."""
     first_seed = plan.study.seeds[0]
-    grids = []
+    grids: list[tuple[str, bytes]] = []
     for point, record in zip(plan.points, records, strict=True):
         if point.seed != first_seed or len(grids) >= MAX_GRIDS:
             continue

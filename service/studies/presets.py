@@ -141,7 +141,7 @@ def content(scale: Scale) -> dict[str, Any]:
 
 def micro_designs(scale: Scale) -> dict[str, Any]:
     base = _pick(scale, {"width": 16, "depth": 2}, {"width": 64, "depth": 3})
-    designs = {
+    designs: dict[str, dict[str, Any]] = {
         "baseline": {},
         "no bias": {"bias": False},
         "no ReLU": {"relu": False},
