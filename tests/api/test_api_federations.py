@@ -12,6 +12,7 @@ from apitools import is_problem
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from service.jobs.budget import model_profile
 from service.jobs.embedded import EmbeddedQueue
 from service.jobs.runner import run_job
 from service.jobs.state import StateStore
@@ -39,7 +40,7 @@ def real(settings: Settings) -> Iterator[TestClient]:
     def queue(s: Settings, state: StateStore, store: ArtifactStore) -> EmbeddedQueue:
         return EmbeddedQueue(s, state, store, isolation="thread", runner=run_job)
 
-    with TestClient(create_app(settings, queue_factory=queue)) as c:
+    with TestClient(create_app(settings, queue_factory=queue, profiler=model_profile)) as c:
         yield c
 
 
