@@ -35,6 +35,12 @@ class ListQueue:
     async def ensure_queued(self, job: JobRecord) -> None:
         self.queued.append(job.id)
 
+    async def entries(self, before: float, limit: int) -> list[object]:
+        return []  # no queue of its own to clean: entries live in `queued`
+
+    async def discard(self, ref: str) -> None:
+        raise AssertionError(f"nothing should be discarded here ({ref})")
+
 
 def submit(state: StateStore, settings: Settings, **changes: object) -> tuple[JobRecord, list[JobRecord]]:
     study, points, created = create_study(
