@@ -169,8 +169,8 @@ class AuditLog:
         """Record how an audit ended: its job's verdict, or the error that stopped it."""
         if job is not None:
             record.status, record.metrics = job.status, job.metrics
-            if job.status == "succeeded" and job.metrics is None:
-                record.verdict = "unscored"
+            if job.status == "succeeded" and job.metrics is None and job.verdict is None:
+                record.verdict = "unscored"  # neither the client's images nor a leakage estimate
             else:
                 checks = evaluate_job(job, self.thresholds, "as-shared", "round", gated=True)
                 record.checks = [dataclasses.asdict(c) for c in checks]
@@ -220,9 +220,11 @@ class FlowerAuditor:
     values a client declares in its reply's metrics, then the round's config, under the usual keys
     such as "lr" or "local-epochs", take precedence). `ground_truth(round, config)` returns the
     images (N, C, H, W in [0, 1]) and labels the client trained on, to score the reconstruction;
-    without it the verdict is "unscored". The model is a registered `arch`, or your own `model`: an
-    ONNX file (each round's weights are written into its initializers), or with an embedded client
-    an `nn.Module` or import path. The default attack is FedAvg unrolling when the training
+    without it the thresholds apply to the job's leakage estimate (shadow audits on proxy data,
+    see the README's "Leakage verdict"), and the verdict is "unscored" only when there is none.
+    The model is a registered `arch`, or your own `model`: an ONNX file (each round's weights are
+    written into its initializers), or with an embedded client an `nn.Module` or import path.
+    The default attack is FedAvg unrolling when the training
     facts are known (knowledge level 3), else Inverting Gradients; the default threshold is a
     worst-case PSNR of 20 dB. `wait=True` waits for each job where it is submitted (tests, or a
     process that outlives its audits); by default the job is submitted and left to the service.
