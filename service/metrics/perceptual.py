@@ -66,7 +66,8 @@ def find_backbone_checkpoint(net: str = "alex", weights_dir: str | Path | None =
     raise MetricUnavailableError(
         f"LPIPS ({net}) needs the torchvision ImageNet checkpoint {name}; it is not in "
         + " nor ".join(str(d) for d in dirs)
-        + " (gradleak never downloads weights: copy the file there or set GRADLEAK_LPIPS_WEIGHTS_DIR)"
+        + " (a job never downloads weights: run `gradleak assets fetch lpips` once, or copy the file "
+        "there, or set GRADLEAK_LPIPS_WEIGHTS_DIR)"
     )
 
 
