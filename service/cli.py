@@ -22,6 +22,7 @@ from service import cli_federation, cli_service, cli_study
 from service.errors import GradleakError
 from service.specs import (
     ATTACK_PARAMS,
+    MAX_BUDGET_ITERATIONS,
     Budget,
     ClientTraining,
     DataSpec,
@@ -233,8 +234,11 @@ def _validation_message(e: ValidationError) -> str:
 def build_spec(**o: Any) -> JobSpec:
     """A JobSpec from an optional spec file with flags layered on top."""
     base: dict[str, Any] = {}
+    iterations_given = o["iterations"] is not None
     if o["spec_file"] is not None:
-        base = json.loads(JobSpec.from_file(o["spec_file"]).to_json())
+        from_file = JobSpec.from_file(o["spec_file"])
+        iterations_given = iterations_given or "iterations" in from_file.budget.model_fields_set
+        base = json.loads(from_file.to_json())
     elif o["arch"] is None and o["model"] is None:
         raise fail("give --spec FILE or at least --arch or --model")
     if o["arch"] is not None and o["model"] is not None:
@@ -333,6 +337,8 @@ def build_spec(**o: Any) -> JobSpec:
         if value is not None:
             budget[key] = value
     put("seed", o["seed"])
+    if not iterations_given and budget.get("time_limit_s") is not None:
+        budget["iterations"] = MAX_BUDGET_ITERATIONS  # a time limit alone: run until it is up
     return JobSpec.model_validate(base)
 
 

@@ -400,10 +400,24 @@ DefenseSpec = Annotated[
 ]
 
 
+MAX_BUDGET_ITERATIONS = 1_000_000
+
+
 class Budget(Frozen):
-    iterations: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    iterations: Annotated[int, Field(ge=1, le=MAX_BUDGET_ITERATIONS)] = Field(
+        default=1000,
+        description="attack iterations; with only a time limit given, as many as the time allows "
+        "(up to the server's limit)",
+    )
     restarts: Annotated[int, Field(ge=1, le=64)] = 1
     time_limit_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
+
+    def time_bound(self, cap: int = MAX_BUDGET_ITERATIONS) -> Budget:
+        """A budget that gives a time limit and no iteration count runs until its time is up (at
+        most `cap` iterations), instead of stopping at the default count within seconds."""
+        if self.time_limit_s is not None and "iterations" not in self.model_fields_set:
+            return self.model_copy(update={"iterations": cap})
+        return self
 
 
 class VerdictSpec(Frozen):
@@ -472,6 +486,12 @@ class JobSpec(YamlSpec):
 
 
 def check_knowledge(attack: AttackParams, granted: Knowledge) -> None:
+    if granted >= Knowledge.MALICIOUS_SERVER:
+        raise KnowledgeError(
+            "knowledge level 5 (a malicious server that may modify the model) is granted, but no attack "
+            "here uses it: the audit would run exactly as at level 4 while claiming more. Grant level 4 "
+            "or lower"
+        )
     need = attack.required_knowledge
     if granted < need:
         missing = [k for k in Knowledge if granted < k <= need]

@@ -266,3 +266,14 @@ def test_catalog_architecture_view_takes_more_sections():
         assert "  extra lenet\ntensors for 3x32x32 images" in view  # then the weight-naming contract
     finally:
         ARCHITECTURE_SECTIONS.remove(extra)
+
+
+def test_a_time_limit_alone_is_not_cut_short_by_the_default_iteration_count(tmp_path):
+    r = invoke(
+        "attack", "--arch", "mlp", "--knob", "width=8", "--images", "astronaut", "--size", "8",
+        "--time-limit", "3", "--out", str(tmp_path), "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["spec"]["budget"]["iterations"] == 1_000_000
+    assert m["attack"]["stop_reason"] == "time_limit" and m["attack"]["iterations"] > 1000

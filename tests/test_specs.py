@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from service.errors import KnowledgeError, SpecError
 from service.specs import (
+    Budget,
     DataSpec,
     FedAvgParams,
     GradInversionParams,
@@ -100,3 +101,19 @@ def test_unreadable_spec_file(tmp_path):
 def test_specs_do_not_import_torch():
     code = "import sys, service.specs; assert 'torch' not in sys.modules, 'specs imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_knowledge_level_5_is_refused_as_no_attack_uses_it():
+    s = spec(attack=GradInversionParams(), knowledge=Knowledge.MALICIOUS_SERVER)
+    with pytest.raises(KnowledgeError, match=r"level 5 .* no attack here uses it"):
+        s.check_knowledge()
+    spec(attack=GradInversionParams(), knowledge=Knowledge.BN_STATISTICS).check_knowledge()
+
+
+def test_a_time_limit_alone_is_not_capped_by_the_default_iteration_count():
+    assert Budget(time_limit_s=60).time_bound(20_000).iterations == 20_000
+    assert Budget(time_limit_s=60).time_bound().iterations == 1_000_000
+    assert Budget(iterations=50, time_limit_s=60).time_bound(20_000).iterations == 50  # said: kept
+    assert Budget().time_bound(20_000).iterations == 1000  # no time limit: the default count
+    parsed = JobSpec.from_yaml(spec(budget={"time_limit_s": 5}).to_yaml())
+    assert parsed.budget.time_bound(99).iterations == 1000  # a dumped spec states its iterations

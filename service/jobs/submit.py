@@ -101,7 +101,7 @@ def check_spec(spec: JobSpec, limits: Limits, profile_fn: ProfileFn | None = Non
     limits.check_batch("update.client.batch_size", client.batch_size)
     limits.check_batch("update.client.num_samples", client.num_samples)
 
-    budget = spec.budget
+    budget = spec.budget.time_bound(limits.max_iterations)
     limits.check_budget(budget)
     if spec.verdict.budget is not None:
         limits.check_budget(spec.verdict.budget)
@@ -112,8 +112,7 @@ def check_spec(spec: JobSpec, limits: Limits, profile_fn: ProfileFn | None = Non
     check_memory(spec, limits.worker_memory_bytes, profile_fn=profile_fn or model_profile)
     if budget.time_limit_s is None:
         budget = budget.model_copy(update={"time_limit_s": limits.default_time_limit_s})
-        spec = spec.model_copy(update={"budget": budget})
-    return spec
+    return spec.model_copy(update={"budget": budget})
 
 
 def check_references(spec: JobSpec, tenant: str, state: StateStore) -> None:

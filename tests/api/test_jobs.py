@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 import pytest
-from apitools import PNG, StubRunner, friendly_job, is_problem, upload_all, wait_job
+from apitools import PNG, StubRunner, friendly_job, is_problem, make_app, upload_all, wait_job
 from fastapi.testclient import TestClient
 
 
@@ -226,3 +226,18 @@ def test_non_finite_numbers_are_refused(client: TestClient, ids: dict[str, str],
     text = json.dumps(friendly_job(ids, attack={"name": "dlg", "lr": 1.0})).replace("1.0", number)
     response = client.post("/v1/jobs", content=text, headers={"content-type": "application/json"})
     assert "must be finite" in is_problem(response, 422)["detail"]
+
+
+@pytest.mark.parametrize(
+    ("budget", "iterations"),
+    [({"time_limit_s": 60}, 5000), ({"time_limit_s": 60, "iterations": 7}, 7), ({}, 1000)],
+)
+def test_a_time_limit_alone_runs_as_many_iterations_as_the_server_allows(
+    settings: Any, budget: dict[str, Any], iterations: int
+) -> None:
+    """The job's view states the iterations its budget allows: with only a time limit, the
+    server's limit rather than the default count, which stopped such a job within seconds."""
+    with TestClient(make_app(settings.model_copy(update={"max_iterations": 5000}), StubRunner())) as c:
+        job = c.post("/v1/jobs", json=full_spec(upload_all(c), budget=budget)).json()
+    assert job["spec"]["budget"]["iterations"] == iterations
+    assert job["spec"]["budget"]["time_limit_s"] == budget.get("time_limit_s", settings.default_time_limit_s)
