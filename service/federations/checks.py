@@ -9,7 +9,6 @@ from service.federations.spec import FederationSpec
 from service.jobs.budget import ProfileFn
 from service.jobs.state import StateStore
 from service.jobs.uploads import Limits, ModelUpload
-from service.specs import JobSpec, UpdateSpec
 
 
 def check_federation(
@@ -22,7 +21,7 @@ def check_federation(
     from service.data.photos import resolve_photo_name
     from service.defenses import DEFENSES
     from service.federations.data import check_shards, partition, train_labels
-    from service.federations.loop import data_spec
+    from service.federations.loop import audit_job, client_training, data_spec
     from service.jobs.budget import check_memory, model_profile
 
     if spec.data.source != "patches":
@@ -61,9 +60,8 @@ def check_federation(
         audited = [shards[spec.audit.client]] if spec.audit.client is not None else shards
         largest = max(len(s) for s in audited)
         limits.check_batch("the audited client's samples", largest)
-        check_memory(
-            audit_job(spec, largest), limits.worker_memory_bytes, profile_fn=profile_fn or model_profile
-        )
+        job = audit_job(spec, client_training(spec, largest, 0, 1), data_spec(spec, len(photos)), 1)
+        check_memory(job, limits.worker_memory_bytes, profile_fn=profile_fn or model_profile)
     limits.check_budget(spec.audit.budget, "audit.budget")
 
     time_limit = spec.time_limit_s
@@ -99,22 +97,3 @@ def check_initial_weights(spec: FederationSpec, tenant: str, state: StateStore) 
             f"{list(meta.image_shape)} images and {meta.num_classes} classes; the federation trains a "
             f"{spec.model.arch} (knobs {spec.model.knobs}) on {list(ours[2])} images of {ours[3]} classes"
         )
-
-
-def audit_job(spec: FederationSpec, num_images: int) -> JobSpec:
-    """The attack job an audited round runs (as the loop builds it), for its memory estimate."""
-    from service.federations.loop import client_training, data_spec
-
-    training = client_training(spec, num_images, 0, 1)
-    return JobSpec(
-        model=spec.model.model_copy(update={"weights": None}),
-        update=UpdateSpec(
-            kind="gradient" if training.protocol == "fedsgd" else "delta",
-            artifact="fed:update",
-            client=training,
-        ),
-        data=data_spec(spec, len(spec.data.patch_photos())).model_copy(update={"num_images": num_images}),
-        knowledge=spec.audit.knowledge,
-        attack=spec.audit.attack,
-        budget=spec.audit.budget,
-    )

@@ -378,6 +378,25 @@ def _mean(values: list[float]) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
+def audit_job(spec: FederationSpec, training: ClientTraining, dspec: DataSpec, round_: int) -> JobSpec:
+    """The attack job of an audited round: the model the server sent, the update the client
+    shared (kind by its protocol) with its training facts told, scored against its shard."""
+    return JobSpec(
+        model=ModelSpec(arch=spec.model.arch, knobs=spec.model.knobs, weights=SENT_REF),
+        update=UpdateSpec(
+            kind="gradient" if training.protocol == "fedsgd" else "delta",
+            artifact=UPDATE_REF,
+            client=training,
+        ),
+        data=dspec.model_copy(update={"num_images": training.num_samples}),
+        knowledge=spec.audit.knowledge,
+        attack=spec.audit.attack,
+        budget=spec.audit.budget,
+        seed=spec.seed + round_,
+        ground_truth=TRUTH_REF,
+    )
+
+
 def _audited(spec: FederationSpec, shared: list[_Shared]) -> _Shared:
     want = spec.audit.client
     return next(s for s in shared if want is None or s.client == want)
@@ -421,16 +440,7 @@ def _audit(
             {"images": images.cpu().contiguous(), "labels": labels.cpu().contiguous()}
         ),
     }
-    job = JobSpec(
-        model=ModelSpec(arch=spec.model.arch, knobs=spec.model.knobs, weights=SENT_REF),
-        update=UpdateSpec(kind=kind, artifact=UPDATE_REF, client=target.training),
-        data=dspec.model_copy(update={"num_images": len(labels)}),
-        knowledge=audit.knowledge,
-        attack=audit.attack,
-        budget=audit.budget,
-        seed=spec.seed + round_,
-        ground_truth=TRUTH_REF,
-    )
+    job = audit_job(spec, target.training, dspec, round_)
     prefix = round_prefix(round_)
     emit = ctx.progress
 
