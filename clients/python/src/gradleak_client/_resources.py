@@ -539,13 +539,8 @@ class Jobs(_Runs[Job]):
         return self._client._call(_create_options(self._path, body, idempotency_key, timeout), Job)
 
 
-class Federations(_Runs[Federation]):
-    """Federations: a model trained over FL rounds by simulated clients, with test accuracy and
-    IGSA per round and attacks on chosen rounds; follow, list, cancel like jobs."""
-
-    _path = "/v1/federations"
-    _model = Federation
-    _list_model = FederationList
+class _SpecRuns(_Runs[R]):
+    """A run submitted as a spec (`{"spec": ...}`), with its own artifacts resource."""
 
     def __init__(self, client: Client) -> None:
         super().__init__(client)
@@ -553,19 +548,28 @@ class Federations(_Runs[Federation]):
 
     def create(
         self, spec: Mapping[str, Any], *, idempotency_key: str | None = None, timeout: Timeout = None
-    ) -> Federation:
-        """Queue a federation (a FederationSpec as a mapping).
-
-        >>> fed = client.federations.create({
-        ...     "model": {"arch": "lenet"}, "num_clients": 10, "rounds": 20,
-        ...     "client": {"protocol": "fedavg", "lr": 0.05, "batch_size": 8},
-        ...     "audit": {"rounds": [1, 5, 20], "budget": {"iterations": 500}},
-        ... })
-        >>> fed = client.federations.wait(fed.id, progress=True).raise_for_status()
-        >>> [r["test_accuracy"] for r in fed.rounds]
-        """
+    ) -> R:
+        """Queue the run its spec (a mapping) describes; the server checks it all before queueing."""
         options = _create_options(self._path, {"spec": dict(spec)}, idempotency_key, timeout)
-        return self._client._call(options, Federation)
+        return self._client._call(options, self._model)  # type: ignore[no-any-return]
+
+
+class Federations(_SpecRuns[Federation]):
+    """Federations: a model trained over FL rounds by simulated clients, with test accuracy and
+    IGSA per round and attacks on chosen rounds; follow, list, cancel like jobs.
+
+    >>> fed = client.federations.create({
+    ...     "model": {"arch": "lenet"}, "num_clients": 10, "rounds": 20,
+    ...     "client": {"protocol": "fedavg", "lr": 0.05, "batch_size": 8},
+    ...     "audit": {"rounds": [1, 5, 20], "budget": {"iterations": 500}},
+    ... })
+    >>> fed = client.federations.wait(fed.id, progress=True).raise_for_status()
+    >>> [r["test_accuracy"] for r in fed.rounds]
+    """
+
+    _path = "/v1/federations"
+    _model = Federation
+    _list_model = FederationList
 
     def checkpoint_as_model(self, federation_id: str, round: int) -> ModelUpload:
         """Upload the global model of a round (a stored checkpoint) as a model, for attack jobs."""
@@ -574,32 +578,22 @@ class Federations(_Runs[Federation]):
         return self._client.models.upload(weights, **_checkpoint_model(fed))
 
 
-class Studies(_Runs[Study]):
+class Studies(_SpecRuns[Study]):
     """Studies: a job or federation spec swept over axes (grid or zipped) and seeds, run as
-    ordinary jobs on the service's workers and aggregated into a table, plots and a report."""
+    ordinary jobs on the service's workers and aggregated into a table, plots and a report;
+    every point is checked before any is queued.
+
+    >>> study = client.studies.create({
+    ...     "job": job_spec, "seeds": [0, 1, 2],
+    ...     "axes": [{"path": "update.simulate.training.local_epochs", "values": [1, 2, 4]}],
+    ... })
+    >>> study = client.studies.wait(study.id, progress=True).raise_for_status()
+    >>> table = client.studies.artifacts.read(study.id, "table.csv")
+    """
 
     _path = "/v1/studies"
     _model = Study
     _list_model = StudyList
-
-    def __init__(self, client: Client) -> None:
-        super().__init__(client)
-        self.artifacts = Artifacts(client, self._path)
-
-    def create(
-        self, spec: Mapping[str, Any], *, idempotency_key: str | None = None, timeout: Timeout = None
-    ) -> Study:
-        """Queue a study (a StudySpec as a mapping); every point is checked before any is queued.
-
-        >>> study = client.studies.create({
-        ...     "job": job_spec, "seeds": [0, 1, 2],
-        ...     "axes": [{"path": "update.simulate.training.local_epochs", "values": [1, 2, 4]}],
-        ... })
-        >>> study = client.studies.wait(study.id, progress=True).raise_for_status()
-        >>> table = client.studies.artifacts.read(study.id, "table.csv")
-        """
-        options = _create_options(self._path, {"spec": dict(spec)}, idempotency_key, timeout)
-        return self._client._call(options, Study)
 
 
 class Artifacts(_Resource):
@@ -754,12 +748,8 @@ class AsyncJobs(_AsyncRuns[Job]):
         return await self._client._call(_create_options(self._path, body, idempotency_key, timeout), Job)
 
 
-class AsyncFederations(_AsyncRuns[Federation]):
-    """See `Federations`."""
-
-    _path = "/v1/federations"
-    _model = Federation
-    _list_model = FederationList
+class _AsyncSpecRuns(_AsyncRuns[R]):
+    """See `_SpecRuns`."""
 
     def __init__(self, client: AsyncClient) -> None:
         super().__init__(client)
@@ -767,10 +757,18 @@ class AsyncFederations(_AsyncRuns[Federation]):
 
     async def create(
         self, spec: Mapping[str, Any], *, idempotency_key: str | None = None, timeout: Timeout = None
-    ) -> Federation:
-        """See `Federations.create`."""
+    ) -> R:
+        """See `_SpecRuns.create`."""
         options = _create_options(self._path, {"spec": dict(spec)}, idempotency_key, timeout)
-        return await self._client._call(options, Federation)
+        return await self._client._call(options, self._model)  # type: ignore[no-any-return]
+
+
+class AsyncFederations(_AsyncSpecRuns[Federation]):
+    """See `Federations`."""
+
+    _path = "/v1/federations"
+    _model = Federation
+    _list_model = FederationList
 
     async def checkpoint_as_model(self, federation_id: str, round: int) -> ModelUpload:
         """See `Federations.checkpoint_as_model`."""
@@ -779,23 +777,12 @@ class AsyncFederations(_AsyncRuns[Federation]):
         return await self._client.models.upload(weights, **_checkpoint_model(fed))
 
 
-class AsyncStudies(_AsyncRuns[Study]):
+class AsyncStudies(_AsyncSpecRuns[Study]):
     """See `Studies`."""
 
     _path = "/v1/studies"
     _model = Study
     _list_model = StudyList
-
-    def __init__(self, client: AsyncClient) -> None:
-        super().__init__(client)
-        self.artifacts = AsyncArtifacts(client, self._path)
-
-    async def create(
-        self, spec: Mapping[str, Any], *, idempotency_key: str | None = None, timeout: Timeout = None
-    ) -> Study:
-        """See `Studies.create`."""
-        options = _create_options(self._path, {"spec": dict(spec)}, idempotency_key, timeout)
-        return await self._client._call(options, Study)
 
 
 class AsyncArtifacts(_AsyncResource):
