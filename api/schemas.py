@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.federations.spec import FederationSpec
 from service.jobs.records import JobRecord, JobStatus, UploadRecord
 from service.jobs.uploads import GroundTruthUpload, ModelUpload, UpdateUpload, refuse_non_finite
-from service.specs import AttackSpec, Budget, DefenseSpec, JobSpec, Knowledge
+from service.specs import AttackSpec, Budget, DefenseSpec, JobSpec, Knowledge, VerdictSpec
 
 
 class Input(BaseModel):
@@ -120,6 +120,11 @@ class JobCreate(Input):
     defenses: list[DefenseSpec] = Field(default_factory=list, max_length=8)
     budget: Budget | None = None
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    verdict: VerdictSpec | None = Field(
+        default=None,
+        description="the leakage estimate without ground truth: when, shadows (K), budget, proxy_data "
+        "(a gt_... upload of proxy images), seed, igsa; default: the spec's defaults",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -137,6 +142,7 @@ class JobCreate(Input):
             "defenses",
             "budget",
             "seed",
+            "verdict",
         }
         given = friendly & self.model_fields_set
         if self.spec is not None and given:

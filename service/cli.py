@@ -204,6 +204,18 @@ def attack(
     restarts: Annotated[int | None, typer.Option(help="random restarts")] = None,
     time_limit: Annotated[float | None, typer.Option(help="wall-clock limit in seconds")] = None,
     seed: Annotated[int | None, typer.Option(help="job seed")] = None,
+    verdict: Annotated[
+        str | None,
+        typer.Option(help="leakage estimate without ground truth: auto (default: only then), always, never"),
+    ] = None,
+    shadows: Annotated[int | None, typer.Option(help="K, the estimate's shadow audits (default 3)")] = None,
+    shadow_iterations: Annotated[int | None, typer.Option(help="each shadow attack's iterations")] = None,
+    shadow_time_limit: Annotated[float | None, typer.Option(help="each shadow attack's seconds")] = None,
+    proxy_data: Annotated[
+        Path | None,
+        typer.Option(help="proxy images for the estimate (safetensors 'images'); default: shipped photos"),
+    ] = None,
+    verdict_seed: Annotated[int | None, typer.Option(help="seed of the proxy draws and shadow attacks")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when available")] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs"),
     save_spec: Annotated[Path | None, typer.Option(help="also write the resolved spec as YAML")] = None,
@@ -250,7 +262,9 @@ def build_spec(**o: Any) -> JobSpec:
         node = base
         *parents, last = path.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or null in a spec file (verdict.budget)
+                node[p] = {}
+            node = node[p]
         node[last] = value
 
     base.setdefault("model", ModelSpec(arch=o["arch"] or "").model_dump())
@@ -337,6 +351,12 @@ def build_spec(**o: Any) -> JobSpec:
         if value is not None:
             budget[key] = value
     put("seed", o["seed"])
+    put("verdict.when", o["verdict"])
+    put("verdict.shadows", o["shadows"])
+    put("verdict.proxy_data", str(o["proxy_data"]) if o["proxy_data"] else None)
+    put("verdict.seed", o["verdict_seed"])
+    put("verdict.budget.iterations", o["shadow_iterations"])
+    put("verdict.budget.time_limit_s", o["shadow_time_limit"])
     if not iterations_given and budget.get("time_limit_s") is not None:
         budget["iterations"] = MAX_BUDGET_ITERATIONS  # a time limit alone: run until it is up
     return JobSpec.model_validate(base)

@@ -65,6 +65,7 @@ def _submit(
             defenses=list(body.defenses),
             budget=body.budget,
             seed=body.seed,
+            verdict=body.verdict,
         )
     spec = check_spec(spec, rt.limits, rt.profiler)
     check_references(spec, tenant, rt.state)

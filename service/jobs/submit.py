@@ -26,7 +26,7 @@ from service.jobs.records import (
 from service.jobs.state import StateStore
 from service.jobs.uploads import Limits, ModelUpload, UpdateUpload
 from service.settings import Settings
-from service.specs import AttackParams, Budget, DefenseSpec, JobSpec, Knowledge, UpdateSpec
+from service.specs import AttackParams, Budget, DefenseSpec, JobSpec, Knowledge, UpdateSpec, VerdictSpec
 
 # (where in the spec, which kind of upload it must name)
 REFERENCES = (
@@ -48,8 +48,9 @@ def spec_from_uploads(
     defenses: list[DefenseSpec] | None = None,
     budget: Budget | None = None,
     seed: int = 0,
+    verdict: VerdictSpec | None = None,
 ) -> JobSpec:
-    """The JobSpec the uploads' metadata describe, with the attack settings of the request."""
+    """The JobSpec the uploads' metadata describe, with the attack and verdict settings of the request."""
     model_meta = ModelUpload.model_validate(model.metadata)
     update_meta = UpdateUpload.model_validate(update.metadata)
     if update_meta.model_id != model.id:
@@ -68,6 +69,8 @@ def spec_from_uploads(
         fields["knowledge"] = knowledge
     if budget is not None:
         fields["budget"] = budget
+    if verdict is not None:
+        fields["verdict"] = verdict
     return JobSpec(**fields)
 
 

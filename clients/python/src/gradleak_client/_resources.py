@@ -146,6 +146,7 @@ def _job_body(
     budget: Budget | Mapping[str, Any] | None,
     seed: int | None,
     spec: Mapping[str, Any] | None,
+    verdict: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "spec": None if spec is None else dict(spec),
@@ -157,6 +158,7 @@ def _job_body(
         "defenses": None if defenses is None else [dict(d) for d in defenses],
         "budget": None if budget is None else dict(budget),
         "seed": seed,
+        "verdict": None if verdict is None else dict(verdict),
     }
     # Fields left out stay unset: the API refuses a spec together with any of the others.
     return {k: v for k, v in body.items() if v is not None}
@@ -518,6 +520,7 @@ class Jobs(_Runs[Job]):
         defenses: Sequence[Defense | Mapping[str, Any]] | None = None,
         budget: Budget | Mapping[str, Any] | None = None,
         seed: int | None = None,
+        verdict: Mapping[str, Any] | None = None,
         spec: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         timeout: Timeout = None,
@@ -532,9 +535,13 @@ class Jobs(_Runs[Job]):
         ... )
         >>> job.status
         'queued'
+
+        Without `ground_truth_id` the job makes a leakage estimate from shadow audits; `verdict`
+        sets it: ``{"shadows": 5, "budget": {"iterations": 500}, "proxy_data": proxy.id}`` (an
+        uploaded ground-truth set of the platform's own images), ``{"when": "never"}`` to skip it.
         """
         body = _job_body(
-            update_id, model_id, ground_truth_id, attack, knowledge, defenses, budget, seed, spec
+            update_id, model_id, ground_truth_id, attack, knowledge, defenses, budget, seed, spec, verdict
         )
         return self._client._call(_create_options(self._path, body, idempotency_key, timeout), Job)
 
@@ -737,13 +744,14 @@ class AsyncJobs(_AsyncRuns[Job]):
         defenses: Sequence[Defense | Mapping[str, Any]] | None = None,
         budget: Budget | Mapping[str, Any] | None = None,
         seed: int | None = None,
+        verdict: Mapping[str, Any] | None = None,
         spec: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         timeout: Timeout = None,
     ) -> Job:
         """See `Jobs.create`."""
         body = _job_body(
-            update_id, model_id, ground_truth_id, attack, knowledge, defenses, budget, seed, spec
+            update_id, model_id, ground_truth_id, attack, knowledge, defenses, budget, seed, spec, verdict
         )
         return await self._client._call(_create_options(self._path, body, idempotency_key, timeout), Job)
 

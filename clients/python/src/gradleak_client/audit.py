@@ -65,6 +65,9 @@ class AuditInputs:
     ground_truth: FileInput | None = None
     update_id: str | None = None
     ground_truth_id: str | None = None
+    # proxy images for the leakage estimate (uploaded as a ground-truth set and named as the jobs'
+    # verdict.proxy_data); default: the policy's verdict.proxy_data
+    proxy_data: FileInput | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,21 @@ def check_inputs(policy: Policy, inputs: AuditInputs) -> None:
         )
 
 
+def _proxy_data_id(client: Client, policy: Policy, inputs: AuditInputs) -> str | None:
+    """The upload id of the proxy images the jobs' leakage estimates use, uploading a file once."""
+    if inputs.proxy_data is not None:
+        return client.ground_truth.upload(inputs.proxy_data).id
+    named = policy.verdict.proxy_data
+    if named is None:
+        return None
+    if not named.startswith("gt_"):
+        raise AuditUsageError(
+            f"verdict.proxy_data {named!r} is a file: give it to the audit (AuditInputs.proxy_data, or "
+            "the CLI reads it relative to the policy's folder), or give an uploaded set's id (gt_...)"
+        )
+    return named
+
+
 def _upload(client: Client, policy: Policy, inputs: AuditInputs) -> tuple[str, str | None]:
     check_inputs(policy, inputs)
     if inputs.update_id is not None:
@@ -303,6 +321,7 @@ def run_audit(
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
     update_id, truth_id = _upload(client, policy, inputs)
+    verdict = policy.verdict.request(_proxy_data_id(client, policy, inputs)) or None
     runs = [
         JobRun(scenario, attack_id, attack)
         for scenario in policy.scenarios
@@ -317,6 +336,7 @@ def run_audit(
             defenses=run.scenario.defenses,
             budget=run.attack.budget,
             seed=policy.seed,
+            verdict=verdict,
         )
         say(f"submitted {run.label}: {run.job.id}")
     grids = None if artifacts_dir is None else Path(artifacts_dir)

@@ -79,7 +79,7 @@ def _defense(text: str) -> dict[str, Any]:
     return {"name": name, **_pairs([p for p in params.split(",") if p], f"defense {name!r} parameters")}
 
 
-def _existing(path: str | None, what: str) -> Path | None:
+def _existing(path: str | Path | None, what: str) -> Path | None:
     if path is None:
         return None
     p = Path(path)
@@ -173,11 +173,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 defenses=[_defense(d) for d in args.defense] if args.defense else None,
                 budget=budget or None,
                 seed=args.seed,
+                verdict=_verdict(args),
             )
         if args.wait:
             job = client.jobs.wait(job.id, progress=True)
     _print_model(job, args.json)
     return EXIT_OK if not args.wait or job.status == "succeeded" else EXIT_LEAK
+
+
+def _verdict(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The job's `verdict` (the leakage estimate without ground truth) from the submit flags."""
+    budget = {"iterations": args.shadow_iterations, "time_limit_s": args.shadow_time_limit}
+    budget = {k: v for k, v in budget.items() if v is not None}
+    out = {
+        "when": args.verdict,
+        "shadows": args.shadows,
+        "budget": budget or None,
+        "proxy_data": args.proxy_data_id,
+        "seed": args.verdict_seed,
+    }
+    out = {k: v for k, v in out.items() if v is not None}
+    return out or None
 
 
 def _summary(job: Job) -> str:
@@ -304,6 +320,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         ground_truth=_existing(args.ground_truth, "the ground truth"),
         update_id=args.update_id,
         ground_truth_id=args.ground_truth_id,
+        proxy_data=_existing(args.proxy_data, "the proxy data")
+        or _existing(
+            policy.verdict.proxy_file(Path(args.policy).resolve().parent), "the policy's verdict.proxy_data"
+        ),
     )
     if args.embedded and (args.update_id or args.ground_truth_id):
         raise UsageError("--embedded starts an empty service: give files, not upload ids")
@@ -422,6 +442,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--defense", action="append", metavar="NAME[:K=V,...]", help="what-if defense, e.g. quantize:bits=4"
     )
     submit.add_argument("--seed", type=int)
+    estimate = submit.add_argument_group("leakage estimate (jobs without ground truth)")
+    estimate.add_argument(
+        "--verdict", choices=["auto", "always", "never"], help="when to estimate (default auto: without ground truth)"
+    )
+    estimate.add_argument("--shadows", type=int, help="K, the shadow audits (default 3)")
+    estimate.add_argument("--shadow-iterations", type=int, help="each shadow attack's iterations")
+    estimate.add_argument("--shadow-time-limit", type=float, help="each shadow attack's seconds")
+    estimate.add_argument(
+        "--proxy-data-id", help="an uploaded image set (gt_...) of your own domain as proxy data"
+    )
+    estimate.add_argument("--verdict-seed", type=int, help="seed of the proxy draws and shadow attacks")
     submit.add_argument("--spec", help="a full JobSpec (YAML or JSON) naming upload ids instead")
     submit.add_argument("--wait", action="store_true", help="wait for the job, with a progress bar")
     submit.set_defaults(func=cmd_submit)
@@ -461,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--ground-truth", help="the client's images and labels (safetensors), for scoring")
     audit.add_argument("--update-id", help="an uploaded update instead of --model/--update")
     audit.add_argument("--ground-truth-id", help="uploaded ground truth instead of --ground-truth")
+    audit.add_argument(
+        "--proxy-data",
+        help="proxy images (safetensors `images`) for the leakage estimate of jobs without ground truth; "
+        "overrides the policy's verdict.proxy_data",
+    )
     audit.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     audit.add_argument("--junit", help="JUnit XML path (default OUT/junit.xml)")
     audit.add_argument("--summary", help="Markdown summary path (default OUT/summary.md)")

@@ -19,6 +19,10 @@ the thresholds every result must meet. Torch-free; read from YAML (extra `cli`) 
       - {metric: lpips, min: 0.3, required: false}
       - {metric: label_accuracy, max: 1.0}
     convergence: {on_unconverged: error} # an attack still improving at the end fails the gate (exit 2)
+    verdict:                             # the leakage estimate of jobs without ground truth
+      shadows: 5                         # K shadow audits (default 3)
+      budget: {iterations: 500}          # each shadow attack's budget (default: the attack's)
+      proxy_data: proxy.safetensors      # the platform's own sample images (default: shipped photos)
 
 `thresholds` may also be a mapping of shorthands: ``{max_psnr: 20, min_lpips: 0.3}`` (worst case).
 
@@ -188,6 +192,41 @@ class Convergence(_Strict):
     )
 
 
+class VerdictOptions(_Strict):
+    """The leakage estimate each job makes when no ground truth is given (the server's
+    `verdict`): K shadow clients like the real one, on proxy images, attacked and scored."""
+
+    when: Literal["auto", "always", "never"] | None = Field(
+        default=None, description="auto (the server's default): only without ground truth; always; never"
+    )
+    shadows: int | None = Field(default=None, ge=2, le=16, description="K, the shadow audits per job")
+    budget: dict[str, Any] | None = Field(
+        default=None, description="each shadow attack's budget, e.g. {iterations: 500}; default: the attack's"
+    )
+    proxy_data: str | None = Field(
+        default=None,
+        description="proxy images of the platform's own domain: a safetensors file (`images`, N x C x H x "
+        "W in [0, 1]; relative paths from the policy's folder) the gate uploads, or an uploaded set's "
+        "id (gt_...); default: the service's shipped photos",
+    )
+    seed: int | None = Field(default=None, ge=0)
+    igsa: bool | None = None
+
+    def request(self, proxy_data_id: str | None) -> dict[str, Any]:
+        """The job request's `verdict`, with the proxy data as an upload id."""
+        out = self.model_dump(exclude_none=True, exclude={"proxy_data"})
+        if proxy_data_id is not None:
+            out["proxy_data"] = proxy_data_id
+        return out
+
+    def proxy_file(self, base: Path | None) -> Path | None:
+        """The proxy data as a local file to upload (None when it is an upload id or not given)."""
+        if self.proxy_data is None or self.proxy_data.startswith("gt_"):
+            return None
+        path = Path(self.proxy_data)
+        return path if path.is_absolute() or base is None else base / path
+
+
 class Policy(_Strict):
     version: Literal[1] = 1
     model: ModelInfo | None = Field(default=None, description="needed when a model file is uploaded")
@@ -198,6 +237,10 @@ class Policy(_Strict):
     scenarios: list[Scenario] = Field(default_factory=lambda: [Scenario(name="as-shared")], min_length=1)
     thresholds: list[Threshold] = Field(min_length=1)
     convergence: Convergence = Field(default_factory=Convergence)
+    verdict: VerdictOptions = Field(
+        default_factory=VerdictOptions,
+        description="the leakage estimate of jobs without ground truth (shadows, budget, proxy_data)",
+    )
 
     @field_validator("thresholds", mode="before")
     @classmethod
