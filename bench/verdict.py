@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from service.jobs.types import JobContext
 from service.models import build_model
 from service.specs import ClientTraining, DataSpec, JobSpec, ModelSpec
 from service.storage import LocalStore
-from service.tensorio import save_safetensors
+from service.tensorio import load_safetensors, save_safetensors
 from service.verdict.estimate import refine
 
 RESULTS = Path(__file__).parent / "results"
@@ -96,6 +97,67 @@ def trained(model: torch.nn.Module, data: DataSpec, steps: int = 60) -> torch.nn
     return model
 
 
+FED_ROUNDS = 20
+FED_CHECKPOINTS = (0, 3, FED_ROUNDS)  # 0: the federation's initial model; 3: early; 20: its final model
+CACHE = Path(__file__).parent / ".cache" / "verdict"
+
+
+def federation_checkpoint(arch: str, seed: int, round_: int, size: int) -> Path:
+    """The global model of a real federation on the photo-patch task (ten clients, FedAvg, one local
+    epoch of mini-batches of 8, every client every round) after `round_` rounds, from
+    service.federations' own run_federation; federations are cached under bench/.cache/verdict."""
+    from service.federations.loop import checkpoint_name, run_federation
+    from service.federations.spec import FederationSpec
+
+    where = CACHE / f"fed-{arch}-s{seed}-{size}px"
+    path = where / "store" / "fed" / checkpoint_name(round_)
+    if not path.exists():
+        spec = FederationSpec.model_validate(
+            {
+                "model": {"arch": arch, "knobs": ARCHS[arch], "init_seed": seed},
+                "data": {"source": "patches", "size": size},
+                "num_clients": 10,
+                "rounds": FED_ROUNDS,
+                "client": {"protocol": "fedavg", "lr": 0.05, "batch_size": 8, "local_epochs": 1},
+                "checkpoint_rounds": list(FED_CHECKPOINTS),
+                "seed": seed,
+            }
+        )
+        where.mkdir(parents=True, exist_ok=True)
+        out = run_federation(spec, JobContext("fed", LocalStore(where / "store"), "fed", lambda r: b""))
+        rows = out.manifest.get("rounds", [])
+        accuracy = rows[-1].get("test_accuracy") if rows else None
+        (where / "accuracy.json").write_text(json.dumps({"final_test_accuracy": accuracy}))
+    return path
+
+
+def federation_cases(offset: int) -> list[dict[str, Any]]:
+    """Cases whose weights are a real federation's checkpoints (seed 0 for calibration, 1 held out):
+    the initial model (round 0), an early one and the final one, interleaved like all_cases."""
+    grid = list(itertools.product(ARCHS, FED_CHECKPOINTS, ("fedsgd", "fedavg"), ("none", "noise", "topk")))
+    order = sorted(range(len(grid)), key=lambda i: (i * 7) % len(grid))
+    cases = []
+    for j, i in enumerate(order):
+        arch, round_, protocol, defense = grid[i]
+        cases.append(
+            {
+                "id": offset + j,
+                "split": "holdout" if offset >= FED_HOLDOUT else "calibration",
+                "arch": arch,
+                "weights": "untrained" if round_ == 0 else "trained",
+                "federation": {"seed": 1 if offset >= FED_HOLDOUT else 0, "round": round_},
+                "protocol": protocol,
+                "defense": defense,
+                "images": list(IMAGE_SETS)[j % len(IMAGE_SETS)],
+                "num_images": 1 + (j // 2) % 2,
+            }
+        )
+    return cases
+
+
+FED_CALIBRATION, FED_HOLDOUT = 200, 300
+
+
 def all_cases(offset: int = 0) -> list[dict[str, Any]]:
     """The grid, interleaved so any prefix covers every factor; `offset` draws other seeds (images,
     labels, initialisation) for a held-out split."""
@@ -126,7 +188,11 @@ def run_case(case: dict[str, Any], size: int, iterations: int, shadows: int, wor
     gen = torch.Generator().manual_seed(1000 + case["id"])
     model_spec = ModelSpec(arch=case["arch"], knobs=ARCHS[case["arch"]], init_seed=case["id"])
     model = build_model(model_spec, data)
-    if case["weights"] == "trained":
+    if "federation" in case:
+        fed = case["federation"]
+        ckpt = load_safetensors(federation_checkpoint(case["arch"], fed["seed"], fed["round"], size).read_bytes())
+        model.load_state_dict(ckpt, strict=False)
+    elif case["weights"] == "trained":
         model = trained(model, data)
     n = case["num_images"]
     images = IMAGE_SETS[case["images"]](size, n, gen)
@@ -169,6 +235,7 @@ def run_case(case: dict[str, Any], size: int, iterations: int, shadows: int, wor
     return {
         **case,
         "seconds": time.monotonic() - started,
+        "load_avg": list(os.getloadavg()),
         "truth": {s: m["metrics"][s]["psnr"] for s in ("mean", "worst_case")},
         "truth_ssim": {s: m["metrics"][s]["ssim"] for s in ("mean", "worst_case")},
         "estimate": {s: e["psnr"][s] for s in ("mean", "worst_case")},
@@ -256,14 +323,15 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--shadows", type=int, default=3)
-    ap.add_argument("--offset", type=int, default=0, help="case seeds start here (held-out split: 100)")
+    ap.add_argument("--offset", type=int, default=0, help="case seeds start here (held-out split: 100; federation checkpoints: 200 calibration, 300 held out)")
     ap.add_argument("--summarize", action="store_true")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     log = RESULTS / "verdict-cpu.jsonl"
     if not args.summarize:
         torch.set_num_threads(1)
-        for case in all_cases(args.offset)[args.skip : args.cases]:
+        make = federation_cases if args.offset >= FED_CALIBRATION else all_cases
+        for case in make(args.offset)[args.skip : args.cases]:
             with tempfile.TemporaryDirectory() as tmp:
                 row = run_case(case, args.size, args.iterations, args.shadows, Path(tmp))
             with log.open("a") as f:
