@@ -215,7 +215,9 @@ def attack(
         Path | None,
         typer.Option(help="proxy images for the estimate (safetensors 'images'); default: shipped photos"),
     ] = None,
-    verdict_seed: Annotated[int | None, typer.Option(help="seed of the proxy draws and shadow attacks")] = None,
+    verdict_seed: Annotated[
+        int | None, typer.Option(help="seed of the proxy draws and shadow attacks")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when available")] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs"),
     save_spec: Annotated[Path | None, typer.Option(help="also write the resolved spec as YAML")] = None,

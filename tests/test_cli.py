@@ -277,3 +277,34 @@ def test_a_time_limit_alone_is_not_cut_short_by_the_default_iteration_count(tmp_
     m = json.loads(r.stdout)
     assert m["spec"]["budget"]["iterations"] == 1_000_000
     assert m["attack"]["stop_reason"] == "time_limit" and m["attack"]["iterations"] > 1000
+
+
+def test_verdict_flags_set_the_estimate_and_layer_over_a_spec_file(tmp_path):
+    proxy = tmp_path / "proxy.safetensors"
+    images, _ = load_images("photos", ["astronaut", "rocket", "coffee"], size=8)
+    save_safetensors_file({"images": images}, proxy)
+    spec_path = tmp_path / "job.yaml"
+    r = invoke(
+        "attack", "--arch", "mlp", "--knob", "width=8", "--images", "astronaut", "--size", "8",
+        "--iterations", "2", "--verdict", "always", "--shadows", "2", "--shadow-iterations", "2",
+        "--proxy-data", str(proxy), "--verdict-seed", "3", "--save-spec", str(spec_path),
+        "--out", str(tmp_path), "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    v = m["spec"]["verdict"]
+    assert (v["when"], v["shadows"], v["seed"], v["budget"]["iterations"]) == ("always", 2, 3, 2)
+    est = m["estimate"]
+    assert est["shadows_run"] == 2 and est["proxy_data"] == "uploaded proxy data"
+    assert est["budget"]["iterations"] == 2
+    # a spec file whose verdict has no budget (null) takes the flags on top
+    again = invoke(
+        "attack", "--spec", str(spec_path), "--shadows", "3", "--shadow-time-limit", "30",
+        "--verdict", "never", "--save-spec", str(tmp_path / "again.yaml"), "--out", str(tmp_path), "--json",
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    m2 = json.loads(again.stdout)
+    assert m2["estimate"] is None and m2["spec"]["verdict"]["shadows"] == 3
+    assert m2["spec"]["verdict"]["budget"]["time_limit_s"] == 30
+    bad = invoke("attack", "--spec", str(spec_path), "--shadows", "1", "--out", str(tmp_path))
+    assert bad.exit_code == 2 and "verdict.shadows" in bad.output

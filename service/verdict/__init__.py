@@ -23,7 +23,17 @@ from service.data import normalize
 from service.jobs.types import JobContext, Progress
 from service.metrics import score
 from service.specs import JobSpec
-from service.verdict.estimate import CONFIDENCE, HALF_WIDTH_FLOOR, METRICS, SCOPES, combine, spread_factor
+from service.verdict.estimate import (
+    EXACT_DB,
+    HALF_WIDTH_FLOOR,
+    METRICS,
+    SCOPES,
+    SLOPE_EXACT,
+    SLOPE_PARTIAL,
+    SPREAD_C,
+    combine,
+    spread_factor,
+)
 from service.verdict.histogram import label_histogram
 from service.verdict.shadows import draw_images, proxy_pool, run_shadow, shadow_training
 
@@ -31,9 +41,13 @@ __all__ = ["estimate_leakage", "no_leak_floor"]
 
 METHOD = (
     "K shadow clients like the real one (model, declared training, defenses, image count, label "
-    "histogram) on proxy images, attacked like it and scored; estimate = the shadows' mean moved by "
-    "r^2 along their line of score against log matching loss to the real attack's loss; interval = "
-    f"+- max(floor, t x the shadows' sd about the line), t the two-sided {CONFIDENCE:.0%} Student quantile"
+    "histogram) on proxy images, attacked like it and scored; PSNR estimate = the mean of the "
+    "shadows' PSNRs (weighted by how near their loss is to the real one), each moved to the real "
+    "attack's final matching loss along a fixed line "
+    f"({SLOPE_EXACT:g} dB per e-fold of loss for a shadow at or above {EXACT_DB:g} dB, "
+    f"{SLOPE_PARTIAL:g} below); interval = +- max({HALF_WIDTH_FLOOR['psnr']:g} dB, {SPREAD_C:g} x the "
+    f"moved PSNRs' sd); at or above {EXACT_DB:g} dB the reconstruction is exact (the dB figure is "
+    "indicative); SSIM/LPIPS: the shadows' mean moved by r^2 along their own line of score against log loss"
 )
 
 
@@ -139,6 +153,9 @@ def estimate_leakage(
         "execution": "sequential (one attack per shadow; restarts batch within each)",
         "assumed": assumed,
         "half_width_floor": HALF_WIDTH_FLOOR,
+        "psnr_slopes_db_per_efold": {"exact": SLOPE_EXACT, "partial": SLOPE_PARTIAL},
+        "psnr_spread_multiple": SPREAD_C,
+        "exact_db": EXACT_DB,
         "spread_factor": spread_factor(max(len(shadows), 2)),
         "real_loss": real_loss,
         "shadow_losses": [s.loss for s in shadows],
@@ -180,11 +197,17 @@ def estimate_leakage(
 
 
 def summary(est: dict[str, Any]) -> str:
-    """One line: the worst-case PSNR estimate, its interval and its gain over the floor."""
+    """One line: the worst-case PSNR estimate, its interval and its gain over the floor; at or above
+    EXACT_DB it says "at least 40 dB: exact reconstruction" first (the dB figure is indicative)."""
     psnr = est.get("psnr", {}).get("worst_case")
     if psnr is None:
         return "no estimate: the shadow audits did not finish"
     lo, hi = psnr["interval"]
     gain = psnr.get("gain_over_floor")
     above = "" if gain is None else f", {gain:+.1f} dB over the no-leak floor"
+    if psnr["value"] >= EXACT_DB:
+        return (
+            f"estimated worst-case PSNR at least {EXACT_DB:g} dB: exact reconstruction "
+            f"({psnr['value']:.1f} dB [{lo:.1f}, {hi:.1f}], indicative){above}"
+        )
     return f"estimated worst-case PSNR {psnr['value']:.1f} dB [{lo:.1f}, {hi:.1f}]{above}"

@@ -2,16 +2,24 @@
 
 Method (one paragraph). K shadow clients, made like the real one (same model, declared training,
 defenses, image count and label histogram) but on proxy images, are attacked like it and scored
-against their own images. For each score (PSNR, SSIM, LPIPS; mean and worst case) the estimate is
-the shadows' mean, moved along their least-squares line of score against the log of the attack's
-final matching loss to the real update's loss, by the fraction r^2 of the score's variance that
-the loss explains (no move when K < 3, the losses do not vary, or the line says a lower loss
-means less leakage); the move is clipped to the shadows' range widened by one half-width. The
-interval is the estimate +- a half-width: the larger of a floor per metric (HALF_WIDTH_FLOOR,
-the domain shift between proxy and real images that the shadows cannot see; calibrated on
-bench/verdict.py's calibration cases) and t times the shadows' standard deviation about the line
-(about their mean when not moved), t the two-sided 90 % Student quantile with K - 1 degrees of
-freedom (2.92 for K = 3).
+against their own images. PSNR: each shadow's score is moved along a fixed line of PSNR against
+the log of the attack's final matching loss, from the shadow's own loss to the real attack's loss:
+by SLOPE_EXACT (-4.0 dB per e-fold, about -10 dB per decade: near an exact reconstruction the
+image error's energy is proportional to the matching loss) for a shadow reconstructed exactly
+(at least EXACT_DB = 40 dB), else by SLOPE_PARTIAL (-1.1 dB per e-fold); both slopes are the
+pooled within-case slopes of bench/verdict.py's calibration cases. The estimate is the mean of
+the moved scores, each weighted by exp(-d^2 / 2 LOSS_WIDTH^2), d the e-folds between its loss
+and the real one (LOSS_WIDTH = 2: a shadow that reached the real attack's loss needs the least
+moving); the interval is +- the larger of a floor (HALF_WIDTH_FLOOR, the proxy-to-real
+gap the shadows cannot see) and SPREAD_C times the moved scores' standard deviation, SPREAD_C the
+smallest multiple (in steps of 0.25) that covers 85 % of the calibration cases. At or above
+EXACT_DB the estimate says "exact reconstruction": PSNRs up there differ by float rounding, not by
+what is visible, so the verdict reads "at least 40 dB" and the dB figure is indicative only.
+SSIM and LPIPS have no such pooled line: their estimate is the shadows' mean moved by r^2 along
+the shadows' own least-squares line of score against log loss (no move when K < 3, the losses do
+not vary, or the line says a lower loss means less leakage), clipped to their range widened by one
+half-width, with +- max(floor, t x the shadows' sd about the line), t the two-sided 90 % Student
+quantile with K - 1 degrees of freedom.
 """
 
 from __future__ import annotations
@@ -23,9 +31,14 @@ from typing import Any
 
 from scipy.stats import t as student_t
 
-# Half-width floors: the gap between proxy and real images the shadows cannot see, the smallest
-# that covers 80 % of bench/verdict.py's calibration cases (PSNR; SSIM and LPIPS in proportion).
+# Half-width floors: the gap between proxy and real images the shadows cannot see (PSNR: chosen
+# with SPREAD_C on bench/verdict.py's calibration cases; SSIM and LPIPS in proportion).
 HALF_WIDTH_FLOOR: dict[str, float] = {"psnr": 3.0, "ssim": 0.12, "lpips": 0.12}
+EXACT_DB = 40.0  # a reconstruction this good is exact: the verdict says "at least 40 dB"
+SLOPE_EXACT = -4.0  # dB of PSNR per e-fold of matching loss, for a shadow reconstructed exactly
+SLOPE_PARTIAL = -1.1  # the same below EXACT_DB (pooled within-case slopes, calibration cases)
+LOSS_WIDTH = 2.0  # e-folds: shadows whose loss is near the real one weigh more (Gaussian weight)
+SPREAD_C = 2.0  # PSNR half-width: max(floor, SPREAD_C x the moved shadow scores' sd)
 CONFIDENCE = 0.90  # two-sided, of the Student quantile that scales the shadows' spread
 BOUNDS: dict[str, tuple[float, float]] = {"psnr": (0.0, 100.0), "ssim": (-1.0, 1.0), "lpips": (0.0, 2.0)}
 METRICS = ("psnr", "ssim", "lpips")
@@ -88,6 +101,37 @@ def refine(
     }
 
 
+def extrapolate_psnr(
+    values: Sequence[float], log_losses: Sequence[float], real_log_loss: float | None
+) -> dict[str, Any]:
+    """The PSNR estimate and interval from the shadows' (PSNR, log loss) pairs (module docstring)."""
+    if real_log_loss is None or not math.isfinite(real_log_loss):
+        moved = list(values)  # no real loss to move to: the shadows as they are, weighted alike
+        weights = [1.0] * len(values)
+    else:
+        moved = [
+            v + (SLOPE_EXACT if v >= EXACT_DB else SLOPE_PARTIAL) * (real_log_loss - x)
+            for v, x in zip(values, log_losses, strict=True)
+        ]
+        weights = [math.exp(-0.5 * ((real_log_loss - x) / LOSS_WIDTH) ** 2) for x in log_losses]
+        if sum(weights) < 1e-12:  # every shadow far from the real loss: weigh them alike
+            weights = [1.0] * len(values)
+    point = sum(w * m for w, m in zip(weights, moved, strict=True)) / sum(weights)
+    half = max(HALF_WIDTH_FLOOR["psnr"], SPREAD_C * _sd(moved))
+    lo_b, hi_b = BOUNDS["psnr"]
+    point = min(max(point, lo_b), hi_b)
+    return {
+        "value": point,
+        "interval": [max(lo_b, point - half), min(hi_b, point + half)],
+        "exact": point >= EXACT_DB,
+        "shadows": list(values),
+        "shadows_moved": moved,
+        "shadow_weights": [w / sum(weights) for w in weights],
+        "shadow_mean": _mean(values),
+        "shadow_sd": _sd(values),
+    }
+
+
 def combine(shadow_scores: list[dict[str, Any]], real_loss: float | None) -> tuple[dict, dict]:
     """Per metric and scope, the refined estimate; and what is unavailable (LPIPS without weights)."""
     logs = [math.log(max(s["loss"], 1e-30)) for s in shadow_scores]
@@ -102,7 +146,11 @@ def combine(shadow_scores: list[dict[str, Any]], real_loss: float | None) -> tup
                 reason = shadow_scores[0]["metrics"].get(f"{metric}_unavailable", "not computed")
                 unavailable[metric] = str(reason)
                 break
-            per_scope[scope] = refine(values, logs, real_log, metric)
+            per_scope[scope] = (
+                extrapolate_psnr(values, logs, real_log)
+                if metric == "psnr"
+                else refine(values, logs, real_log, metric)
+            )
         if metric not in unavailable:
             out[metric] = per_scope
     return out, unavailable

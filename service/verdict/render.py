@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from service.verdict.estimate import METRICS, SCOPES
+from service.verdict.estimate import EXACT_DB, METRICS, SCOPES
 
 
 def _num(v: Any, unit: str = "") -> str:
@@ -25,8 +25,11 @@ def render_estimate_html(estimate: dict[str, Any] | None) -> str:
         for scope in SCOPES:
             e = estimate[metric][scope]
             lo, hi = e["interval"]
+            value = _num(e["value"], unit)
+            if e.get("exact"):
+                value = f"at least {EXACT_DB:g} dB: exact ({value}, indicative)"
             rows += (
-                f"<tr><td>{metric}</td><td>{scope.replace('_', ' ')}</td><td>{_num(e['value'], unit)}</td>"
+                f"<tr><td>{metric}</td><td>{scope.replace('_', ' ')}</td><td>{value}</td>"
                 f"<td>[{_num(lo)}, {_num(hi)}]</td><td>{_num(e.get('gain_over_floor'), unit)}</td>"
                 f"<td>{_num(estimate['floor'][metric][scope], unit)}</td></tr>"
             )

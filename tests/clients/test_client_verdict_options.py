@@ -137,8 +137,10 @@ def test_the_gate_cli_runs_the_policys_verdict_on_the_proxy_file_beside_it(tmp_p
     body["thresholds"] = [{"metric": "psnr", "max": 20}]
     path.write_text(json.dumps(body))
     data = tmp_path / "data"
-    argv = ["audit", "--policy", str(path), "--model", str(files["weights"]), "--update", str(files["gradient"]),
-            "--out", str(tmp_path / "out"), "--embedded", "--no-progress", "--data-dir", str(data)]  # fmt: skip
+    argv = [
+        "audit", "--policy", str(path), "--model", str(files["weights"]), "--update", str(files["gradient"]),
+        "--out", str(tmp_path / "out"), "--embedded", "--no-progress", "--data-dir", str(data),
+    ]  # fmt: skip
     assert main(argv) in (0, 1)  # judged on the estimate (pass or fail), not an error
     manifests = [json.loads(m.read_text()) for m in data.rglob("metrics.json")]
     assert len(manifests) == 1

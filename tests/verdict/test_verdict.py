@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,17 @@ from service.models import build_model
 from service.specs import ClientTraining, DataSpec, JobSpec, ModelSpec
 from service.storage import LocalStore
 from service.tensorio import save_safetensors
-from service.verdict.estimate import HALF_WIDTH_FLOOR, refine, spread_factor
+from service.verdict import summary
+from service.verdict.estimate import (
+    EXACT_DB,
+    HALF_WIDTH_FLOOR,
+    SLOPE_EXACT,
+    SLOPE_PARTIAL,
+    SPREAD_C,
+    extrapolate_psnr,
+    refine,
+    spread_factor,
+)
 from service.verdict.histogram import label_histogram
 from service.verdict.shadows import draw_images, proxy_pool, run_shadow, shadow_training
 
@@ -222,3 +233,33 @@ def test_the_shipped_photos_are_the_default_proxy() -> None:
     a = draw_images(pool, 4, torch.Generator().manual_seed(3))
     b = draw_images(pool, 4, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_psnr_moves_each_shadow_to_the_real_loss_along_its_regimes_line() -> None:
+    # two partial shadows and one exact one, all one e-fold above the real loss: each moves by its slope
+    e = extrapolate_psnr([14.0, 16.0, 50.0], [1.0, 1.0, 1.0], 0.0)
+    assert e["shadows_moved"] == pytest.approx(
+        [14.0 - SLOPE_PARTIAL, 16.0 - SLOPE_PARTIAL, 50.0 - SLOPE_EXACT]
+    )
+    assert e["value"] == pytest.approx(sum(e["shadows_moved"]) / 3)  # equally near: equal weights
+    half = max(HALF_WIDTH_FLOOR["psnr"], SPREAD_C * statistics.stdev(e["shadows_moved"]))
+    assert e["interval"] == pytest.approx([max(0.0, e["value"] - half), e["value"] + half])  # PSNR >= 0
+    # a lower real loss than every shadow's: more leakage, beyond the shadows' own range
+    lower = extrapolate_psnr([20.0, 21.0, 22.0], [0.0, 0.0, 0.0], -3.0)
+    assert lower["value"] == pytest.approx(21.0 - 3.0 * SLOPE_PARTIAL) and not lower["exact"]
+    # the shadow whose loss is nearest the real one weighs most
+    near = extrapolate_psnr([10.0, 30.0], [0.0, 6.0], 0.0)
+    assert near["shadow_weights"][0] > 0.95 and near["value"] < 11.0
+    # no real loss: the shadows' plain mean and the floor width
+    plain = extrapolate_psnr([15.0, 15.0], [0.0, 1.0], None)
+    assert plain["value"] == 15.0 and plain["interval"] == [12.0, 18.0]
+
+
+def test_an_exact_estimate_says_at_least_40_db() -> None:
+    e = extrapolate_psnr([55.0, 60.0, 65.0], [-10.0, -10.0, -10.0], -10.0)
+    assert e["exact"] and e["value"] == pytest.approx(60.0) and e["value"] >= EXACT_DB
+    line = summary({"psnr": {"worst_case": {**e, "gain_over_floor": 48.0}}})
+    assert line.startswith("estimated worst-case PSNR at least 40 dB: exact reconstruction")
+    assert "indicative" in line
+    below = extrapolate_psnr([20.0, 21.0, 22.0], [0.0, 0.0, 0.0], 0.0)
+    assert "exact" not in summary({"psnr": {"worst_case": below}})

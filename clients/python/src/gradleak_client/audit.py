@@ -197,6 +197,11 @@ def _estimated(estimate: Estimate, rule: Threshold) -> tuple[list[tuple[int | No
     return [(None, hi if MORE_LEAK_WHEN_HIGHER[rule.metric] else lo)], ""
 
 
+def _exact(estimate: Estimate, rule: Threshold) -> bool:
+    value = estimate.get(rule.metric, rule.over) if rule.metric == "psnr" else None
+    return bool(value is not None and value.exact)
+
+
 def evaluate_job(
     job: Job,
     thresholds: list[Threshold],
@@ -234,6 +239,8 @@ def evaluate_job(
                 rule.subject() if scores is not None else f"estimated {rule.subject()} ({rule.estimate})"
             )
             message = f"{subject} {_fmt(value, rule.metric)} {op} {bound}{where}"
+            if estimate is not None and scores is None and _exact(estimate, rule):
+                message += " (at least 40 dB: an exact reconstruction)"
             name = rule.describe() if rule.over != "per_image" else f"{rule.describe()} [image {image}]"
             outcome = "pass" if passed else "fail"
             checks.append(Check(scenario, attack, name, outcome, message, gated, job.id, value, image))

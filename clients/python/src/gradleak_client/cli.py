@@ -444,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=int)
     estimate = submit.add_argument_group("leakage estimate (jobs without ground truth)")
     estimate.add_argument(
-        "--verdict", choices=["auto", "always", "never"], help="when to estimate (default auto: without ground truth)"
+        "--verdict",
+        choices=["auto", "always", "never"],
+        help="when to estimate (default auto: without ground truth)",
     )
     estimate.add_argument("--shadows", type=int, help="K, the shadow audits (default 3)")
     estimate.add_argument("--shadow-iterations", type=int, help="each shadow attack's iterations")

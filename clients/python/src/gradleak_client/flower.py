@@ -221,9 +221,11 @@ class FlowerAuditor:
     such as "lr" or "local-epochs", take precedence). `ground_truth(round, config)` returns the
     images (N, C, H, W in [0, 1]) and labels the client trained on, to score the reconstruction;
     without it the thresholds apply to the job's leakage estimate (shadow audits on proxy data,
-    see the README's "Leakage verdict"), and the verdict is "unscored" only when there is none.
-    The model is a registered `arch`, or your own `model`: an ONNX file (each round's weights are
-    written into its initializers), or with an embedded client an `nn.Module` or import path.
+    see the README's "Leakage verdict"), and the verdict is "unscored" only when there is none;
+    `verdict` sets that estimate like the job request's field (e.g. ``{"shadows": 5, "budget":
+    {"iterations": 500}, "proxy_data": "gt_..."}``). The model is a registered `arch`, or your
+    own `model`: an ONNX file (each round's weights are written into its initializers), or with
+    an embedded client an `nn.Module` or import path.
     The default attack is FedAvg unrolling when the training
     facts are known (knowledge level 3), else Inverting Gradients; the default threshold is a
     worst-case PSNR of 20 dB. `wait=True` waits for each job where it is submitted (tests, or a
@@ -250,6 +252,7 @@ class FlowerAuditor:
         attack: Attack | Mapping[str, Any] | None = None,
         knowledge: int | None = None,
         budget: Budget | Mapping[str, Any] | None = None,
+        verdict: Mapping[str, Any] | None = None,
         thresholds: Sequence[Threshold | Mapping[str, Any]] = DEFAULT_THRESHOLDS,
         ground_truth: GroundTruthFn | None = None,
         wait: bool = False,
@@ -273,6 +276,7 @@ class FlowerAuditor:
         self.attack = None if attack is None else dict(attack)
         self.knowledge = knowledge
         self.budget = None if budget is None else dict(budget)
+        self.verdict = None if verdict is None else dict(verdict)  # the jobs' leakage-estimate options
         self.ground_truth = ground_truth
         self.wait = wait
         self.audits = AuditLog(client, thresholds=thresholds, path=log_path, timeout=timeout)
@@ -425,6 +429,7 @@ class FlowerAuditor:
             attack=attack,
             knowledge=knowledge,
             budget=self.budget,
+            verdict=self.verdict,
         )
         record.job_id, record.status = job.id, job.status
 

@@ -240,6 +240,10 @@ class EstimateValue(_Model):
     interval: tuple[float, float]
     gain_over_floor: float | None = None
     shadows: list[float] = Field(default_factory=list)
+    exact: bool | None = Field(
+        default=None,
+        description="PSNR only: at least 40 dB, an exact reconstruction (the dB figure is then indicative)",
+    )
 
 
 class LabelHistogram(_Model):
