@@ -453,6 +453,9 @@ def main() -> None:
             )
             if part
         },
+        "federations": {
+            p.parent.name: json.loads(p.read_text()) for p in sorted(CACHE.glob("fed-*/accuracy.json"))
+        },
         "baselines_holdout": {
             "shadow_mean": "summary.holdout.*.shadow_mean_mae_db(_capped): the shadows' plain mean",
             "previous_method": previous_method(held),
