@@ -424,7 +424,8 @@ def main() -> None:
         "machine": {
             **machine(),
             "note": "shared with other work (about 8 concurrent jobs on 2 cores); the figures are "
-            "qualities, not timings; each case's 1-minute load average is in its row",
+            "qualities, not timings; each case's 1-minute load average is in its row (rows without one "
+            "ran in an earlier session, on a 2-core AMD EPYC); this is the machine of the summary",
             "load_avg_now": list(os.getloadavg()),
             "load_avg_1min_over_cases": {"median": float(np.median(loads)), "max": max(loads)}
             if loads

@@ -149,3 +149,28 @@ def test_the_gate_cli_runs_the_policys_verdict_on_the_proxy_file_beside_it(tmp_p
     assert m["estimate"]["proxy_data"] == "uploaded proxy data" and m["estimate"]["budget"]["iterations"] == 3
     junit = (tmp_path / "out" / "junit.xml").read_text()
     assert "estimated worst-case psnr" in junit
+
+
+def test_the_flower_auditor_passes_its_verdict_options_to_every_job(service: EmbeddedService) -> None:
+    import torch
+
+    from gradleak_client.flower import FlowerAuditor
+    from service.models import build_model
+    from service.specs import DataSpec, ModelSpec
+
+    net = build_model(ModelSpec(arch="lenet"), DataSpec(shape=(3, 16, 16), num_classes=10))
+    before = [v.detach().numpy().copy() for v in net.state_dict().values()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)
+    after = [v.detach().numpy().copy() for v in net.state_dict().values()]
+    with service.client() as client:
+        auditor = FlowerAuditor(
+            client, arch="lenet", image_shape=(3, 16, 16), names=list(net.state_dict()), rounds=[1],
+            lr=0.1, local_epochs=1, batch_size=2, normalization="none", budget={"iterations": 1},
+            verdict={"when": "never", "shadows": 4},
+        )  # fmt: skip
+        record = auditor.observe(before, after, 2, {"server-round": 1})
+        assert record is not None and record.job_id is not None, record
+        said = client.jobs.get(record.job_id).spec["verdict"]
+        assert said["when"] == "never" and said["shadows"] == 4
