@@ -263,3 +263,21 @@ def test_an_exact_estimate_says_at_least_40_db() -> None:
     assert "indicative" in line
     below = extrapolate_psnr([20.0, 21.0, 22.0], [0.0, 0.0, 0.0], 0.0)
     assert "exact" not in summary({"psnr": {"worst_case": below}})
+
+
+def test_the_report_says_an_exact_estimate_is_at_least_40_db() -> None:
+    from service.verdict.render import render_estimate_html
+
+    exact = extrapolate_psnr([55.0, 60.0, 65.0], [-10.0, -10.0, -10.0], -10.0)
+    partial = extrapolate_psnr([20.0, 21.0, 22.0], [0.0, 0.0, 0.0], 0.0)
+    estimate = {
+        "psnr": {"worst_case": exact, "mean": partial},
+        "floor": {"psnr": {"worst_case": 12.0, "mean": 12.0}},
+        "labels": {"counts": {"3": 1}, "certainty": "exact", "why": "one image"},
+        "shadows_run": 3,
+        "proxy_data": "crops of the shipped photos",
+        "method": "m",
+        "summary": "s",
+    }
+    html = render_estimate_html(estimate)
+    assert html.count("at least 40 dB: exact") == 1 and "21 dB" in html
