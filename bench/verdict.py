@@ -40,7 +40,7 @@ from service.models import build_model
 from service.specs import ClientTraining, DataSpec, JobSpec, ModelSpec
 from service.storage import LocalStore
 from service.tensorio import load_safetensors, save_safetensors
-from service.verdict.estimate import extrapolate_psnr, refine
+from service.verdict.estimate import SLOPE_EXACT, SLOPE_PARTIAL, extrapolate_psnr, refine
 
 RESULTS = Path(__file__).parent / "results"
 CAP_DB = 40.0  # PSNRs above count as this in mae_db_capped (a fully recovered image)
@@ -288,6 +288,25 @@ def why_missed(r: dict[str, Any], scope: str, e: dict[str, Any], t: float) -> st
     )
 
 
+def pooled_slopes(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The pooled within-case slopes of PSNR against log loss (both scopes), for shadows at or above
+    CAP_DB and below: how the estimate's SLOPE_EXACT and SLOPE_PARTIAL were fitted (calibration)."""
+    out: dict[str, float | None] = {}
+    for regime in ("exact", "partial"):
+        sxy = sxx = 0.0
+        for r in rows:
+            logs = np.log(np.maximum(np.array(r["shadow_losses"]), 1e-30))
+            for scope in ("mean", "worst_case"):
+                v = np.array(r["estimate"][scope]["shadows"])
+                keep = v >= CAP_DB if regime == "exact" else v < CAP_DB
+                if keep.sum() < 2:
+                    continue
+                x, y = logs[keep] - logs[keep].mean(), v[keep] - v[keep].mean()
+                sxy, sxx = sxy + float((x * y).sum()), sxx + float((x * x).sum())
+        out[regime] = sxy / sxx if sxx > 0 else None
+    return out
+
+
 def previous_method(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The method this estimate replaced (the shadows' mean moved by r^2 along their own line of
     PSNR against log loss, clipped to their range), scored the same way: the baseline."""
@@ -456,6 +475,11 @@ def main() -> None:
         },
         "federations": {
             p.parent.name: json.loads(p.read_text()) for p in sorted(CACHE.glob("fed-*/accuracy.json"))
+        },
+        "slopes_db_per_efold": {
+            "used": {"exact": SLOPE_EXACT, "partial": SLOPE_PARTIAL},
+            "calibration": pooled_slopes([r for r in rows if r.get("split", "calibration") == "calibration"]),
+            "holdout_check_only": pooled_slopes(held),
         },
         "baselines_holdout": {
             "shadow_mean": "summary.holdout.*.shadow_mean_mae_db(_capped): the shadows' plain mean",
