@@ -359,6 +359,8 @@ def build_spec(**o: Any) -> JobSpec:
     put("verdict.seed", o["verdict_seed"])
     put("verdict.budget.iterations", o["shadow_iterations"])
     put("verdict.budget.time_limit_s", o["shadow_time_limit"])
+    if o["shadow_time_limit"] is not None and o["shadow_iterations"] is None:
+        put("verdict.budget.iterations", MAX_BUDGET_ITERATIONS)  # a time limit alone: run until it is up
     if not iterations_given and budget.get("time_limit_s") is not None:
         budget["iterations"] = MAX_BUDGET_ITERATIONS  # a time limit alone: run until it is up
     return JobSpec.model_validate(base)

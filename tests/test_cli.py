@@ -306,5 +306,8 @@ def test_verdict_flags_set_the_estimate_and_layer_over_a_spec_file(tmp_path):
     m2 = json.loads(again.stdout)
     assert m2["estimate"] is None and m2["spec"]["verdict"]["shadows"] == 3
     assert m2["spec"]["verdict"]["budget"]["time_limit_s"] == 30
+    assert (
+        m2["spec"]["verdict"]["budget"]["iterations"] == 1_000_000
+    )  # a time limit alone runs until it is up
     bad = invoke("attack", "--spec", str(spec_path), "--shadows", "1", "--out", str(tmp_path))
     assert bad.exit_code == 2 and "verdict.shadows" in bad.output

@@ -106,8 +106,12 @@ def check_spec(spec: JobSpec, limits: Limits, profile_fn: ProfileFn | None = Non
 
     budget = spec.budget.time_bound(limits.max_iterations)
     limits.check_budget(budget)
-    if spec.verdict.budget is not None:
-        limits.check_budget(spec.verdict.budget)
+    verdict = spec.verdict
+    if verdict.budget is not None:
+        # a shadow time limit alone also runs until its time is up (capped like the attack's)
+        shadow_budget = verdict.budget.time_bound(limits.max_iterations)
+        limits.check_budget(shadow_budget)
+        verdict = verdict.model_copy(update={"budget": shadow_budget})
     if not 0 <= spec.seed < 2**63:
         raise SpecError(f"seed must lie in 0..{2**63 - 1}")
     # Architecture, knobs and image size as the runner will build them (on the meta device), and
@@ -115,7 +119,7 @@ def check_spec(spec: JobSpec, limits: Limits, profile_fn: ProfileFn | None = Non
     check_memory(spec, limits.worker_memory_bytes, profile_fn=profile_fn or model_profile)
     if budget.time_limit_s is None:
         budget = budget.model_copy(update={"time_limit_s": limits.default_time_limit_s})
-    return spec.model_copy(update={"budget": budget})
+    return spec.model_copy(update={"budget": budget, "verdict": verdict})
 
 
 def check_references(spec: JobSpec, tenant: str, state: StateStore) -> None:

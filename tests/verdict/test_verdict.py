@@ -281,3 +281,24 @@ def test_the_report_says_an_exact_estimate_is_at_least_40_db() -> None:
     }
     html = render_estimate_html(estimate)
     assert html.count("at least 40 dB: exact") == 1 and "21 dB" in html
+
+
+def test_a_shadow_time_limit_alone_runs_until_it_is_up_capped_by_the_server() -> None:
+    from service.jobs.submit import check_spec
+    from service.jobs.uploads import Limits
+
+    limits = Limits(
+        max_batch_size=64, max_iterations=5000, max_restarts=8, max_time_limit_s=600.0,
+        default_time_limit_s=60.0, worker_memory_bytes=8 << 30,
+    )  # fmt: skip
+    body: dict[str, Any] = {
+        "model": {"arch": "lenet"},
+        "update": {"kind": "gradient", "artifact": "upd_x"},
+        "data": {"shape": [3, 16, 16]},
+        "verdict": {"budget": {"time_limit_s": 30}},
+    }
+    shadow = check_spec(JobSpec.model_validate(body), limits).verdict.budget
+    assert shadow is not None and (shadow.iterations, shadow.time_limit_s) == (5000, 30)
+    body["verdict"] = {"budget": {"iterations": 7}}
+    shadow = check_spec(JobSpec.model_validate(body), limits).verdict.budget
+    assert shadow is not None and shadow.iterations == 7 and shadow.time_limit_s is None
