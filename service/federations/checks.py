@@ -63,6 +63,8 @@ def check_federation(
         job = audit_job(spec, client_training(spec, largest, 0, 1), data_spec(spec, len(photos)), 1)
         check_memory(job, limits.worker_memory_bytes, profile_fn=profile_fn or model_profile)
     limits.check_budget(spec.audit.budget, "audit.budget")
+    if spec.audit.verdict.budget is not None:
+        limits.check_budget(spec.audit.verdict.budget, "audit.verdict.budget")
 
     time_limit = spec.time_limit_s
     if time_limit is not None and time_limit > limits.max_federation_time_limit_s:

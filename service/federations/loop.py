@@ -394,6 +394,7 @@ def audit_job(spec: FederationSpec, training: ClientTraining, dspec: DataSpec, r
         budget=spec.audit.budget,
         seed=spec.seed + round_,
         ground_truth=TRUTH_REF,
+        verdict=spec.audit.verdict,
     )
 
 
@@ -493,5 +494,14 @@ def _audit(
             ssim_worst=worst["ssim"],
             lpips_mean=mean.get("lpips"),
             label_accuracy=(metrics.get("label_accuracy") or {}).get("multiset"),
+        )
+    estimate = result.manifest.get("estimate")
+    if estimate and "psnr" in estimate:  # verdict.when: always; the estimate beside the truth
+        worst, mean = estimate["psnr"]["worst_case"], estimate["psnr"]["mean"]
+        out.update(
+            estimate_psnr_worst=worst["value"],
+            estimate_psnr_worst_interval=worst["interval"],
+            estimate_psnr_mean=mean["value"],
+            estimate_exact=worst.get("exact"),
         )
     return out

@@ -38,6 +38,8 @@ COLUMNS = (
     "ssim_worst",
     "lpips_mean",
     "label_accuracy",
+    "estimate_psnr_mean",  # audit.verdict.when: always (the estimate without the shard, beside the truth)
+    "estimate_psnr_worst",
     "attack_iterations",
     "attack_s_per_iteration",
     "igsa_s",

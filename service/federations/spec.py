@@ -23,6 +23,7 @@ from service.specs import (
     Knowledge,
     ModelSpec,
     Normalization,
+    VerdictSpec,
     YamlSpec,
     check_knowledge,
 )
@@ -118,6 +119,20 @@ class FederationAudit(Frozen):
     igsa_radius: Annotated[float, Field(gt=0, le=1)] = Field(
         default=0.05, description="IGSA's perturbation norm relative to each image's norm"
     )
+    verdict: VerdictSpec = Field(
+        default_factory=VerdictSpec,
+        description="the audit jobs' leakage estimate (their client's shard is known, so by default "
+        "none); when: always sets it beside the true scores in each audited round, on the shipped photos",
+    )
+
+    @field_validator("verdict")
+    @classmethod
+    def _shipped_proxy(cls, v: VerdictSpec) -> VerdictSpec:
+        if v.proxy_data is not None:
+            raise ValueError(
+                "a federation's audits estimate on the shipped photos: leave verdict.proxy_data out"
+            )
+        return v
 
     @field_validator("rounds")
     @classmethod

@@ -284,3 +284,22 @@ def test_defenses_are_applied_to_what_clients_share(tmp_path: Path) -> None:
 def test_local_training_defaults_are_sane() -> None:
     assert LocalTraining().protocol == "fedavg" and small().checkpoints() == [0, 1, 2]
     assert small(audit={"rounds": [2]}, checkpoint_rounds=[]).checkpoints() == [1]
+
+
+def test_an_audited_round_can_carry_the_leakage_estimate_beside_its_truth(tmp_path: Path) -> None:
+    verdict = {"when": "always", "shadows": 2, "budget": {"iterations": 2}}
+    spec = small(
+        rounds=1, audit={"rounds": [1], "client": 0, "budget": {"iterations": 3}, "verdict": verdict}
+    )
+    manifest, store = run(spec, tmp_path)
+    [row] = manifest["rounds"]
+    lo, hi = row["estimate_psnr_worst_interval"]
+    assert lo <= row["estimate_psnr_worst"] <= hi and "psnr_worst" in row  # the estimate and the truth
+    audit = json.loads(store.path("fed/rounds/round-001/metrics.json").read_text())
+    assert audit["estimate"]["shadows_run"] == 2 and audit["metrics"] is not None
+    assert (
+        "estimate_psnr_worst"
+        not in run(small(rounds=1, audit={"rounds": [1]}), tmp_path / "b")[0]["rounds"][0]
+    )
+    with pytest.raises(ValueError, match="shipped photos"):
+        small(audit={"verdict": {"proxy_data": "gt_1"}})
