@@ -271,7 +271,7 @@ def test_catalog_architecture_view_takes_more_sections():
 def test_a_time_limit_alone_is_not_cut_short_by_the_default_iteration_count(tmp_path):
     r = invoke(
         "attack", "--arch", "mlp", "--knob", "width=8", "--images", "astronaut", "--size", "8",
-        "--time-limit", "3", "--out", str(tmp_path), "--json",
+        "--time-limit", "6", "--out", str(tmp_path), "--json",
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)
