@@ -143,24 +143,27 @@ def matching_objective(
     the stronger prior (batch 4: bench/results/attacks-cpu-*-b4-tv.json; the weight itself:
     attacks-cpu-sweep-tv.json).
     """
-    names = problem.param_names
-    model_params = attack_parameters(model, functional)
+    names, targets = problem.matched()
+    chosen = set(names)
+    model_params = {n: p for n, p in attack_parameters(model, functional).items() if n in chosen}
+    # parameters whose gradients are not matched are constants of the client's loss
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in model_params}
     taps = None if functional else ConvTaps(model, model_params)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    packed = pack_targets(problem.target)
+    packed = pack_targets(targets)
     weights = layer_weights(weighting, len(names))
     recorder = BNStatsRecorder(model) if bn_weight > 0 else None
     bn_targets = problem.bn_targets or []
     match_scale = 1.0
     if relative_l2 and cost == "l2":
-        norm = float(sum(t.double().pow(2).sum() for t in problem.target))
+        norm = float(sum(t.double().pow(2).sum() for t in targets))
         match_scale = 1.0 / norm if norm > 0 else 1.0
     tv_scale = tv_weight * (problem.num_images if tv_per_image else 1)
 
     def client_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
         if recorder is not None:
             recorder.stats.clear()
-        out = functional_call(model, (p, buffers), (x,))
+        out = functional_call(model, ({**fixed, **p} if fixed else p, buffers), (x,))
         loss = soft_cross_entropy(out, y)
         bn = x.new_zeros(())
         if recorder is not None:
