@@ -165,7 +165,8 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
 
     control = Control(spec.budget, progress=emit.attack_progress, should_stop=ctx.should_stop)
     t = time.monotonic()
-    result = ATTACKS.get(spec.attack.name).run(problem, spec.attack, control, generator)
+    attack = ctx.attack or ATTACKS.get(spec.attack.name).run
+    result = attack(problem, spec.attack, control, generator)
     timings["attack_s"] = time.monotonic() - t
     timings["iterations_per_s"] = result.iterations / max(timings["attack_s"], 1e-9)
 

@@ -136,6 +136,7 @@ def content(scale: Scale) -> dict[str, Any]:
             },
         ],
         "seeds": _pick(scale, [0, 1], [0, 1, 2]),
+        "batch_points": 8,  # one model: the points' attacks run as one batched computation
     }
 
 
