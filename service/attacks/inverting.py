@@ -242,9 +242,14 @@ def points_objective(problems: list[AttackProblem], params: InvertingGradientsPa
     def objective(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         g = grad(client_loss)(model_params, x, y)
         target = [t.index_select(0, index.reshape(1)).squeeze(0) for t in targets]
+        # the plain-torch kernels: vmap batches them over the points (their targets included)
         loss = gradient_matching_loss(
-            [g[n] for n in names], target, cost=cost, layer_weights=weights, backend="reference"
-        )  # type: ignore[arg-type]
+            [g[n] for n in names],
+            target,
+            cost=cost,  # type: ignore[arg-type]
+            layer_weights=weights,
+            backend="reference",
+        )
         loss = loss * scales.index_select(0, index.reshape(1)).squeeze(0)
         if tv_scale > 0:
             loss = loss + tv_scale * total_variation(x, backend="reference")
