@@ -166,13 +166,16 @@ def _result(
     )
 
 
-class _AnyControl(Control):
-    """The control of points run together: their common budget; a stop asked by any point stops
-    them all; progress goes to each point's own control."""
+class _PointsControl(Control):
+    """The control of points run together: their common budget; they stop together once every
+    point has asked to stop (a study's cancel or shutdown asks them all; a point cancelled alone
+    runs on with the others and is then recorded as cancelled, unscored); progress goes to each
+    point's own control."""
 
     def __init__(self, controls: list[Control]) -> None:
         super().__init__(
-            controls[0].budget, should_stop=lambda: any(c.should_stop and c.should_stop() for c in controls)
+            controls[0].budget,
+            should_stop=lambda: all(c.should_stop is not None and c.should_stop() for c in controls),
         )
         self.controls = controls
 
@@ -196,7 +199,7 @@ def optimise_points(
     )
     index = torch.arange(len(problems), device=state.images.device).repeat_interleave(restarts)
     step_fn = _batched_step(objective, joint_labels=False)
-    control = _AnyControl(controls)
+    control = _PointsControl(controls)
 
     def report(iteration: int, best_loss: torch.Tensor) -> None:
         for i, c in enumerate(controls):

@@ -10,7 +10,8 @@ each point its own result. Problems that cannot share a computation after all (t
 be inferred, different weights) run one after another instead.
 
 Batched, a point's result is the one it gets alone up to float rounding (tested), and a point's
-attack time is the batch's. On a CPU a batch of 4 ConvNet points ran in 0.66x and a batch of 8
+attack time is the batch's. The batch stops when every point asks it to (the study's cancel or
+shutdown); a point cancelled alone runs on with the others and is then recorded as cancelled. On a CPU a batch of 4 ConvNet points ran in 0.66x and a batch of 8
 in 0.41x the time of running them one by one; a single point is faster alone
 (bench/results/studies-cpu.json, `batched_points`).
 """

@@ -143,3 +143,18 @@ def test_a_study_batches_its_points_with_the_results_of_one_by_one(tmp_path: Pat
         results[batch] = [(p.manifest or {})["metrics"]["mean"]["psnr"] for p in done]
         state.close()
     assert results[3] == pytest.approx(results[1], abs=1e-3)
+
+
+def test_the_batch_stops_when_every_point_asks_not_when_one_does() -> None:
+    problems = _problems(2)
+    objective = points_objective(problems, PARAMS)
+
+    def run(stops: list[bool]) -> list:
+        controls = [Control(Budget(iterations=12), should_stop=lambda s=s: s) for s in stops]
+        generators = [torch.Generator().manual_seed(i) for i in range(2)]
+        return optimise_points(problems, PARAMS, controls, generators, objective)
+
+    one = run([True, False])  # a point cancelled alone: the other runs its whole budget
+    assert [r.iterations for r in one] == [12, 12] and one[1].stop_reason == "iterations"
+    both = run([True, True])  # the study stopped: the batch stops at once
+    assert [r.iterations for r in both] == [0, 0] and both[0].stop_reason == "stopped"
