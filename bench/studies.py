@@ -101,7 +101,7 @@ def as_study(spec: Any, folder: Path) -> tuple[float, float]:
 POINT_IMAGES = ["astronaut", "coffee", "chelsea", "camera", "clock", "coins", "rocket", "brick"]
 
 
-def shared_model_problems(points: int, side: int = 16) -> list[Any]:
+def shared_model_problems(points: int, side: int = 16, width: int = 16, depth: int = 2) -> list[Any]:
     """The attack problems of `points` FedSGD clients of one image each on one ConvNet, through
     the runner's own problem construction (labels given)."""
     import torch
@@ -117,7 +117,7 @@ def shared_model_problems(points: int, side: int = 16) -> list[Any]:
         name = POINT_IMAGES[i % len(POINT_IMAGES)]
         spec = JobSpec.model_validate(
             {
-                "model": {"arch": "convnet", "knobs": {"width": 16, "depth": 2}},
+                "model": {"arch": "convnet", "knobs": {"width": width, "depth": depth}},
                 "data": {"shape": [3, side, side], "labels": [i % 10]},
                 "update": {"simulate": {"images": [name], "labels": [i % 10]}},
                 "attack": {"name": "inverting_gradients"},
@@ -210,13 +210,23 @@ def all_at_once(problems: list[Any], iterations: int, starts: Any) -> tuple[floa
 
 
 def _verdict(rows: list[dict[str, Any]]) -> str:
-    wins = [r["points"] for r in rows if r["points"] > 1 and r["median_ratio_batched_over_one_by_one"] < 1]
-    if not wins:
-        return "batched is not faster on CPU"
-    return f"batched is faster on CPU from {min(wins)} points (a single point is faster alone)"
+    parts = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        wins = [
+            r["points"] for r in mine if r["points"] > 1 and r["median_ratio_batched_over_one_by_one"] < 1
+        ]
+        parts.append(
+            f"{model}: batched is faster from {min(wins)} points"
+            if wins
+            else f"{model}: batched is not faster"
+        )
+    return "; ".join(parts) + " (on CPU; a single point is faster alone)"
 
 
-def batched_main(point_counts: list[int], iterations: int, repeats: int) -> None:
+def batched_main(
+    point_counts: list[int], iterations: int, repeats: int, width: int, depth: int, side: int
+) -> None:
     import torch
 
     from service.attacks.base import random_images
@@ -225,9 +235,9 @@ def batched_main(point_counts: list[int], iterations: int, repeats: int) -> None
     torch.set_num_threads(threads)
     rows = []
     for points in point_counts:
-        problems = shared_model_problems(points)
+        problems = shared_model_problems(points, side, width, depth)
         gen = torch.Generator().manual_seed(1)
-        starts = [random_images((1, 1, 3, 16, 16), "rand", gen, torch.device("cpu")) for _ in problems]
+        starts = [random_images((1, 1, 3, side, side), "rand", gen, torch.device("cpu")) for _ in problems]
         one_by_one(problems, 3, starts), all_at_once(problems, 3, starts)  # warm-up
         runs = []
         for r in range(repeats):
@@ -246,6 +256,7 @@ def batched_main(point_counts: list[int], iterations: int, repeats: int) -> None
             )
         rows.append(
             {
+                "model": f"convnet width {width} depth {depth}, {side}x{side} images",
                 "points": points,
                 "iterations": iterations,
                 "median_one_by_one_s": statistics.median(x["one_by_one_s"] for x in runs),
@@ -257,11 +268,26 @@ def batched_main(point_counts: list[int], iterations: int, repeats: int) -> None
             }
         )
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"benchmark": "studies"}
+    before = data.get("batched_points") or {}
+    mine = {r["model"] for r in rows}
+    command = (
+        f"BENCH_THREADS={threads} python -m bench.studies --batched "
+        f"--points {' '.join(map(str, point_counts))} --iterations {iterations} --repeats {repeats} "
+        f"--width {width} --depth {depth} --side {side}"
+    )
+    rows = [r for r in before.get("rows", []) if r.get("model") not in mine] + rows
+    commands = [
+        c
+        for c in before.get("commands", [before.get("command")])
+        if c and f"--width {width} --depth {depth} --side {side}" not in c
+    ]
     data["batched_points"] = {
+        "built": "yes: StudySpec.batch_points (service/studies/batch.py); the content preset sets 8",
         "date": time.strftime("%Y-%m-%d"),
         "question": "for a study whose points share one model, is one batched computation over the "
         "points faster than running them one by one?",
-        "setup": "ConvNet (width 16, depth 2), 16x16 images, one image per point, labels given; "
+        "setup": "ConvNet (width 16 depth 2 on 16x16 images, and width 64 depth 3 on 32x32: each row's "
+        "model), one image per point, labels given; "
         "Inverting Gradients' objective (relative L2 + TV per image) and signed Adam; one by one = "
         "the attack as a job runs it (one restart, plain autograd with the convolution taps); "
         "batched = torch.func.vmap over the points' images and targets, as restarts are batched",
@@ -269,8 +295,7 @@ def batched_main(point_counts: list[int], iterations: int, repeats: int) -> None
         "torch_threads": threads,
         "rows": rows,
         "verdict": _verdict(rows),
-        "command": f"BENCH_THREADS={threads} python -m bench.studies --batched --points "
-        f"{' '.join(map(str, point_counts))} --iterations {iterations} --repeats {repeats}",
+        "commands": [*commands, command],
     }
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
     print(
@@ -288,9 +313,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batched", action="store_true", help="measure batched points instead")
+    parser.add_argument("--width", type=int, default=16, help="--batched: the ConvNet's width")
+    parser.add_argument("--depth", type=int, default=2, help="--batched: the ConvNet's depth")
+    parser.add_argument("--side", type=int, default=16, help="--batched: the images' side")
     args = parser.parse_args()
     if args.batched:
-        batched_main(args.points, args.iterations, args.repeats)
+        batched_main(args.points, args.iterations, args.repeats, args.width, args.depth, args.side)
         return
     args.points = args.points[0]
     import torch

@@ -11,9 +11,11 @@ be inferred, different weights) run one after another instead.
 
 Batched, a point's result is the one it gets alone up to float rounding (tested), and a point's
 attack time is the batch's. The batch stops when every point asks it to (the study's cancel or
-shutdown); a point cancelled alone runs on with the others and is then recorded as cancelled. On a CPU a batch of 4 ConvNet points ran in 0.66x and a batch of 8
-in 0.41x the time of running them one by one; a single point is faster alone
-(bench/results/studies-cpu.json, `batched_points`).
+shutdown); a point cancelled alone runs on with the others and is then recorded as cancelled.
+
+On a CPU a batch of 4 ConvNet points (width 16, 16x16 images) ran in 0.66x and a batch of 8 in
+0.41x the time of running them one by one (width 64, 32x32: 0.70x and 0.57x); a single point is
+faster alone (bench/results/studies-cpu.json, `batched_points`).
 """
 
 from __future__ import annotations
