@@ -260,6 +260,21 @@ class AttackParams(Frozen):
         default="auto",
         description="auto: the server's labels if given, else inferred from the last layer",
     )
+    match_layers: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="match only the gradients of these parameters: each entry a parameter name or a "
+        "module name that prefixes some (a block such as GoogLeNet's inception3a); checked against "
+        "the model; default: every trainable parameter",
+    )
+
+    @field_validator("match_layers")
+    @classmethod
+    def _distinct_layers(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"match_layers repeats a name: {value}")
+        return value
 
 
 class DLGParams(AttackParams):

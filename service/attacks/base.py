@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.errors import SpecError
 from service.specs import Budget, ClientTraining, Knowledge, Normalization
 
 
@@ -41,6 +42,16 @@ class AttackProblem:
     bn_source: str | None = None
     # False when the update's scale is unknown (a weight change without lr and step count)
     target_scale_known: bool = True
+    # the parameters whose gradients are matched (attack.match_layers); None: all of param_names
+    match_names: list[str] | None = None
+
+    def matched(self) -> tuple[list[str], list[torch.Tensor]]:
+        """The names and targets the attack matches: every parameter, or the chosen subset."""
+        if self.match_names is None:
+            return self.param_names, self.target
+        chosen = set(self.match_names)
+        pairs = [(n, t) for n, t in zip(self.param_names, self.target, strict=True) if n in chosen]
+        return [n for n, _ in pairs], [t for _, t in pairs]
 
     def matching_cost(self, requested: str) -> str:
         """The cost an attack uses: `auto` is L2 where the target's scale is known, else cosine."""
@@ -128,6 +139,28 @@ class Attack(Protocol):
     def run(
         self, problem: AttackProblem, params: Any, control: Control, generator: torch.Generator
     ) -> AttackResult: ...
+
+
+def select_parameters(names: list[str], layers: list[str]) -> list[str]:
+    """The parameters of `names` (in their order) that `layers` picks: an entry picks the
+    parameter of that name, or every parameter of the module of that name (a name prefix up to a
+    dot). SpecError, naming the model's blocks, when an entry picks nothing."""
+
+    def picks(layer: str, name: str) -> bool:
+        return name == layer or name.startswith(layer + ".")
+
+    unmatched = [layer for layer in layers if not any(picks(layer, n) for n in names)]
+    if unmatched:
+        blocks = list(dict.fromkeys(n.split(".")[0] for n in names))
+        if len(blocks) < 4:  # a few containers (features, classifier): show the level below
+            blocks = list(dict.fromkeys(".".join(n.split(".")[:2]) for n in names))
+        shown = ", ".join(blocks[:40]) + (", ..." if len(blocks) > 40 else "")
+        raise SpecError(
+            f"attack.match_layers: {', '.join(map(repr, unmatched))} "
+            f"{'names' if len(unmatched) == 1 else 'name'} no trainable parameter of the model; give "
+            f"parameter names or module names that prefix them, e.g. one of its blocks: {shown}"
+        )
+    return [n for n in names if any(picks(layer, n) for layer in layers)]
 
 
 def layer_weights(kind: str, count: int) -> list[float] | None:

@@ -26,10 +26,10 @@ def unroll_objective(problem: AttackProblem, params: FedAvgParams, functional: b
     client = problem.client
     assert client.lr is not None and client.local_epochs is not None and client.batch_size is not None
     model = attack_model(problem)
-    names = problem.param_names
+    names, targets = problem.matched()  # the client trains every parameter; some are matched
     start = attack_parameters(model, functional)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    packed = pack_targets(problem.target)
+    packed = pack_targets(targets)
     weights = layer_weights(params.layer_weights, len(names))
     cost = problem.matching_cost(params.cost)
     # the shuffling seed is a training detail: with it the client's exact order is replayed

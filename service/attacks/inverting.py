@@ -143,24 +143,27 @@ def matching_objective(
     the stronger prior (batch 4: bench/results/attacks-cpu-*-b4-tv.json; the weight itself:
     attacks-cpu-sweep-tv.json).
     """
-    names = problem.param_names
-    model_params = attack_parameters(model, functional)
+    names, targets = problem.matched()
+    chosen = set(names)
+    model_params = {n: p for n, p in attack_parameters(model, functional).items() if n in chosen}
+    # parameters whose gradients are not matched are constants of the client's loss
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in model_params}
     taps = None if functional else ConvTaps(model, model_params)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    packed = pack_targets(problem.target)
+    packed = pack_targets(targets)
     weights = layer_weights(weighting, len(names))
     recorder = BNStatsRecorder(model) if bn_weight > 0 else None
     bn_targets = problem.bn_targets or []
     match_scale = 1.0
     if relative_l2 and cost == "l2":
-        norm = float(sum(t.double().pow(2).sum() for t in problem.target))
+        norm = float(sum(t.double().pow(2).sum() for t in targets))
         match_scale = 1.0 / norm if norm > 0 else 1.0
     tv_scale = tv_weight * (problem.num_images if tv_per_image else 1)
 
     def client_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
         if recorder is not None:
             recorder.stats.clear()
-        out = functional_call(model, (p, buffers), (x,))
+        out = functional_call(model, ({**fixed, **p} if fixed else p, buffers), (x,))
         loss = soft_cross_entropy(out, y)
         bn = x.new_zeros(())
         if recorder is not None:
@@ -208,6 +211,51 @@ def inverting_objective(
         relative_l2=True,
         tv_per_image=cost == "l2",
     )
+
+
+def points_objective(problems: list[AttackProblem], params: InvertingGradientsParams) -> Objective:
+    """Inverting Gradients' objective for points that share one model (same weights, matched
+    parameters, cost and image shape) but not their targets: `objective(x, y, index)` is point
+    `index`'s objective at x, as `inverting_objective` builds it for that point alone (batched
+    form), for `optimise_points` to vectorise over the points' restarts."""
+    first = problems[0]
+    cost = first.matching_cost(params.cost)
+    model = attack_model(first)
+    names = first.matched()[0]
+    chosen = set(names)
+    model_params = {n: p for n, p in attack_parameters(model, True).items() if n in chosen}
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in model_params}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    weights = layer_weights(params.layer_weights, len(names))
+    # per layer, the points' targets stacked: (P, *shape)
+    targets = [torch.stack(list(layer)) for layer in zip(*(p.matched()[1] for p in problems), strict=True)]
+    scales = torch.ones(len(problems), device=first.device)
+    if cost == "l2":  # relative L2: each point's target's squared norm
+        norms = [float(sum(t.double().pow(2).sum() for t in p.matched()[1])) for p in problems]
+        scales = torch.tensor([1.0 / n if n > 0 else 1.0 for n in norms], device=first.device)
+    tv_scale = params.tv_weight * (first.num_images if cost == "l2" else 1)
+
+    def client_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, ({**fixed, **p} if fixed else p, buffers), (x,))
+        return soft_cross_entropy(out, y)
+
+    def objective(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        g = grad(client_loss)(model_params, x, y)
+        target = [t.index_select(0, index.reshape(1)).squeeze(0) for t in targets]
+        # the plain-torch kernels: vmap batches them over the points (their targets included)
+        loss = gradient_matching_loss(
+            [g[n] for n in names],
+            target,
+            cost=cost,  # type: ignore[arg-type]
+            layer_weights=weights,
+            backend="reference",
+        )
+        loss = loss * scales.index_select(0, index.reshape(1)).squeeze(0)
+        if tv_scale > 0:
+            loss = loss + tv_scale * total_variation(x, backend="reference")
+        return loss
+
+    return objective
 
 
 class InvertingGradients:

@@ -59,6 +59,37 @@ def optimise(
 ) -> AttackResult:
     restarts = control.budget.restarts
     state = init if init is not None else initial_state(problem, params, restarts, generator)
+    step_fn = _batched_step(objective, state.joint_labels) if batched(control) else _single_step(objective)
+
+    def aux(images: torch.Tensor) -> torch.Tensor:
+        return _group_consensus(images, group_size)
+
+    def report(iteration: int, best_loss: torch.Tensor) -> None:
+        control.report(iteration, float(best_loss.min()))
+
+    run = _loop(problem, params, control, state, step_fn, aux, report)
+    return _result(problem, control, state, run, slice(0, restarts))
+
+
+@dataclass
+class _Run:
+    best_loss: torch.Tensor
+    best_images: torch.Tensor
+    best_labels: torch.Tensor
+    history: list[list[float]]  # per iteration: the best loss of every restart so far
+    iterations: int
+
+
+def _loop(
+    problem: AttackProblem,
+    params: InvertingGradientsParams,
+    control: Control,
+    state: OptimState,
+    step_fn: Step,
+    aux_of: Callable[[torch.Tensor], torch.Tensor],
+    report: Callable[[int, torch.Tensor], None],
+) -> _Run:
+    restarts = state.images.shape[0]
     lo, hi = problem.pixel_bounds()
     coarse = params.coarse_fraction > 0
     if coarse:  # coarse-to-fine: start in (and step within) the block-constant images
@@ -69,12 +100,10 @@ def optimise(
     opt = torch.optim.Adam(variables, lr=params.lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
 
-    step_fn = _batched_step(objective, state.joint_labels) if batched(control) else _single_step(objective)
-
     best_loss = torch.full((restarts,), float("inf"), device=problem.device)
     best_images = state.images.detach().clone()
     best_labels = state.labels.detach().clone()
-    history: list[float] = []
+    history: list[list[float]] = []
     iteration = 0
     while not control.stop(iteration):
         frac = control.fraction(iteration)
@@ -84,8 +113,7 @@ def optimise(
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = base * lr_factor(params.schedule, frac) * warm
 
-        aux = _group_consensus(state.images, group_size)
-        grads, losses = step_fn(state.images, state.labels, aux)
+        grads, losses = step_fn(state.images, state.labels, aux_of(state.images))
         losses = losses.detach()
         if not torch.isfinite(losses).all():
             # a diverged restart restarts from its best iterate rather than poisoning the batch
@@ -111,25 +139,80 @@ def optimise(
                 state.images.data = torch.maximum(torch.minimum(state.images, hi), lo)
 
         iteration += 1
-        best = float(best_loss.min())
-        history.append(best)
-        control.report(iteration, best)
+        history.append(best_loss.tolist())
+        report(iteration, best_loss)
+    return _Run(best_loss, best_images, best_labels, history, iteration)
 
+
+def _result(
+    problem: AttackProblem, control: Control, state: OptimState, run: _Run, restarts: slice
+) -> AttackResult:
+    """The result of the restarts `restarts` of a run: the best of them by its own loss."""
+    best_loss = run.best_loss[restarts]
     winner = int(torch.argmin(best_loss))
-    labels = best_labels[winner]
+    labels = run.best_labels[restarts][winner]
     if state.joint_labels:
         labels = labels.argmax(-1)
     return AttackResult(
-        images=problem.denormalize(best_images[winner]),
+        images=problem.denormalize(run.best_images[restarts][winner]),
         labels=labels.long(),
-        loss_history=history,
+        loss_history=[min(h[restarts]) for h in run.history],
         best_loss=float(best_loss[winner]),
-        iterations=iteration,
+        iterations=run.iterations,
         restart_losses=[float(v) for v in best_loss],
         stopped_early=control.stop_reason == "stopped",
         stop_reason=control.stop_reason,
         details={"best_restart": winner, "joint_labels": state.joint_labels},
     )
+
+
+class _PointsControl(Control):
+    """The control of points run together: their common budget; they stop together once every
+    point has asked to stop (a study's cancel or shutdown asks them all; a point cancelled alone
+    runs on with the others and is then recorded as cancelled, unscored); progress goes to each
+    point's own control."""
+
+    def __init__(self, controls: list[Control]) -> None:
+        super().__init__(
+            controls[0].budget,
+            should_stop=lambda: all(c.should_stop is not None and c.should_stop() for c in controls),
+        )
+        self.controls = controls
+
+
+def optimise_points(
+    problems: list[AttackProblem],
+    params: InvertingGradientsParams,
+    controls: list[Control],
+    generators: list[torch.Generator],
+    objective: Objective,
+) -> list[AttackResult]:
+    """Several points' attacks (one model, their own targets) as one batched computation: each
+    point's restarts start where they would alone (its own generator), the points' restarts are
+    stacked like restarts and vmapped together, and `objective(x, y, index)` matches restart r
+    against the target of point index[r]. One Adam over the stack is independent Adams; each point
+    keeps the best of its own restarts."""
+    restarts = controls[0].budget.restarts
+    states = [initial_state(p, params, restarts, g) for p, g in zip(problems, generators, strict=True)]
+    state = OptimState(
+        torch.cat([s.images for s in states]), torch.cat([s.labels for s in states]), joint_labels=False
+    )
+    index = torch.arange(len(problems), device=state.images.device).repeat_interleave(restarts)
+    step_fn = _batched_step(objective, joint_labels=False)
+    control = _PointsControl(controls)
+
+    def report(iteration: int, best_loss: torch.Tensor) -> None:
+        for i, c in enumerate(controls):
+            c.report(iteration, float(best_loss[i * restarts : (i + 1) * restarts].min()))
+
+    run = _loop(problems[0], params, control, state, step_fn, lambda _images: index, report)
+    results = []
+    for i, (problem, c) in enumerate(zip(problems, controls, strict=True)):
+        c.stop_reason = control.stop_reason
+        result = _result(problem, control, state, run, slice(i * restarts, (i + 1) * restarts))
+        result.details["batched_points"] = len(problems)
+        results.append(result)
+    return results
 
 
 def batched(control: Control) -> bool:

@@ -19,6 +19,7 @@ from torch import nn
 
 from service import __version__
 from service.attacks import ATTACKS, AttackProblem, AttackResult, Control
+from service.attacks.base import select_parameters
 from service.attacks.labels import idlg_label, infer_label_counts, last_layer_grads
 from service.data import load_images, normalize
 from service.defenses import apply_defenses
@@ -148,6 +149,9 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
     generator = torch.Generator().manual_seed(spec.seed)
     _checkpoint(ctx, "setup")
     model = build_model(spec.model, spec.data, resolve=ctx.resolve).to(device)
+    if spec.attack.match_layers:  # refused before the client's update is simulated
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        select_parameters(trainable, spec.attack.match_layers)
     _checkpoint(ctx, "setup")
     with _interruptible(model, ctx) as strip:
         victim = _victim(spec, model, ctx, generator, device)
@@ -161,7 +165,8 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
 
     control = Control(spec.budget, progress=emit.attack_progress, should_stop=ctx.should_stop)
     t = time.monotonic()
-    result = ATTACKS.get(spec.attack.name).run(problem, spec.attack, control, generator)
+    attack = ctx.attack or ATTACKS.get(spec.attack.name).run
+    result = attack(problem, spec.attack, control, generator)
     timings["attack_s"] = time.monotonic() - t
     timings["iterations_per_s"] = result.iterations / max(timings["attack_s"], 1e-9)
 
@@ -225,6 +230,7 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
             "target_kind": problem.target_kind,
             "matching_cost": problem.matching_cost(getattr(spec.attack, "cost", "l2")),
             "defenses": [d.model_dump() for d in spec.defenses],
+            "matched_parameters": len(problem.matched()[0]),
             "details": result.details,
         },
         "metrics": metrics,
@@ -425,6 +431,7 @@ def _problem(
         bn_targets=bn_targets,
         bn_source=bn_source,
         target_scale_known=scale_known,
+        match_names=select_parameters(names, spec.attack.match_layers) if spec.attack.match_layers else None,
     )
 
 

@@ -63,6 +63,9 @@ class JobContext:
     # service workers: the memory a job may use; the runner refuses, before the attack, a job whose
     # estimate with the image count it found (service/jobs/budget.py) exceeds it
     memory_limit_bytes: int | None = None
+    # runs the attack: attack(problem, params, control, generator) -> AttackResult; None: the
+    # registered attack. A study that batches points sharing one model sets it (studies/batch.py)
+    attack: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,12 @@
 """torchvision's VGG, DenseNet, GoogLeNet and Inception v3, adapted to 1 or 3 channels and any
 number of classes. Module names follow torchvision, so torchvision state dicts of the same
-configuration load here."""
+configuration load here.
+
+DenseNet's dense connections can be thinned (the SoK's Fig. 14): with `connections` k, each dense
+layer, and the transition after its block, takes only the k most recent feature maps of its block
+(the block's input counts as the first) instead of all of them. The layers keep their names and
+order; their input convolutions and batch norms shrink to the channels they now see.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,12 @@ from functools import partial
 
 import torch
 from torch import nn
+from torchvision.models import densenet as tv_densenet
 from torchvision.models import vgg as tv_vgg
-from torchvision.models.densenet import densenet121
 from torchvision.models.googlenet import googlenet
 from torchvision.models.inception import inception_v3
 
+from service.errors import SpecError
 from service.models.base import MODELS, Builder, Knob, ModelEntry, kaiming_fan_out, replace_conv
 
 # torchvision's initialisation of GoogLeNet and Inception v3 (truncated normal, per-model std).
@@ -65,10 +72,74 @@ def _vgg(config: str) -> Builder:
     return build
 
 
-def build_densenet121(num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
-    model = densenet121(num_classes=num_classes)
+class SparseDenseBlock(nn.ModuleDict):
+    """A dense block whose layers see only the `connections` most recent feature maps.
+
+    torchvision's `_DenseBlock` feeds layer i the concatenation of the block's input and every
+    earlier layer's output; here layer i gets the last `connections` of those i + 1 maps, and the
+    block returns the last `connections` of all its maps (what the transition after it sees).
+    Layer names are torchvision's (denselayer1, denselayer2, ...).
+    """
+
+    def __init__(
+        self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int, connections: int
+    ) -> None:
+        super().__init__()
+        self.connections = connections
+        widths = [num_input_features]
+        for i in range(num_layers):
+            seen = sum(widths[-connections:])
+            layer = tv_densenet._DenseLayer(seen, growth_rate=growth_rate, bn_size=bn_size, drop_rate=0)
+            self.add_module(f"denselayer{i + 1}", layer)
+            widths.append(growth_rate)
+        self.out_features = sum(widths[-connections:])
+
+    def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+        features = [init_features]
+        for layer in self.values():
+            features.append(layer(features[-self.connections :]))
+        return torch.cat(features[-self.connections :], 1)
+
+
+DENSENET121_BLOCKS = (6, 12, 24, 16)
+
+
+def build_densenet121(
+    num_classes: int, image_shape: tuple[int, int, int], *, connections: int | str, growth_rate: int
+) -> nn.Module:
+    if connections == "all":
+        model = tv_densenet.DenseNet(growth_rate, DENSENET121_BLOCKS, 64, num_classes=num_classes)
+    elif isinstance(connections, int):
+        model = _sparse_densenet(num_classes, connections, growth_rate)
+    else:
+        raise SpecError(f"knob 'connections' of densenet121 must be an integer or 'all', got {connections!r}")
     if image_shape[0] != 3:
         model.features.conv0 = replace_conv(model.features.conv0, image_shape[0], nn.init.kaiming_normal_)
+    return model
+
+
+def _sparse_densenet(num_classes: int, connections: int, growth_rate: int) -> tv_densenet.DenseNet:
+    """torchvision's densenet121 layout (same module names) with each dense block thinned."""
+    model = tv_densenet.DenseNet(growth_rate, DENSENET121_BLOCKS, 64, num_classes=num_classes)
+    num_features = 64  # the stem's output (torchvision's num_init_features)
+    for i, num_layers in enumerate(DENSENET121_BLOCKS):
+        block = SparseDenseBlock(num_layers, num_features, 4, growth_rate, connections)
+        setattr(model.features, f"denseblock{i + 1}", block)
+        num_features = block.out_features
+        if i != len(DENSENET121_BLOCKS) - 1:
+            trans = tv_densenet._Transition(num_features, num_features // 2)
+            setattr(model.features, f"transition{i + 1}", trans)
+            num_features //= 2
+    model.features.norm5 = nn.BatchNorm2d(num_features)
+    model.classifier = nn.Linear(num_features, num_classes)
+    for m in model.modules():  # torchvision's DenseNet initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            nn.init.constant_(m.bias, 0)
     return model
 
 
@@ -109,8 +180,37 @@ for _name, _config in _VGG_CONFIGS.items():
         ),
     )
 
+MODELS.add(
+    "densenet121",
+    ModelEntry(
+        builder=build_densenet121,
+        description="torchvision densenet121 (ImageNet stem); its dense connections can be thinned",
+        knobs=(
+            Knob(
+                "connections",
+                "int|str",
+                "all",
+                "feature maps each dense layer (and the transition after its block) takes: all "
+                "(torchvision's DenseNet) or only the k most recent of its block, the block's input "
+                "counting as the first (1: a plain chain without dense connections)",
+                choices=("all",),
+                minimum=1,
+                maximum=25,
+            ),
+            Knob(
+                "growth_rate",
+                "int",
+                32,
+                "channels each dense layer adds (32: torchvision's network; smaller: narrower, for CPU runs)",
+                minimum=4,
+                maximum=128,
+            ),
+        ),
+        min_size=29,
+    ),
+)
+
 _FIXED: dict[str, tuple[Callable[..., nn.Module], str, int]] = {
-    "densenet121": (build_densenet121, "torchvision densenet121 (ImageNet stem)", 29),
     "googlenet": (build_googlenet, "torchvision GoogLeNet without auxiliary classifiers", 15),
     "inception_v3": (build_inception_v3, "torchvision Inception v3 without the auxiliary classifier", 75),
 }

@@ -15,6 +15,7 @@ import io
 import json
 import re
 import statistics
+import textwrap
 from collections import defaultdict
 from typing import Any
 
@@ -157,7 +158,8 @@ def plot_axes(plan: StudyPlan, rows: list[dict[str, Any]]) -> dict[str, bytes]:
                     pooled[x].extend(ys)
             groups = {f"all {', '.join(others)}": pooled}  # type: ignore[assignment]
         fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
-        order = [axis.label(i) for i in range(len(axis.values))]
+        # a label shared by several values (zipped axes: "intact" for each architecture) is one group
+        order = list(dict.fromkeys(axis.label(i) for i in range(len(axis.values))))
         if axis.numeric and axis.labels is None:
             for label, series in groups.items():
                 xs = sorted(series)
@@ -173,10 +175,17 @@ def plot_axes(plan: StudyPlan, rows: list[dict[str, Any]]) -> dict[str, bytes]:
                 err = [[m - s[1] for m, s in zip(means, stats, strict=True)],
                        [s[2] - m for m, s in zip(means, stats, strict=True)]]  # fmt: skip
                 ax.bar(xs, means, width=width, yerr=err, capsize=3, label=label)
-            ax.set_xticks(range(len(order)), [str(o) for o in order], rotation=20 if len(order) > 4 else 0)
+            turn = len(order) > 4  # turned labels end under their bars
+            ax.set_xticks(
+                range(len(order)),
+                [str(o) for o in order],
+                rotation=30 if turn else 0,
+                ha="right" if turn else "center",
+            )
         ax.set_xlabel(axis.column)
         ax.set_ylabel(f"{plan.study.metric} (mean over images; band/bars: spread over seeds)")
-        ax.set_title(f"{plan.study.title}: {plan.study.metric} against {axis.column}")
+        title = f"{plan.study.title}: {plan.study.metric} against {axis.column}"
+        ax.set_title(textwrap.fill(title, 90), fontsize=9 if len(title) > 70 else None)
         ax.grid(alpha=0.3)
         if groups:
             ax.legend(fontsize=7)

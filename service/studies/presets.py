@@ -136,6 +136,7 @@ def content(scale: Scale) -> dict[str, Any]:
             },
         ],
         "seeds": _pick(scale, [0, 1], [0, 1, 2]),
+        "batch_points": 8,  # one model: the points' attacks run as one batched computation
     }
 
 
@@ -189,6 +190,78 @@ def dimensions(scale: Scale) -> dict[str, Any]:
                 "also": {"update.simulate.labels": labels, "data.labels": labels},
             },
         ],
+        "seeds": _pick(scale, [0], [0, 1, 2]),
+    }
+
+
+def _variants(scale: Scale, variants: list[tuple[str, str, dict[str, Any], int]]) -> list[dict[str, Any]]:
+    """Zipped axes over architecture variants: (architecture, variant label, knobs, image side)."""
+    return [
+        {"path": "model.arch", "name": "architecture", "values": [v[0] for v in variants]},
+        {
+            "path": "model.knobs",
+            "name": "variant",
+            "values": [v[2] for v in variants],
+            "labels": [v[1] for v in variants],
+            "also": {"data.shape": [[3, v[3], v[3]] for v in variants]},
+        },
+    ]
+
+
+def skip_connections(scale: Scale) -> dict[str, Any]:
+    """ResNets with one skip connection cut at each position (Fig. 13) and DenseNets whose dense
+    layers see fewer earlier feature maps (Fig. 14). `quick` cuts every block of ResNet-18 but only
+    the first block of each stage of ResNet-34, at width 8 on 16x16 images (DenseNet: growth rate
+    8 on 32x32, the smallest its ImageNet stem takes)."""
+    width = _pick(scale, {"width": 8}, {})
+    side = _pick(scale, 16, 32)
+    variants: list[tuple[str, str, dict[str, Any], int]] = []
+    for arch, blocks in (("resnet18", range(8)), ("resnet34", _pick(scale, [0, 3, 7, 13], range(16)))):
+        variants.append((arch, "intact", width, side))
+        variants += [(arch, f"block {b} cut", {**width, "cut_skips": [b]}, side) for b in blocks]
+    growth = _pick(scale, {"growth_rate": 8}, {})
+    for k in _pick(scale, ["all", 4, 2, 1], ["all", 8, 4, 2, 1]):
+        label = "all connections" if k == "all" else f"last {k} map" + ("s" if k != 1 else "")
+        variants.append(("densenet121", label, {**growth, "connections": k}, 64))
+    job = _gradient_job(scale, NATURAL[:1], {"arch": "resnet18", "knobs": width})
+    job["budget"] = {"iterations": _pick(scale, 50, 4000)}
+    return {
+        "title": "Skip connections cut (SoK Fig. 13) and DenseNet's connections thinned (Fig. 14)",
+        "job": job,
+        "axes": _variants(scale, variants),
+        "combine": "zip",
+        "seeds": _pick(scale, [0], [0, 1, 2]),
+    }
+
+
+def nin_blocks(scale: Scale) -> dict[str, Any]:
+    """GoogLeNet and Inception v3 attacked with the whole gradient and with one inception block's
+    (Tab. III): the first block of each, GoogLeNet's inception3a and Inception v3's Mixed_5b. A
+    client holds two images: both networks reduce the smallest images they take to one value per
+    channel, which batch norm in train mode cannot normalise for a single image."""
+    side = _pick(scale, 32, 64)
+    variants = [
+        ("googlenet", "full gradient", None, side),
+        ("googlenet", "inception3a only", ["inception3a"], side),
+        ("inception_v3", "full gradient", None, 75),
+        ("inception_v3", "Mixed_5b only", ["Mixed_5b"], 75),
+    ]
+    job = _gradient_job(scale, NATURAL[:2], {"arch": "googlenet"})
+    job["budget"] = {"iterations": _pick(scale, 50, 4000)}
+    return {
+        "title": "Network-in-network blocks: the full gradient against one inception block's (SoK Tab. III)",
+        "job": job,
+        "axes": [
+            {"path": "model.arch", "name": "architecture", "values": [v[0] for v in variants]},
+            {
+                "path": "attack",
+                "name": "matched",
+                "values": [{"name": "inverting_gradients", "match_layers": v[2]} for v in variants],
+                "labels": [v[1] for v in variants],
+                "also": {"data.shape": [[3, v[3], v[3]] for v in variants]},
+            },
+        ],
+        "combine": "zip",
         "seeds": _pick(scale, [0], [0, 1, 2]),
     }
 
@@ -261,6 +334,18 @@ PRESETS: dict[str, Preset] = {
             micro_designs,
         ),
         Preset("dimensions", "Fig. 4", "image resolution against batch size", dimensions),
+        Preset(
+            "skip-connections",
+            "Fig. 13-14",
+            "ResNet-18/34 with a skip connection cut at each position; DenseNet with fewer connections",
+            skip_connections,
+        ),
+        Preset(
+            "nin-blocks",
+            "Tab. III",
+            "GoogLeNet and Inception v3: the full gradient against one inception block's",
+            nin_blocks,
+        ),
         Preset("rounds", "Fig. 10", "a federation's leakage and IGSA at later rounds", rounds),
         Preset(
             "privacy-utility", "Fig. 15", "each defense's audit PSNR against its accuracy", privacy_utility

@@ -19,6 +19,7 @@ from service.jobs.records import RUNNABLE, JobRecord
 from service.jobs.state import StateStore
 from service.jobs.types import JobContext, JobResult, Progress
 from service.storage import ArtifactStore
+from service.studies.batch import batchable, run_batch
 from service.studies.spec import StudyPlan
 
 log = logging.getLogger("gradleak.studies")
@@ -105,6 +106,20 @@ def run_study(
         waiting = [r for r in records if r.status in RUNNABLE]
         if not waiting:
             time.sleep(POLL_S)  # the rest run on other workers
+            continue
+        group = batchable(waiting, plan.study.batch_points)
+        if len(group) > 1:
+            run_batch(
+                group,
+                state=state,
+                store=ctx.store,
+                worker_ids=[f"{worker_id}:{ran_here + i}" for i in range(len(group))],
+                point_runner=point_runner,
+                stopper=lambda: _PointStopper(should_stop),
+                device=device,
+                lpips_weights_dir=lpips_weights_dir,
+            )
+            ran_here += len(group)
             continue
         execute_job(
             waiting[0].id,

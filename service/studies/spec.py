@@ -99,6 +99,14 @@ class StudySpec(YamlSpec):
         description="every point runs once per seed",
     )
     metric: str = Field(default="psnr", description="the metric the plots show (psnr, ssim, lpips, ...)")
+    batch_points: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="points that share one model (Inverting Gradients with the labels given, the same "
+        "model, image shape, image count, attack and budget) run as one batched computation, up to this "
+        "many at once, as restarts are batched; each keeps its own record and results (1: one by one)",
+    )
     time_limit_s: Annotated[float, Field(gt=0, le=30 * 24 * 3600)] | None = Field(
         default=None, description="wall-clock limit of the whole study; the service sets its default"
     )

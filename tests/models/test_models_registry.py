@@ -201,7 +201,7 @@ def test_vgg_knobs() -> None:
             r"unknown knob 'widht' for convnet; valid knobs: width \(int\), depth \(int\)",
         ),
         ("mlp", {"a": 1, "b": 2}, r"unknown knobs 'a', 'b' for mlp; valid knobs: width \(int\)"),
-        ("densenet121", {"stem": "cifar"}, "valid knobs: none"),
+        ("googlenet", {"stem": "cifar"}, "valid knobs: none"),
         (
             "convnet",
             {"width": "64"},
@@ -273,7 +273,8 @@ def test_catalog_describes_every_architecture() -> None:
     assert [e["name"] for e in entries] == ARCHS
     by_name = {e["name"]: e for e in entries}
     assert by_name["inception_v3"]["min_size"] == 75
-    assert by_name["densenet121"]["knobs"] == []
+    assert by_name["googlenet"]["knobs"] == []
+    assert [k["name"] for k in by_name["densenet121"]["knobs"]] == ["connections", "growth_rate"]
     convnet = {k["name"]: k for k in by_name["convnet"]["knobs"]}
     assert convnet["width"] == {
         "name": "width",

@@ -25,8 +25,40 @@ def invoke(*args: str):
 def test_presets_list_every_preset_with_its_counts() -> None:
     r = invoke("study", "presets")
     assert r.exit_code == 0, r.output
-    for name in ("local-updates", "batch-knowledge", "content", "micro-designs", "rounds", "privacy-utility"):
+    names = ("local-updates", "batch-knowledge", "content", "micro-designs", "rounds", "privacy-utility")
+    for name in (*names, "dimensions", "skip-connections", "nin-blocks"):
         assert name in r.output
+
+
+def test_nin_blocks_matches_one_block_of_each_network() -> None:
+    import torch
+
+    from service.attacks.base import select_parameters
+    from service.models import build_model
+
+    matched = {}
+    for p in expand(preset("nin-blocks")):
+        assert p.spec.attack.name == "inverting_gradients"
+        with torch.device("meta"):  # names only: no weights drawn
+            names = [n for n, _ in build_model(p.spec.model, p.spec.data).named_parameters()]
+        layers = p.spec.attack.match_layers
+        matched[(p.values["architecture"], p.values["matched"])] = (
+            len(names) if layers is None else len(select_parameters(names, layers))
+        )
+    assert matched == {
+        ("googlenet", "full gradient"): 173,
+        ("googlenet", "inception3a only"): 18,
+        ("inception_v3", "full gradient"): 284,
+        ("inception_v3", "Mixed_5b only"): 21,
+    }
+
+
+def test_skip_connections_cuts_each_resnet18_block_and_thins_densenet() -> None:
+    points = expand(preset("skip-connections"))
+    resnet18 = [p.spec.model.knobs.get("cut_skips", []) for p in points if p.spec.model.arch == "resnet18"]
+    assert resnet18 == [[], *([b] for b in range(8))]
+    dense = [p.spec.model.knobs["connections"] for p in points if p.spec.model.arch == "densenet121"]
+    assert dense == ["all", 4, 2, 1]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
