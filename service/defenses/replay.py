@@ -110,18 +110,20 @@ def plan_replay(defenses: Sequence[DefenseSpec], update_scale: float | None) -> 
     return plan
 
 
-def detect_topk(target: Sequence[Tensor], min_size: int = 100, tolerance: float = 0.01) -> float | None:
+def detect_topk(target: Sequence[Tensor], min_size: int = 10, densest: float = 0.9) -> float | None:
     """The ratio of a per-tensor top-k sparsification seen in an update's zero pattern, or None.
 
     Top-k keeps round(ratio * n) entries of every tensor, so the update shows it when every tensor
-    of at least `min_size` entries (and at least two of them) has the same share of non-zeros,
-    within `tolerance`, well below one. A gradient's own exact zeros (dead ReLUs) do not show
-    that signature across all layers.
+    of at least `min_size` entries (and at least two of them) keeps a share of non-zeros within
+    rounding (0.5 / n) of one common ratio, at most `densest`. A gradient's own exact zeros (dead
+    ReLUs) do not show that signature across all layers.
     """
-    shares = [float((t != 0).sum()) / t.numel() for t in target if t.numel() >= min_size]
-    if len(shares) < 2:
+    sized = [(float((t != 0).sum()) / t.numel(), t.numel()) for t in target if t.numel() >= min_size]
+    if len(sized) < 2:
         return None
-    lo, hi = min(shares), max(shares)
-    if hi > 0.9 or hi - lo > tolerance or lo == 0:
+    lo = max(share - 0.5 / n for share, n in sized)
+    hi = min(share + 0.5 / n for share, n in sized)
+    shares = [share for share, _ in sized]
+    if max(shares) > densest or min(shares) == 0 or lo > hi + 1e-9:
         return None
     return sum(shares) / len(shares)
