@@ -289,13 +289,16 @@ def main(argv: list[str] | None = None) -> int:
                             attack=attack, generator=gens.get(gen or ""), weights=None, sim=sim, n=1,
                             seed=seed, budget_s=args.budget_s, workdir=workdir,
                         )  # fmt: skip
-                        case = {"part": "ood", "model": "untrained", "batch": 1, "seed": seed, "attack": attack,
+                        case = {"part": "ood", "model": "untrained", "batch": 1, "seed": seed,
+                                "attack": attack,
                                 "images": images, "generator": gen}  # fmt: skip
                         record(case, out, truth, show)
 
     grid = median_rows([r for r in runs if r["part"] == "grid"], ("model", "batch", "attack"))
     ood_runs = [r for r in runs if r["part"] == "ood"] + [
-        {**r, "part": "ood"} for r in runs if r["part"] == "grid" and r["model"] == "untrained" and r["batch"] == 1
+        {**r, "part": "ood"}
+        for r in runs
+        if r["part"] == "grid" and r["model"] == "untrained" and r["batch"] == 1
     ]
     ood = median_rows(ood_runs, ("images", "attack", "generator"))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -303,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     figure(panels, png)
     report = {
         "benchmark": "latent-space attacks (gias, ggl) vs inverting_gradients at an equal wall-clock budget",
-        "command": "OMP_NUM_THREADS=1 python -m bench.generative " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "OMP_NUM_THREADS=1 python -m bench.generative "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "load_average_end": os.getloadavg(),
         "budget_s_per_attack": args.budget_s,
@@ -313,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         "early_round": f"the same ConvNet after {EARLY_STEPS} SGD steps (batch 64, lr 0.05, momentum 0.9) on "
         "the photo-patch task (photo_patches seed 1)",
         "images": {
-            "faces": f"{EVAL_FACES[0]}..{EVAL_FACES[-1]} (faces {TUNE_FACES[0]}..{TUNE_FACES[-1]} are for tuning)",
+            "faces": f"{EVAL_FACES[0]}..{EVAL_FACES[-1]} "
+            f"(faces {TUNE_FACES[0]}..{TUNE_FACES[-1]} are for tuning)",
             "patches": "photo_patches(32, per_class=8, seed=12345), shuffled: crops the generator's training "
             "did not draw",
             "texture/text/natural": "the shipped photos of those categories, resized to 32x32",

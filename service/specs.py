@@ -372,13 +372,16 @@ class GenerativeParams(AttackParams):
         default="uniform", description="how layers are weighted in the matching cost, first to last"
     )
     tv_weight: float = Field(
-        default=0.0, ge=0, description="weight of total variation on the generated images (the generator is the prior)"
+        default=0.0,
+        ge=0,
+        description="weight of total variation on the generated images (the generator is the prior)",
     )
     latent_prior_weight: float = Field(
         default=1e-2,
         ge=0,
-        description="weight of the latent-norm prior: the mean over images of (|z| / sqrt(latent_dim) - 1)^2, "
-        "which keeps latents on the shell where a Gaussian latent's mass lies",
+        description="weight of the latent-norm prior: the mean over images of "
+        "(|z| / sqrt(latent_dim) - 1)^2, which keeps latents on the shell where a Gaussian "
+        "latent's mass lies",
     )
 
 

@@ -18,9 +18,7 @@ import torch
 class SepCMA:
     """R independent separable CMA-ES runs of dimension n with `population` candidates each."""
 
-    def __init__(
-        self, mean: torch.Tensor, sigma: float, population: int, generator: torch.Generator
-    ) -> None:
+    def __init__(self, mean: torch.Tensor, sigma: float, population: int, generator: torch.Generator) -> None:
         self.mean = mean.detach().clone()  # (R, n)
         r, n = mean.shape
         self.n, self.lam, self.generator = n, population, generator

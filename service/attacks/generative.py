@@ -137,7 +137,11 @@ class _Best:
         self.z, self.y, self.pixels = z.detach().clone(), y.detach().clone(), pixels.detach().clone()
 
     def update(
-        self, losses: torch.Tensor, z: torch.Tensor, y: torch.Tensor, render: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        losses: torch.Tensor,
+        z: torch.Tensor,
+        y: torch.Tensor,
+        render: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
         losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
         improved = losses < self.loss
@@ -197,7 +201,9 @@ def adam_stages(
         tune = stage == 2
         gparams: Params | None = None
         if tune:  # a copy of G per restart
-            gparams = {k: v.detach().unsqueeze(0).repeat(restarts, *([1] * v.dim())) for k, v in gen.params.items()}
+            gparams = {
+                k: v.detach().unsqueeze(0).repeat(restarts, *([1] * v.dim())) for k, v in gen.params.items()
+            }
         variables: list[torch.Tensor] = [z] + ([y] if joint else [])
         groups: list[dict[str, Any]] = [{"params": variables, "lr": latent_lr}]
         if gparams is not None:
@@ -219,9 +225,7 @@ def adam_stages(
                 bad = ~torch.isfinite(losses)
                 z.data[bad] = best.z[bad]
                 grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
-            best.update(
-                losses, z, y, lambda mask, z=z, y=y, gp=gparams: _render_all(gen, z, y, gp)[mask]
-            )
+            best.update(losses, z, y, lambda mask, z=z, y=y, gp=gparams: _render_all(gen, z, y, gp)[mask])
             tensors = variables + ([] if gparams is None else list(gparams.values()))
             for var, g in zip(tensors, grads, strict=True):
                 var.grad = g
@@ -245,7 +249,9 @@ def _batched_step(loss: LatentLoss, joint: bool, tune: bool) -> StepFn:
     argnums: tuple[int, ...] = (0,) + ((1,) if joint else ()) + ((2,) if tune else ())
     fn = vmap(grad_and_value(loss, argnums=argnums), in_dims=(0, 0, 0 if tune else None))
 
-    def step(z: torch.Tensor, y: torch.Tensor, gparams: Params | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def step(
+        z: torch.Tensor, y: torch.Tensor, gparams: Params | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         grads, losses = fn(z, y, gparams)
         out: list[torch.Tensor] = [grads[0]] + ([grads[1]] if joint else [])
         if tune:
@@ -256,7 +262,9 @@ def _batched_step(loss: LatentLoss, joint: bool, tune: bool) -> StepFn:
 
 
 def _single_step(loss: LatentLoss, joint: bool, tune: bool) -> StepFn:
-    def step(z: torch.Tensor, y: torch.Tensor, gparams: Params | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def step(
+        z: torch.Tensor, y: torch.Tensor, gparams: Params | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         zi = z[0].detach().requires_grad_()
         yi = y[0].detach().requires_grad_() if joint else y[0]
         gp = None if gparams is None else {k: v[0].detach().requires_grad_() for k, v in gparams.items()}
@@ -319,7 +327,12 @@ def cma_search(
 
 
 def _result(
-    problem: AttackProblem, best: _Best, iterations: int, history: list[float], control: Control, details: dict
+    problem: AttackProblem,
+    best: _Best,
+    iterations: int,
+    history: list[float],
+    control: Control,
+    details: dict,
 ) -> AttackResult:
     winner = int(torch.argmin(best.loss))
     labels = best.y[winner]
@@ -416,7 +429,14 @@ class Ggl:
         history: list[float] = []
         if params.optimizer == "cma":
             best, iterations, details = cma_search(
-                problem, gen, loss, control, generator, population=params.population, sigma=params.sigma, history=history
+                problem,
+                gen,
+                loss,
+                control,
+                generator,
+                population=params.population,
+                sigma=params.sigma,
+                history=history,
             )
         else:
             best, iterations, details = adam_stages(

@@ -101,12 +101,15 @@ def plan_replay(defenses: Sequence[DefenseSpec], update_scale: float | None) -> 
             plan.skipped.append("quantize: stochastic rounding is unbiased, its expectation is the identity")
         elif isinstance(d, ClipDefense) and update_scale is None:
             plan.skipped.append(
-                "clip: the update's scale (lr x steps) is unknown; the scale-free cost ignores a global factor"
+                "clip: the update's scale (lr x steps) is unknown; "
+                "the scale-free cost ignores a global factor"
             )
         elif isinstance(d, TopKDefense | ClipDefense | QuantizeDefense | SignDefense):
             plan.steps.append(d)
         else:
-            plan.skipped.append(f"{d.name}: not replayed (zero-mean noise adds a constant to the expected L2 cost)")
+            plan.skipped.append(
+                f"{d.name}: not replayed (zero-mean noise adds a constant to the expected L2 cost)"
+            )
     return plan
 
 

@@ -126,9 +126,7 @@ def run_shadow(
     s = shadow_spec(spec, len(images), k)
     generator = torch.Generator().manual_seed(s.seed)
     victim = simulated_victim(s, model, images.to(device), labels.to(device), training)
-    problem = problem_for(
-        s, model, victim, generator, device, image_generator=attack_generator(s, ctx)
-    )
+    problem = problem_for(s, model, victim, generator, device, image_generator=attack_generator(s, ctx))
     control = Control(s.budget, should_stop=ctx.should_stop)
     result = ATTACKS.get(s.attack.name).run(problem, s.attack, control, generator)
     metrics = score(

@@ -140,9 +140,7 @@ def test_generator_finetuning_lowers_the_loss_further():
     problem, _, _ = _problem(num_images=2, perturb=0.3)
     latent_only = _run(problem, GiasParams(generator="g", latent_share=1.0, latent_lr=0.1), 160)
     stage_1 = _run(problem, GiasParams(generator="g", latent_share=1.0, latent_lr=0.1), 80)
-    both = _run(
-        problem, GiasParams(generator="g", latent_share=0.5, latent_lr=0.1, generator_lr=3e-3), 160
-    )
+    both = _run(problem, GiasParams(generator="g", latent_share=0.5, latent_lr=0.1, generator_lr=3e-3), 160)
     assert both.details["stage_iterations"] == {"latent": 80, "generator_finetune": 80}
     assert both.loss_history[79] == pytest.approx(stage_1.best_loss)
     assert both.best_loss < 0.7 * stage_1.best_loss, (both.best_loss, stage_1.best_loss)
@@ -294,7 +292,10 @@ def test_generative_attacks_unroll_fedavg_with_level_three(tmp_path):
 
 @pytest.mark.parametrize(
     ("shape", "classes", "fragment"),
-    [((3, 8, 8), None, "makes images of shape 3x8x8 but data.shape is 3x16x16"), ((3, 16, 16), 5, "5 classes")],
+    [
+        ((3, 8, 8), None, "makes images of shape 3x8x8 but data.shape is 3x16x16"),
+        ((3, 16, 16), 5, "5 classes"),
+    ],
 )
 def test_the_runner_refuses_a_generator_that_does_not_fit_the_data(tmp_path, shape, classes, fragment):
     with pytest.raises(SpecError, match=fragment):
