@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -173,6 +174,12 @@ def _render_all(gen: LatentModel, z: torch.Tensor, y: torch.Tensor, gparams: Par
         return vmap(gen.pixels)(z, y, gparams)  # type: ignore[no-any-return]
 
 
+def _render_masked(
+    gen: LatentModel, z: torch.Tensor, y: torch.Tensor, gparams: Params | None, mask: torch.Tensor
+) -> torch.Tensor:
+    return _render_all(gen, z, y, gparams)[mask]
+
+
 def adam_stages(
     problem: AttackProblem,
     gen: LatentModel,
@@ -217,18 +224,18 @@ def adam_stages(
             if stage == 1 and frac >= end:
                 break
             local = (frac - start) / max(end - start, 1e-9)
-            for g, b in zip(opt.param_groups, base, strict=True):
-                g["lr"] = b * lr_factor("cosine", local)
+            for group, b in zip(opt.param_groups, base, strict=True):
+                group["lr"] = b * lr_factor("cosine", local)
             grads, losses = step(z, y, gparams)
             losses = losses.detach()
             if not torch.isfinite(losses).all():
                 bad = ~torch.isfinite(losses)
                 z.data[bad] = best.z[bad]
                 grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
-            best.update(losses, z, y, lambda mask, z=z, y=y, gp=gparams: _render_all(gen, z, y, gp)[mask])
+            best.update(losses, z, y, partial(_render_masked, gen, z, y, gparams))
             tensors = variables + ([] if gparams is None else list(gparams.values()))
-            for var, g in zip(tensors, grads, strict=True):
-                var.grad = g
+            for var, step_grad in zip(tensors, grads, strict=True):
+                var.grad = step_grad
             opt.step()
             iteration += 1
             iterations_in[stage - 1] += 1
@@ -311,7 +318,7 @@ def cma_search(
         es.tell(values)
         gen_best, idx = values.min(1)
         z_best = candidates[torch.arange(restarts), idx].view(restarts, n, d)
-        best.update(gen_best, z_best, y, lambda mask, zb=z_best: _render_all(gen, zb, y, None)[mask])
+        best.update(gen_best, z_best, y, partial(_render_masked, gen, z_best, y, None))
         iteration += 1
         value = float(best.loss.min())
         history.append(value)
