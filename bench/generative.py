@@ -129,10 +129,13 @@ def run_one(
     sim: dict[str, Any],
     n: int,
     seed: int,
-    budget_s: float,
+    iterations: int,
     workdir: Path,
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One job through the runner, bounded by `iterations`; its process CPU time is measured."""
+    from safetensors.torch import load as load_tensors  # our own output, not an upload
+
     from service.jobs.runner import run_job
     from service.jobs.types import JobContext
     from service.specs import JobSpec
@@ -150,7 +153,7 @@ def run_one(
             "data": {"shape": [3, SIZE, SIZE], "num_classes": NUM_CLASSES, "num_images": n, "labels": labels},
             "knowledge": 2,
             "attack": a,
-            "budget": {"iterations": 1_000_000, "time_limit_s": budget_s},
+            "budget": {"iterations": iterations},
             "seed": seed,
             "verdict": {"when": "never"},
         }
@@ -160,16 +163,17 @@ def run_one(
         job_id=f"b{time.monotonic_ns()}", store=store, prefix="jobs/b", resolve=lambda r: Path(r).read_bytes()
     )
     load = os.getloadavg()[0]
+    cpu = time.process_time()
     result = run_job(spec, ctx)
+    cpu = time.process_time() - cpu
     m = result.manifest
-    from safetensors.torch import load as load_tensors  # our own output, not an upload
-
     recon = load_tensors(store.get_bytes(m["artifacts"]["reconstruction.safetensors"]))["images"]
     return {
         "psnr": m["metrics"]["mean"]["psnr"],
         "ssim": m["metrics"]["mean"]["ssim"],
         "iterations": m["attack"]["iterations"],
-        "attack_s": round(m["timings"]["attack_s"], 2),
+        "attack_wall_s": round(m["timings"]["attack_s"], 2),
+        "job_cpu_s": round(cpu, 2),
         "best_loss": m["attack"]["best_loss"],
         "load_average_1min_before": load,
         "_recon": recon,
@@ -208,25 +212,58 @@ def figure(panels: list[tuple[str, list[torch.Tensor]]], path: Path) -> None:
     out.save(path, optimize=True)
 
 
+def plan(seeds: list[int], batches: list[int], ood: bool) -> list[dict[str, Any]]:
+    """Every run of the benchmark, in order."""
+    runs = []
+    for model in ("untrained", "early"):
+        for n in batches:
+            for seed in seeds:
+                for attack in ATTACKS:
+                    gen = None if attack == "inverting_gradients" else "faces"
+                    runs.append({"part": "grid", "model": model, "batch": n, "seed": seed, "attack": attack,
+                                 "images": "faces", "generator": gen})  # fmt: skip
+    if ood:
+        for gen_name, others in OOD_SETS.items():
+            for images in (gen_name, *others):
+                if gen_name == "faces" and images == "faces":
+                    continue  # the grid's untrained batch-1 runs
+                for seed in seeds:
+                    # Inverting Gradients needs no generator: once per image set (faces: the grid's)
+                    attacks = ["gias", "ggl"] if images == "faces" else list(ATTACKS)
+                    for attack in attacks:
+                        gen = None if attack == "inverting_gradients" else gen_name
+                        runs.append({"part": "ood", "model": "untrained", "batch": 1, "seed": seed,
+                                     "attack": attack, "images": images, "generator": gen})  # fmt: skip
+    return runs
+
+
+PROBE = (2, 12)  # iterations of the two timing probes (their difference cancels the setup)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--faces-gen", required=True)
     p.add_argument("--patches-gen", required=True)
-    p.add_argument("--budget-s", type=float, default=8.0)
+    p.add_argument("--budget-cpu-s", type=float, default=5.0, help="single-thread CPU seconds per attack")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th run from the i-th (then --merge)")
     p.add_argument("--out", default=str(RESULTS / "generative-cpu.json"))
     p.add_argument("--skip-ood", action="store_true")
+    p.add_argument("--merge", nargs="*", help="partial JSON files of the shards to merge into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args, argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     seeds = [int(s) for s in args.seeds.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    shard, shards = (int(v) for v in args.shard.split("/"))
+
+    from PIL import Image
 
     from service.data import photo_patches
-    from service.generators import load_generator_file
 
     gens = {"faces": args.faces_gen, "patches": args.patches_gen}
-    manifests = {k: load_generator_file(v).manifest.model_dump() for k, v in gens.items()}
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="gradleak-bench-gen-"))
     # photo patches the patches generator never saw: a seed of its own (the training uses others)
@@ -234,83 +271,122 @@ def main(argv: list[str] | None = None) -> int:
     patch_dir.mkdir()
     px, _ = photo_patches(SIZE, per_class=8, seed=12345)
     px = px[torch.randperm(len(px), generator=torch.Generator().manual_seed(0))]
-    from PIL import Image
-
     for i, img in enumerate(px):
         arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         Image.fromarray(arr).save(patch_dir / f"{i:04d}.png")
     pool = {"patch_dir": patch_dir, "patch_files": list(range(len(px))), "eval_faces": EVAL_FACES}
     models = {"untrained": None, "early": early_model(workdir)}
 
+    # the compute budget in iterations, per (model, batch, attack): CPU seconds per iteration from
+    # two probes in this process (the second minus the first cancels setup and scoring)
+    per_iteration: dict[str, float] = {}
+
+    def iterations_for(model: str, n: int, attack: str, generator: str | None) -> int:
+        key = f"{model}/b{n}/{attack}"
+        if key not in per_iteration:
+            sim, _ = images_of("faces", n, 99, pool)
+            cpu = [
+                run_one(attack=attack, generator=generator, weights=models[model], sim=sim, n=n, seed=99,
+                        iterations=k, workdir=workdir)["job_cpu_s"]
+                for k in PROBE
+            ]  # fmt: skip
+            per_iteration[key] = max((cpu[1] - cpu[0]) / (PROBE[1] - PROBE[0]), 1e-4)
+            print(f"probe {key}: {per_iteration[key]:.4f} CPU s/iteration", flush=True)
+        return max(2, round(args.budget_cpu_s / per_iteration[key]))
+
+    todo = plan(seeds, batches, not args.skip_ood)[shard::shards]
     runs: list[dict[str, Any]] = []
-    panels: list[tuple[str, list[torch.Tensor]]] = []
-
-    def record(case: dict[str, Any], out: dict[str, Any], truth: torch.Tensor, show: bool) -> None:
+    for case in todo:
+        gen_path = gens[case["generator"]] if case["generator"] else None
+        sim, truth = images_of(case["images"], case["batch"], case["seed"], pool)
+        its = iterations_for(case["model"], case["batch"], case["attack"], gens["faces"])
+        out = run_one(
+            attack=case["attack"], generator=gen_path, weights=models[case["model"]], sim=sim, n=case["batch"],
+            seed=case["seed"], iterations=its, workdir=workdir,
+        )  # fmt: skip
         recon = out.pop("_recon")
-        runs.append({**case, **out})
-        print(json.dumps({**case, **{k: out[k] for k in ("psnr", "ssim", "iterations")}}), flush=True)
+        show = case["seed"] == seeds[0] and (
+            (case["part"] == "grid" and case["model"] == "untrained" and case["batch"] == 4) or case["part"] == "ood"
+            or (case["model"] == "untrained" and case["batch"] == 1)
+        )  # fmt: skip
+        row = {**case, **out}
         if show:
-            panels.append((f"{case['attack']} {case['images']}/{case['generator'] or '-'}", list(recon)))
+            row["_recon"] = recon.tolist()
+            row["_truth"] = truth.tolist()
+        runs.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}), flush=True)
+    partial = {
+        "shard": args.shard,
+        "per_iteration_cpu_s": per_iteration,
+        "runs": runs,
+        "wall_s": round(time.monotonic() - started, 1),
+        "load_average_end": os.getloadavg(),
+        "generators": {k: _manifest(v) for k, v in gens.items()},
+    }
+    path = Path(args.out).with_suffix(f".shard{shard}.json") if shards > 1 else workdir / "partial.json"
+    path.write_text(json.dumps(partial))
+    print(f"wrote {path}")
+    if shards == 1:
+        args.merge = [str(path)]
+        return merge(args, argv)
+    return 0
 
-    # the grid: in-distribution (faces generator, faces images)
-    for model_name, weights in models.items():
-        for n in batches:
-            for seed in seeds:
-                sim, truth = images_of("faces", n, seed, pool)
-                show = model_name == "untrained" and n == 4 and seed == seeds[0]
-                if show:
-                    panels.append(("truth faces", list(truth)))
-                for attack in ATTACKS:
-                    gen = None if attack == "inverting_gradients" else "faces"
-                    out = run_one(
-                        attack=attack, generator=gens.get(gen or ""), weights=weights, sim=sim, n=n,
-                        seed=seed, budget_s=args.budget_s, workdir=workdir,
-                    )  # fmt: skip
-                    case = {"part": "grid", "model": model_name, "batch": n, "seed": seed, "attack": attack,
-                            "images": "faces", "generator": gen}  # fmt: skip
-                    record(case, out, truth, show)
 
-    # out of distribution: batch 1, untrained model
-    if not args.skip_ood:
-        for gen_name, others in OOD_SETS.items():
-            for images in (gen_name, *others):
-                if gen_name == "faces" and images == "faces":
-                    continue  # the grid's untrained batch-1 rows
-                for seed in seeds:
-                    sim, truth = images_of(images, 1, seed, pool)
-                    show = seed == seeds[0]
-                    if show:
-                        panels.append((f"truth {images}", list(truth)))
-                    # Inverting Gradients needs no generator: once per image set (faces: the grid's)
-                    attacks = ["gias", "ggl"] if images == "faces" else ["inverting_gradients", "gias", "ggl"]
-                    for attack in attacks:
-                        gen = None if attack == "inverting_gradients" else gen_name
-                        out = run_one(
-                            attack=attack, generator=gens.get(gen or ""), weights=None, sim=sim, n=1,
-                            seed=seed, budget_s=args.budget_s, workdir=workdir,
-                        )  # fmt: skip
-                        case = {"part": "ood", "model": "untrained", "batch": 1, "seed": seed,
-                                "attack": attack,
-                                "images": images, "generator": gen}  # fmt: skip
-                        record(case, out, truth, show)
+def _manifest(path: str) -> dict[str, Any]:
+    from service.generators import load_generator_file
 
+    return load_generator_file(path).manifest.model_dump()
+
+
+def merge(args: argparse.Namespace, argv: list[str] | None) -> int:
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    runs = [r for part in parts for r in part["runs"]]
+    per_iteration: dict[str, list[float]] = {}
+    for part in parts:
+        for k, v in part["per_iteration_cpu_s"].items():
+            per_iteration.setdefault(k, []).append(round(v, 4))
+    panels: list[tuple[str, list[torch.Tensor]]] = []
+    order = sorted(
+        (r for r in runs if "_recon" in r),
+        key=lambda r: (
+            r["part"],
+            r["images"],
+            r["batch"],
+            list(ATTACKS).index(r["attack"]),
+            r["generator"] or "",
+        ),
+    )
+    shown_truth: set[tuple] = set()
+    for r in order:
+        key = (r["part"], r["images"], r["batch"])
+        if key not in shown_truth:
+            shown_truth.add(key)
+            panels.append((f"truth {r['images']} b{r['batch']}", list(torch.tensor(r["_truth"]))))
+        panels.append((f"{r['attack']} G={r['generator'] or '-'}", list(torch.tensor(r["_recon"]))))
+    for r in runs:
+        r.pop("_recon", None)
+        r.pop("_truth", None)
     grid = median_rows([r for r in runs if r["part"] == "grid"], ("model", "batch", "attack"))
     ood_runs = [r for r in runs if r["part"] == "ood"] + [
-        {**r, "part": "ood"}
-        for r in runs
-        if r["part"] == "grid" and r["model"] == "untrained" and r["batch"] == 1
+        r for r in runs if r["part"] == "grid" and r["model"] == "untrained" and r["batch"] == 1
     ]
-    ood = median_rows(ood_runs, ("images", "attack", "generator"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    ood = median_rows(ood_runs, ("images", "generator", "attack"))
     png = Path(args.out).with_suffix(".png")
     figure(panels, png)
     report = {
-        "benchmark": "latent-space attacks (gias, ggl) vs inverting_gradients at an equal wall-clock budget",
-        "command": "OMP_NUM_THREADS=1 python -m bench.generative "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "benchmark": "latent-space attacks (gias, ggl) vs inverting_gradients at an equal compute budget, "
+        "in and out of the generator's distribution",
+        "command": "OMP_NUM_THREADS=1 python -m bench.generative --faces-gen PATH --patches-gen PATH "
+        f"--budget-cpu-s {args.budget_cpu_s} --seeds {args.seeds} --batches {args.batches} (--shard i/n "
+        "in n processes, then --merge their files)",
         "machine": machine(),
-        "load_average_end": os.getloadavg(),
-        "budget_s_per_attack": args.budget_s,
+        "load_average_end_of_shards": [part["load_average_end"] for part in parts],
+        "wall_s_of_shards": [part["wall_s"] for part in parts],
+        "budget": f"{args.budget_cpu_s} s of single-thread CPU time per attack run (OMP_NUM_THREADS=1), turned "
+        "into an iteration count per (model, batch, attack) by two timing probes in the same process; "
+        "the machine is shared, so a wall-clock budget would buy each attack a different amount of "
+        "compute. Each run's wall-clock attack time and iterations are in `runs`",
+        "per_iteration_cpu_s": per_iteration,
         "restarts": 1,
         "labels": "known (given to every attack)",
         "model": "convnet (registry default: width 64, depth 3), CIFAR-10 normalisation, FedSGD",
@@ -323,15 +399,14 @@ def main(argv: list[str] | None = None) -> int:
             "did not draw",
             "texture/text/natural": "the shipped photos of those categories, resized to 32x32",
         },
-        "generators": manifests,
+        "generators": parts[0]["generators"],
         "grid_medians": grid,
         "ood_medians": ood,
         "runs": runs,
         "figure": str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png),
-        "total_s": round(time.monotonic() - started, 1),
     }
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out} and {png} in {report['total_s']} s")
+    print(f"wrote {args.out} and {png}")
     return 0
 
 
