@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -301,14 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         sim, truth = images_of(case["images"], case["batch"], case["seed"], pool)
         its = iterations_for(case["model"], case["batch"], case["attack"], gens["faces"])
         out = run_one(
-            attack=case["attack"], generator=gen_path, weights=models[case["model"]], sim=sim, n=case["batch"],
-            seed=case["seed"], iterations=its, workdir=workdir,
+            attack=case["attack"], generator=gen_path, weights=models[case["model"]], sim=sim,
+            n=case["batch"], seed=case["seed"], iterations=its, workdir=workdir,
         )  # fmt: skip
         recon = out.pop("_recon")
-        show = case["seed"] == seeds[0] and (
-            (case["part"] == "grid" and case["model"] == "untrained" and case["batch"] == 4) or case["part"] == "ood"
-            or (case["model"] == "untrained" and case["batch"] == 1)
-        )  # fmt: skip
+        untrained = case["model"] == "untrained"
+        show = case["seed"] == seeds[0] and (case["part"] == "ood" or (untrained and case["batch"] in (1, 4)))
         row = {**case, **out}
         if show:
             row["_recon"] = recon.tolist()
@@ -382,7 +379,8 @@ def merge(args: argparse.Namespace, argv: list[str] | None) -> int:
         "machine": machine(),
         "load_average_end_of_shards": [part["load_average_end"] for part in parts],
         "wall_s_of_shards": [part["wall_s"] for part in parts],
-        "budget": f"{args.budget_cpu_s} s of single-thread CPU time per attack run (OMP_NUM_THREADS=1), turned "
+        "budget": f"{args.budget_cpu_s} s of single-thread CPU time per attack run (OMP_NUM_THREADS=1), "
+        "turned "
         "into an iteration count per (model, batch, attack) by two timing probes in the same process; "
         "the machine is shared, so a wall-clock budget would buy each attack a different amount of "
         "compute. Each run's wall-clock attack time and iterations are in `runs`",
