@@ -236,6 +236,66 @@ def plan(seeds: list[int], batches: list[int], ood: bool) -> list[dict[str, Any]
     return runs
 
 
+TUNE_CONFIGS = [
+    ("gias", {}),
+    ("gias", {"latent_lr": 0.02}),
+    ("gias", {"latent_lr": 0.1}),
+    ("gias", {"generator_lr": 1e-3}),
+    ("ggl", {}),
+    ("ggl", {"sigma": 0.3}),
+    ("ggl", {"sigma": 1.0}),
+]
+
+
+def tune(args: argparse.Namespace) -> int:
+    """The attacks' defaults against a few alternatives on the tuning faces (TUNE_FACES), untrained
+    model, batch 1 and 4, iteration counts from the CPU budget as in the benchmark."""
+    workdir = Path(tempfile.mkdtemp(prefix="gradleak-bench-gen-tune-"))
+    pool = {"eval_faces": TUNE_FACES}
+    rows = []
+    per_iteration: dict[str, float] = {}
+    for attack, params in TUNE_CONFIGS:
+        for n in (1, 4):
+            key = f"b{n}/{attack}/{json.dumps(params)}"
+            sim, _ = images_of("faces", n, 99, pool)
+            cpu = [
+                run_one(attack=attack, generator=args.faces_gen, weights=None, sim=sim, n=n, seed=99,
+                        iterations=k, workdir=workdir, params=params)["job_cpu_s"]
+                for k in PROBE
+            ]  # fmt: skip
+            per_iteration[key] = max((cpu[1] - cpu[0]) / (PROBE[1] - PROBE[0]), 1e-4)
+            its = max(2, round(args.budget_cpu_s / per_iteration[key]))
+            for seed in (0, 1):
+                sim, _ = images_of("faces", n, seed, pool)
+                out = run_one(attack=attack, generator=args.faces_gen, weights=None, sim=sim, n=n, seed=seed,
+                              iterations=its, workdir=workdir, params=params)  # fmt: skip
+                out.pop("_recon")
+                rows.append({"attack": attack, "params": params, "batch": n, "seed": seed, **out})
+                print(json.dumps(rows[-1]), flush=True)
+    summary = median_rows(
+        [{**r, "config": f"{r['attack']} {json.dumps(r['params'])}"} for r in rows], ("config", "batch")
+    )
+    out_path = Path(args.out).with_name("generative-cpu-tune.json")
+    out_path.write_text(
+        json.dumps(
+            {
+                "purpose": "choose the attacks' defaults on tuning faces (face00..face19), "
+                "not the reported ones",
+                "command": "OMP_NUM_THREADS=1 python -m bench.generative --tune --faces-gen PATH "
+                f"--patches-gen PATH --budget-cpu-s {args.budget_cpu_s}",
+                "machine": machine(),
+                "load_average_end": os.getloadavg(),
+                "generator": _manifest(args.faces_gen),
+                "medians": summary,
+                "runs": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out_path}")
+    return 0
+
+
 PROBE = (2, 12)  # iterations of the two timing probes (their difference cancels the setup)
 
 
@@ -250,10 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "generative-cpu.json"))
     p.add_argument("--skip-ood", action="store_true")
     p.add_argument("--merge", nargs="*", help="partial JSON files of the shards to merge into --out")
+    p.add_argument("--tune", action="store_true", help="compare defaults on the tuning faces instead")
     args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.merge:
         return merge(args, argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.tune:
+        return tune(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     shard, shards = (int(v) for v in args.shard.split("/"))
