@@ -7,16 +7,18 @@ inverting_gradients) at an equal wall-clock budget, in and out of the generator'
 Cases, all FedSGD on 32x32 images, labels known (given to every attack alike), one restart:
 - grid: ConvNet (the registry's default convnet) untrained (init seed 0) and early-round (the same
   after EARLY_STEPS SGD steps on the photo-patch task), batch sizes 1, 4 and 16, faces images,
-  the faces generator (in-distribution), each attack with the same time limit;
+  the faces generator (in-distribution: faces it was not trained on), each attack with the same
+  compute budget (single-thread CPU seconds, turned into iterations by timing probes);
 - ood: the untrained ConvNet, batch 1: the faces generator on faces (in-distribution) against
   textures, text and natural photos; the patches generator on photo patches (in-distribution,
   crops the generator never saw) against faces. Inverting Gradients runs on the same images.
 
 Every job runs through the one runner (service.jobs.runner.run_job) in this process, in turn, so
-the baseline shares the machine's state. The faces are drawn from EVAL_FACES, those not used to
-tune the attacks' defaults (TUNE_FACES) and, for the shipped faces generator, held out of its
-training set when its manifest says so. Medians over seeds; iterations reached are reported,
-since the machine is shared and a time budget buys fewer iterations under load.
+the baseline shares the machine's state. The generators (DCGAN, width 16) are trained with
+`gradleak generator train`: faces on a folder of face00..face59 (TRAIN_FACES), patches on the
+photo-patch task (per_class 200, seed 0); the reported faces are face60..face99, which the
+generator never saw, and the tuning (--tune) used faces of its training set. Medians over seeds;
+iterations and wall-clock seconds of each run are reported.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ ATTACKS = {
     "ggl": {"name": "ggl"},
 }
 BATCHES = (1, 4, 16)
-# faces 00-19 tune (bench/generative.py --tune); the rest report
-TUNE_FACES = [f"face{i:02d}" for i in range(20)]
-EVAL_FACES = [f"face{i:02d}" for i in range(20, 100)]
+# The faces generator is trained on face00..face59 (TRAIN_FACES); faces 00-19 of those tune the
+# attacks' defaults (--tune); face60..face99, which the generator never saw, are reported.
+TRAIN_FACES = [f"face{i:02d}" for i in range(60)]
+TUNE_FACES = TRAIN_FACES[:20]
+EVAL_FACES = [f"face{i:02d}" for i in range(60, 100)]
 OOD_SETS = {"faces": ["texture", "text", "natural"], "patches": ["faces"]}
 
 
@@ -454,8 +458,8 @@ def merge(args: argparse.Namespace, argv: list[str] | None) -> int:
         "early_round": f"the same ConvNet after {EARLY_STEPS} SGD steps (batch 64, lr 0.05, momentum 0.9) on "
         "the photo-patch task (photo_patches seed 1)",
         "images": {
-            "faces": f"{EVAL_FACES[0]}..{EVAL_FACES[-1]} "
-            f"(faces {TUNE_FACES[0]}..{TUNE_FACES[-1]} are for tuning)",
+            "faces": f"{EVAL_FACES[0]}..{EVAL_FACES[-1]}, held out of the faces generator's training "
+            f"({TRAIN_FACES[0]}..{TRAIN_FACES[-1]}); {TUNE_FACES[0]}..{TUNE_FACES[-1]} tuned the defaults",
             "patches": "photo_patches(32, per_class=8, seed=12345), shuffled: crops the generator's training "
             "did not draw",
             "texture/text/natural": "the shipped photos of those categories, resized to 32x32",

@@ -351,3 +351,14 @@ def test_the_catalog_lists_the_latent_space_attacks():
         assert {"generator", "cost", "latent_prior_weight"} <= fields
     assert {"latent_share", "generator_lr", "latent_lr"} <= {f["name"] for f in attacks["gias"]["fields"]}
     assert {"optimizer", "population", "adaptive_defenses"} <= {f["name"] for f in attacks["ggl"]["fields"]}
+
+
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_gias_optimises_labels_jointly_when_none_are_known(restarts):
+    problem, _, labels = _problem(num_images=2)
+    problem.labels, problem.label_source = None, "joint optimisation"
+    result = _run(problem, GiasParams(generator="g", latent_lr=0.1), iterations=6, restarts=restarts)
+    assert result.details["joint_labels"] is True
+    assert result.labels.shape == labels.shape and result.labels.dtype == torch.long
+    with pytest.raises(SpecError, match="needs labels"):
+        _run(problem, GglParams(generator="g", optimizer="cma"), iterations=2)
