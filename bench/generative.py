@@ -315,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-ood", action="store_true")
     p.add_argument("--merge", nargs="*", help="partial JSON files of the shards to merge into --out")
     p.add_argument("--tune", action="store_true", help="compare defaults on the tuning faces instead")
+    p.add_argument("--table", action="store_true", help="print --out's medians as Markdown tables")
     args = p.parse_args(argv)
+    if args.table:
+        print(tables(json.loads(Path(args.out).read_text())))
+        return 0
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.merge:
         return merge(args, argv)
@@ -394,6 +398,34 @@ def main(argv: list[str] | None = None) -> int:
         args.merge = [str(path)]
         return merge(args, argv)
     return 0
+
+
+def tables(report: dict[str, Any]) -> str:
+    """The README's tables: PSNR / SSIM medians (iterations) per case and attack."""
+    attacks = list(ATTACKS)
+    lines = ["| model | batch | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
+    grid = {(r["model"], r["batch"], r["attack"]): r for r in report["grid_medians"]}
+    for model in ("untrained", "early"):
+        for n in sorted({k[1] for k in grid}):
+            cells = []
+            for a in attacks:
+                r = grid.get((model, n, a))
+                cells.append(
+                    "-"
+                    if r is None
+                    else f"{r['psnr_median']:.1f} / {r['ssim_median']:.2f} ({r['iterations_median']:.0f})"
+                )
+            lines.append(f"| {model} | {n} | " + " | ".join(cells) + " |")
+    lines += ["", "| images | generator | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
+    ood = {(r["images"], r["generator"], r["attack"]): r for r in report["ood_medians"]}
+    for gen, images in (("faces", "faces"), ("faces", "texture"), ("faces", "text"), ("faces", "natural"),
+                        ("patches", "patches"), ("patches", "faces")):  # fmt: skip
+        cells = []
+        for a in attacks:
+            r = ood.get((images, None if a == "inverting_gradients" else gen, a))
+            cells.append("-" if r is None else f"{r['psnr_median']:.1f} / {r['ssim_median']:.2f}")
+        lines.append(f"| {images} | {gen} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _manifest(path: str) -> dict[str, Any]:
