@@ -253,13 +253,13 @@ TUNE_CONFIGS = [
 
 def tune(args: argparse.Namespace) -> int:
     """The attacks' defaults against a few alternatives on the tuning faces (TUNE_FACES), untrained
-    model, batch 1 and 4, iteration counts from the CPU budget as in the benchmark."""
+    model, the given batch sizes, iteration counts from the CPU budget as in the benchmark."""
     workdir = Path(tempfile.mkdtemp(prefix="gradleak-bench-gen-tune-"))
     pool = {"eval_faces": TUNE_FACES}
     rows = []
     per_iteration: dict[str, float] = {}
     for attack, params in TUNE_CONFIGS:
-        for n in (1, 4):
+        for n in [int(b) for b in args.batches.split(",")]:
             key = f"b{n}/{attack}/{json.dumps(params)}"
             sim, _ = images_of("faces", n, 99, pool)
             cpu = [
@@ -286,7 +286,7 @@ def tune(args: argparse.Namespace) -> int:
                 "purpose": "choose the attacks' defaults on tuning faces (face00..face19), "
                 "not the reported ones",
                 "command": "OMP_NUM_THREADS=1 python -m bench.generative --tune --faces-gen PATH "
-                f"--patches-gen PATH --budget-cpu-s {args.budget_cpu_s}",
+                f"--patches-gen PATH --budget-cpu-s {args.budget_cpu_s} --batches {args.batches}",
                 "machine": machine(),
                 "load_average_end": os.getloadavg(),
                 "generator": _manifest(args.faces_gen),
