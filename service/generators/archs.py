@@ -85,12 +85,20 @@ class _Conditioned(nn.Module):
                 raise ValueError("this generator is not class-conditional: pass no labels")
             return z
         if labels is None:
-            raise ValueError(f"this generator is class-conditional: pass labels (N,) in 0..{self.num_classes - 1}")
+            raise ValueError(
+                f"this generator is class-conditional: pass labels (N,) in 0..{self.num_classes - 1}"
+            )
         if labels.shape != (z.shape[0],):
             raise ValueError(f"labels must have shape ({z.shape[0]},), got {list(labels.shape)}")
         return torch.cat([z, self.embed(labels.long())], dim=1)
 
     embed: nn.Module
+
+
+def _embedding(num_classes: int, dim: int) -> nn.Embedding:
+    """A label embedding left uninitialised (its owner initialises it): nn.Embedding's own
+    initialisation on the meta device costs seconds the first time."""
+    return nn.Embedding(num_classes, dim, _weight=torch.empty(num_classes, dim))
 
 
 class DCGANGenerator(_Conditioned):
@@ -105,18 +113,28 @@ class DCGANGenerator(_Conditioned):
         channels, side, _ = image_shape
         self.latent_dim, self.num_classes, self.image_shape = latent_dim, num_classes, image_shape
         if num_classes is not None:
-            self.embed = nn.Embedding(num_classes, latent_dim)
+            self.embed = _embedding(num_classes, latent_dim)
         inputs = latent_dim * (2 if num_classes is not None else 1)
         ups = {32: 2, 64: 3}[side]  # stride-2 stages between 4x4 and side/2
         c = width * 2**ups
-        layers: list[nn.Module] = [nn.ConvTranspose2d(inputs, c, 4, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU(True)]
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(inputs, c, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(True),
+        ]
         for _ in range(ups):
-            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(c // 2),
+                nn.ReLU(True),
+            ]
             c //= 2
         layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.main = nn.Sequential(*layers)
+        if self.main[0].weight.is_meta:  # shapes only (upload checks): nothing to initialise
+            return
         for m in self.modules():  # the DCGAN paper's initialisation
-            if isinstance(m, nn.ConvTranspose2d | nn.Embedding):
+            if isinstance(m, nn.ConvTranspose2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.normal_(m.weight, 1.0, 0.02)
@@ -140,7 +158,9 @@ class MLPGenerator(_Conditioned):
         super().__init__()
         self.latent_dim, self.num_classes, self.image_shape = latent_dim, num_classes, image_shape
         if num_classes is not None:
-            self.embed = nn.Embedding(num_classes, latent_dim)
+            self.embed = _embedding(num_classes, latent_dim)
+            if not self.embed.weight.is_meta:
+                nn.init.normal_(self.embed.weight)
         inputs = latent_dim * (2 if num_classes is not None else 1)
         pixels = image_shape[0] * image_shape[1] * image_shape[2]
         self.main = nn.Sequential(
@@ -170,7 +190,13 @@ def _mlp(manifest: GeneratorManifest) -> nn.Module:
 
 GENERATOR_ARCHS.add(
     "dcgan",
-    GeneratorArch(_dcgan, "DCGAN generator (PyTorch examples layout), tanh mapped to [0, 1]", "never", 64, "32 or 64, square"),
+    GeneratorArch(
+        _dcgan,
+        "DCGAN generator (PyTorch examples layout), tanh mapped to [0, 1]",
+        "never",
+        64,
+        "32 or 64, square",
+    ),
 )
 GENERATOR_ARCHS.add(
     "dcgan_cond",

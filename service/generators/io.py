@@ -72,7 +72,9 @@ def generator_bytes(module: nn.Module, manifest: GeneratorManifest) -> bytes:
     return buffer.getvalue()
 
 
-def read_manifest(data: bytes | BinaryIO, size: int | None = None, name: str = "generator") -> GeneratorManifest:
+def read_manifest(
+    data: bytes | BinaryIO, size: int | None = None, name: str = "generator"
+) -> GeneratorManifest:
     """The manifest of a generator file (bytes, or a seekable file of `size` bytes), after the
     safetensors header checks; reads the header only."""
     return GeneratorManifest.from_metadata(safetensors_metadata(data, size, name=name), name)
