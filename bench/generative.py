@@ -13,6 +13,15 @@ Cases, all FedSGD on 32x32 images, labels known (given to every attack alike), o
   textures, text and natural photos; the patches generator on photo patches (in-distribution,
   crops the generator never saw) against faces. Inverting Gradients runs on the same images.
 
+The generators (bench/results/generative-gen-{faces,patches}.safetensors, with their sample
+grids) were trained for 1500 s each, which reached 2535 and 2523 steps; the same files come from
+the step counts (the face folder holds face00..face59 as 32x32 PNGs):
+
+  gradleak generator train --data folder --path FACES_00_59 --steps 2535 --batch-size 32 \
+      --width 16 --ema 0.99 --out OUT_FACES
+  gradleak generator train --data patches --per-class 200 --steps 2523 --batch-size 32 \
+      --width 16 --ema 0.99 --out OUT_PATCHES
+
 Every job runs through the one runner (service.jobs.runner.run_job) in this process, in turn, so
 the baseline shares the machine's state. The generators (DCGAN, width 16) are trained with
 `gradleak generator train`: faces on a folder of face00..face59 (TRAIN_FACES), patches on the
