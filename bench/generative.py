@@ -14,8 +14,9 @@ Cases, all FedSGD on 32x32 images, labels known (given to every attack alike), o
   crops the generator never saw) against faces. Inverting Gradients runs on the same images.
 
 The generators (bench/results/generative-gen-{faces,patches}.safetensors, with their sample
-grids) were trained for 1500 s each, which reached 2535 and 2523 steps; the same files come from
-the step counts (the face folder holds face00..face59 as 32x32 PNGs):
+grids) were trained for 1500 s each (--time-limit 1500), which reached 2535 and 2523 steps; to
+train them again, give those step counts (seeded runs; the face folder holds face00..face59 as
+32x32 PNGs):
 
   gradleak generator train --data folder --path FACES_00_59 --steps 2535 --batch-size 32 \
       --width 16 --ema 0.99 --out OUT_FACES
