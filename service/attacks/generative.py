@@ -374,7 +374,9 @@ class Gias:
     description: ClassVar[str] = (
         "GIAS (Jeon et al. 2021), a latent-space attack (GIA-L): gradient matching over a generator's "
         "latents, then over the latents and a per-restart copy of the generator's weights; needs a "
-        "generator trained on data like the client's (level 2). FedSGD, or FedAvg unrolled at level 3"
+        "generator trained on data like the client's (level 2). FedSGD, or FedAvg unrolled at level 3. "
+        "Measured (bench/results/generative-cpu.json, ConvNet 32x32, equal CPU budget): above "
+        "inverting_gradients from batch 4 and on an early-round model, not at batch 1 untrained"
     )
 
     def run(
@@ -406,7 +408,8 @@ class Ggl:
         "GGL (Li et al. 2022), a latent-space attack (GIA-L): latent-only search through a generator "
         "trained on data like the client's (level 2), gradient-free (separable CMA-ES) or with Adam; "
         "replays the update's clipping, top-k, quantisation or sign on its trial gradients. FedSGD, or "
-        "FedAvg unrolled at level 3"
+        "FedAvg unrolled at level 3. Measured (bench/results/generative-cpu.json): its CMA-ES trails gias "
+        "at an equal CPU budget"
     )
 
     def run(
