@@ -9,8 +9,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.federations.spec import FederationSpec
+from service.generators.manifest import GeneratorManifest
 from service.jobs.records import JobRecord, JobStatus, UploadRecord
-from service.jobs.uploads import GroundTruthUpload, ModelUpload, UpdateUpload, refuse_non_finite
+from service.jobs.uploads import (
+    GeneratorUpload,
+    GroundTruthUpload,
+    ModelUpload,
+    UpdateUpload,
+    refuse_non_finite,
+)
 from service.specs import AttackSpec, Budget, DefenseSpec, JobSpec, Knowledge, VerdictSpec
 
 
@@ -37,7 +44,7 @@ def when(ts: float | None) -> datetime | None:
 
 class UploadOut(Output):
     id: str
-    kind: Literal["model", "update", "ground_truth"]
+    kind: Literal["model", "update", "ground_truth", "generator"]
     size: int = Field(description="bytes")
     sha256: str
     tensors: int = Field(description="number of tensors in the file")
@@ -66,10 +73,20 @@ class GroundTruthOut(UploadOut):
     metadata: GroundTruthInfo
 
 
+class GeneratorOut(UploadOut):
+    kind: Literal["generator"] = "generator"
+    metadata: GeneratorManifest = Field(description="the manifest the file carries")
+
+
+class GeneratorList(Output):
+    generators: list[GeneratorOut]
+
+
 _UPLOAD_OUT: dict[str, type[UploadOut]] = {
     "model": ModelOut,
     "update": UpdateOut,
     "ground_truth": GroundTruthOut,
+    "generator": GeneratorOut,
 }
 
 
@@ -92,6 +109,7 @@ UPLOAD_META: dict[str, type[BaseModel]] = {
     "model": ModelUpload,
     "update": UpdateUpload,
     "ground_truth": GroundTruthUpload,
+    "generator": GeneratorUpload,
 }
 
 

@@ -28,12 +28,16 @@ def field_entries(model: type[BaseModel]) -> list[dict[str, Any]]:
         if name == "name":  # the discriminator, not a parameter
             continue
         prop = props.get(name, {})
+        required = info.is_required()
+        default = None if required else info.get_default(call_default_factory=True)
         entry: dict[str, Any] = {
             "name": name,
             "type": _type_text(prop),
-            "default": json.loads(json.dumps(info.get_default(call_default_factory=True), default=str)),
+            "default": json.loads(json.dumps(default, default=str)),
             "description": info.description or "",
         }
+        if required:  # no default: the spec must give it (a latent-space attack's generator)
+            entry["required"] = True
         for bound in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
             value = _find(prop, bound)
             if value is not None:
@@ -130,6 +134,10 @@ def _value(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
 
+def _default(f: dict[str, Any]) -> str:
+    return "(required)" if f.get("required") else _value(f["default"])
+
+
 def field_line(f: dict[str, Any], indent: str = "    ") -> str:
     """`name = default  (type; choices or bounds)  description`."""
     limits = []
@@ -140,7 +148,7 @@ def field_line(f: dict[str, Any], indent: str = "    ") -> str:
         if key in f:
             limits.append(f"{op} {f[key]}")
     kind = f["type"] if not limits else f"{f['type']}; {'; '.join(limits)}"
-    text = f"{indent}{f['name']} = {_value(f['default'])}  ({kind})"
+    text = f"{indent}{f['name']} = {_default(f)}  ({kind})"
     return text + (f"  {f['description']}" if f.get("description") else "")
 
 
@@ -156,7 +164,7 @@ def overview(cat: dict[str, Any]) -> str:
     lines = ["attacks (gradleak catalog NAME shows one in full):"]
     for a in cat["attacks"]:
         lines.append(f"  {a['name']:<22} knowledge level {a['required_knowledge']}  {a['description']}")
-        defaults = ", ".join(f"{f['name']}={_value(f['default'])}" for f in a["fields"])
+        defaults = ", ".join(f"{f['name']}={_default(f)}" for f in a["fields"])
         lines.append(f"    defaults: {defaults}")
     lines.append("architectures (knobs with their defaults):")
     for m in cat["architectures"]:

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from service import cli_federation, cli_service, cli_study
+from service import cli_federation, cli_generator, cli_service, cli_study
 from service.errors import GradleakError
 from service.specs import (
     ATTACK_PARAMS,
@@ -548,6 +548,7 @@ def print_weight_contract(rows: list[dict[str, Any]], shape: tuple[int, int, int
 cli_service.register(app)
 cli_federation.register(app)
 cli_study.register(app)
+cli_generator.register(app)
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ class Knowledge(IntEnum):
 
     BASIC = 0  # architecture, weights, the shared update
     PRIORS = 1  # natural-image priors (total variation, boxed pixels)
-    DATA_DISTRIBUTION = 2  # the client's data distribution (dataset statistics)
+    DATA_DISTRIBUTION = 2  # the client's data distribution (a generator trained on similar data)
     TRAINING_DETAILS = 3  # the client's lr, local epochs, batch size, sample count
     BN_STATISTICS = 4  # the batch-norm statistics of the client's batch
     MALICIOUS_SERVER = 5  # the server may modify the model it sends
@@ -74,7 +74,7 @@ class Knowledge(IntEnum):
 _KNOWLEDGE_TEXT = {
     Knowledge.BASIC: "basic information (architecture, weights, the update)",
     Knowledge.PRIORS: "image priors",
-    Knowledge.DATA_DISTRIBUTION: "the client's data distribution",
+    Knowledge.DATA_DISTRIBUTION: "the client's data distribution (a generator trained on similar data)",
     Knowledge.TRAINING_DETAILS: "the client's training details (lr, epochs, batch size, sample count)",
     Knowledge.BN_STATISTICS: "the batch-norm statistics of the client's data",
     Knowledge.MALICIOUS_SERVER: "a malicious server that may modify the model",
@@ -368,13 +368,87 @@ class FedAvgParams(InvertingGradientsParams):
     )
 
 
+class GenerativeParams(AttackParams):
+    """What the latent-space attacks (GIA-L) share: the generator the attacker holds (knowledge
+    level 2, the client's data distribution), the matching cost, and a prior on the latents."""
+
+    required_knowledge: ClassVar[Knowledge] = Knowledge.DATA_DISTRIBUTION
+    generator: str = Field(
+        description="the generator the attacker holds, trained on data like the client's: a generator "
+        "artifact (safetensors with its manifest; a local path for the CLI, an upload id gen_... for the "
+        "service). Its image shape (and, for a class-conditional one, class count) must match data"
+    )
+    cost: Literal["auto", "cosine", "cosine_global", "l2"] = Field(
+        default="auto",
+        description="matching cost, as Inverting Gradients': auto is l2 (relative to the target's squared "
+        "norm) when the target is a gradient of known scale, else cosine",
+    )
+    layer_weights: Literal["uniform", "linear", "exp"] = Field(
+        default="uniform", description="how layers are weighted in the matching cost, first to last"
+    )
+    tv_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of total variation on the generated images (the generator is the prior)",
+    )
+    latent_prior_weight: float = Field(
+        default=1e-2,
+        ge=0,
+        description="weight of the latent-norm prior: the mean over images of "
+        "(|z| / sqrt(latent_dim) - 1)^2, which keeps latents on the shell where a Gaussian "
+        "latent's mass lies",
+    )
+
+
+class GiasParams(GenerativeParams):
+    """GIAS (Jeon et al. 2021): gradient matching over the generator's latents, then over the latents
+    and a per-restart copy of the generator's weights."""
+
+    name: Literal["gias"] = "gias"
+    latent_lr: float = Field(default=0.05, gt=0, description="Adam's peak learning rate for the latents")
+    latent_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of the budget (iterations or time) for stage 1, the latents alone; the rest "
+        "fine-tunes the generator with the latents (stage 2); 1 skips stage 2",
+    )
+    generator_lr: float = Field(
+        default=1e-4, gt=0, description="Adam's peak learning rate for the generator's weights in stage 2"
+    )
+
+
+class GglParams(GenerativeParams):
+    """GGL (Li et al. 2022): latent-only search through the generator, gradient-free or with Adam,
+    adapted to the defenses applied to the update."""
+
+    name: Literal["ggl"] = "ggl"
+    optimizer: Literal["cma", "adam"] = Field(
+        default="cma",
+        description="cma: separable CMA-ES (diagonal covariance; gradient-free, one generation per "
+        "iteration); adam: first-order on the latents",
+    )
+    population: int = Field(
+        default=16, ge=4, le=256, description="CMA-ES candidates per generation (per restart)"
+    )
+    sigma: float = Field(default=0.5, gt=0, description="CMA-ES initial step size in latent units")
+    latent_lr: float = Field(default=0.05, gt=0, description="Adam's peak learning rate (optimizer adam)")
+    adaptive_defenses: bool = Field(
+        default=True,
+        description="replay the update's defenses on every trial gradient before matching: clipping, "
+        "top-k sparsification, quantisation and sign from the spec's defenses (or top-k seen in the "
+        "update's zero pattern); noise is not replayed (zero-mean noise adds a constant to the expected "
+        "L2 cost)",
+    )
+
+
 AttackSpec = Annotated[
-    DLGParams | InvertingGradientsParams | GradInversionParams | FedAvgParams,
+    DLGParams | InvertingGradientsParams | GradInversionParams | FedAvgParams | GiasParams | GglParams,
     Field(discriminator="name"),
 ]
 ATTACK_PARAMS: dict[str, type[AttackParams]] = {
     p.model_fields["name"].default: p
-    for p in (DLGParams, InvertingGradientsParams, GradInversionParams, FedAvgParams)
+    for p in (DLGParams, InvertingGradientsParams, GradInversionParams, FedAvgParams, GiasParams, GglParams)
 }
 
 

@@ -189,6 +189,31 @@ def scan_safetensors(
     return tensors, digest.hexdigest()
 
 
+def safetensors_metadata(
+    data: bytes | BinaryIO,
+    size: int | None = None,
+    *,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    name: str | None = None,
+) -> dict[str, str]:
+    """The `__metadata__` of untrusted safetensors bytes (or of a seekable file of `size`
+    bytes), after the same header checks as `load_safetensors` (any tensor dtype); {} when the
+    file has none. Reads the header only."""
+    prefix = f"{name}: " if name else ""
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = bytes(data)
+    else:
+        if size is None:
+            raise ValueError("give the size of the file")
+        view = cast(bytes, _FileView(data, size))
+    try:
+        header_len, _ = _parse_header(view, max_header_bytes, tuple(_DTYPES))
+    except ArtifactError as e:
+        raise type(e)(prefix + str(e)) from None
+    header = json.loads(bytes(view[8 : 8 + header_len]).decode("utf-8"))
+    return dict(header.get("__metadata__", {}))
+
+
 def _parse_header(
     data: bytes, max_header_bytes: int, allowed_dtypes: Collection[str]
 ) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:

@@ -27,15 +27,25 @@ from pydantic import BaseModel, ValidationError
 from api.deps import Caller, CallerDep, RuntimeDep, Tenant
 from api.errors import ApiError, validation_errors
 from api.runtime import Runtime
-from api.schemas import GroundTruthOut, ModelOut, UpdateOut, UploadOut, upload_out
+from api.schemas import (
+    GeneratorList,
+    GeneratorOut,
+    GroundTruthOut,
+    ModelOut,
+    UpdateOut,
+    UploadOut,
+    upload_out,
+)
 from service.errors import NotFoundError
 from service.jobs.quotas import check_storage_quota
 from service.jobs.records import UPLOAD_PREFIXES, UploadKind, UploadRecord, is_id, new_id
 from service.jobs.submit import get_upload_of_kind
 from service.jobs.uploads import (
+    GeneratorUpload,
     GroundTruthUpload,
     ModelUpload,
     UpdateUpload,
+    check_generator_upload,
     check_ground_truth_upload,
     check_model_upload,
     check_update_upload,
@@ -43,7 +53,7 @@ from service.jobs.uploads import (
 
 router = APIRouter(prefix="/v1", tags=["uploads"])
 
-UPLOAD_PATHS = ("/v1/models", "/v1/updates", "/v1/ground-truth")
+UPLOAD_PATHS = ("/v1/models", "/v1/updates", "/v1/ground-truth", "/v1/generators")
 FileField = Annotated[UploadFile, File(description="the safetensors file")]
 
 
@@ -204,6 +214,52 @@ def upload_ground_truth(
     tensors, info, sha256 = check_ground_truth_upload(f, size, rt.limits)
     record = _store(rt, caller.tenant, "ground_truth", (f, size, sha256), info, tensors)
     return _created(response, "ground-truth", record)
+
+
+@router.post(
+    "/generators",
+    status_code=status.HTTP_201_CREATED,
+    response_model=GeneratorOut,
+    summary="Upload a generator",
+)
+def upload_generator(
+    rt: RuntimeDep,
+    caller: CallerDep,
+    response: Response,
+    file: FileField,
+    metadata: Annotated[str | None, Form(description="JSON object; none needed (GeneratorUpload)")] = None,
+) -> UploadOut:
+    """A generator for the generative attacks (knowledge level 2): safetensors weights of a
+    registered generator architecture with its manifest in the safetensors metadata (key
+    `gradleak.generator`), e.g. the OUT/generator.safetensors of `gradleak generator train`.
+    The weights must fit the architecture the manifest names exactly (422 lists the first
+    mismatches). A job names it by its id (gen_...)."""
+    _metadata(GeneratorUpload, metadata)
+    f, size = _spooled(file, rt, caller)
+    tensors, manifest, sha256 = check_generator_upload(f, size)
+    record = _store(rt, caller.tenant, "generator", (f, size, sha256), manifest, tensors)
+    return _created(response, "generators", record)
+
+
+@router.get("/generators", response_model=GeneratorList, summary="The tenant's generators")
+def list_generators(rt: RuntimeDep, tenant: Tenant) -> GeneratorList:
+    """The tenant's generator uploads, newest first (at most 100), each with its manifest."""
+    records = rt.state.list_uploads(tenant, "generator", limit=100)
+    return GeneratorList(
+        generators=[GeneratorOut.model_validate(upload_out(r).model_dump()) for r in records]
+    )
+
+
+@router.get("/generators/{generator_id}", response_model=GeneratorOut, summary="A generator upload")
+def get_generator(generator_id: str, rt: RuntimeDep, tenant: Tenant) -> UploadOut:
+    return upload_out(_get(rt, tenant, generator_id, "generator"))
+
+
+@router.delete(
+    "/generators/{generator_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a generator upload"
+)
+def delete_generator(generator_id: str, rt: RuntimeDep, tenant: Tenant) -> None:
+    _delete(rt, tenant, generator_id, "generator")
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, summary="A model upload")

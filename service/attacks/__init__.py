@@ -5,12 +5,13 @@ from __future__ import annotations
 from service.attacks.base import Attack, AttackProblem, AttackResult, Control
 from service.attacks.dlg import DLG
 from service.attacks.fedavg import FedAvgUnroll
+from service.attacks.generative import Ggl, Gias
 from service.attacks.inverting import GradInversion, InvertingGradients
 from service.registry import Registry
 from service.specs import ATTACK_PARAMS
 
 ATTACKS: Registry[Attack] = Registry("attack")
-for _attack in (DLG(), InvertingGradients(), GradInversion(), FedAvgUnroll()):
+for _attack in (DLG(), InvertingGradients(), GradInversion(), FedAvgUnroll(), Gias(), Ggl()):
     ATTACKS.add(_attack.name, _attack)
 
 

@@ -19,7 +19,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import SpecError
-from service.specs import Budget, ClientTraining, Knowledge, Normalization
+from service.specs import Budget, ClientTraining, DefenseSpec, Knowledge, Normalization
+
+# maps trial gradients (one tensor per parameter, in param_names order) before matching
+GradientTransform = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+class MatchingParams(Protocol):
+    """The matching settings an objective reads from an attack's parameters."""
+
+    @property
+    def cost(self) -> str: ...
+    @property
+    def layer_weights(self) -> str: ...
+    @property
+    def tv_weight(self) -> float: ...
 
 
 @dataclass
@@ -52,6 +66,12 @@ class AttackProblem:
         chosen = set(self.match_names)
         pairs = [(n, t) for n, t in zip(self.param_names, self.target, strict=True) if n in chosen]
         return [n for n, _ in pairs], [t for _, t in pairs]
+    # the shared update is update_scale times the target (lr x steps for a weight change turned
+    # into a pseudo-gradient; 1 for a gradient or an unrolled delta); None when unknown
+    update_scale: float | None = 1.0
+    defenses: list[DefenseSpec] = field(default_factory=list)  # post-processing of the update (what-if)
+    # the generator the attacker holds (knowledge level 2): a service.generators.LoadedGenerator
+    image_generator: Any = None
 
     def matching_cost(self, requested: str) -> str:
         """The cost an attack uses: `auto` is L2 where the target's scale is known, else cosine."""

@@ -13,7 +13,14 @@ from typing import ClassVar
 import torch
 
 from kernels import gradient_matching_loss, pack_targets, total_variation
-from service.attacks.base import AttackProblem, AttackResult, Control, layer_weights
+from service.attacks.base import (
+    AttackProblem,
+    AttackResult,
+    Control,
+    GradientTransform,
+    MatchingParams,
+    layer_weights,
+)
 from service.attacks.inverting import attack_model, attack_parameters, inverting_objective
 from service.attacks.optimize import Objective, batched, optimise
 from service.errors import SpecError
@@ -21,8 +28,14 @@ from service.fl import minibatch_indices, unroll_fedavg
 from service.specs import FedAvgParams, Knowledge
 
 
-def unroll_objective(problem: AttackProblem, params: FedAvgParams, functional: bool) -> Objective:
-    """Match the weight change of the client's replayed local training to the shared one."""
+def unroll_objective(
+    problem: AttackProblem,
+    params: MatchingParams,
+    functional: bool,
+    transform: GradientTransform | None = None,
+) -> Objective:
+    """Match the weight change of the client's replayed local training to the shared one
+    (after `transform`, the defense-adaptive attack's replay of the update's defenses)."""
     client = problem.client
     assert client.lr is not None and client.local_epochs is not None and client.batch_size is not None
     model = attack_model(problem)
@@ -54,7 +67,10 @@ def unroll_objective(problem: AttackProblem, params: FedAvgParams, functional: b
             functional=functional,
             batches=batches,
         )
-        loss = gradient_matching_loss([delta[k] for k in names], packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
+        trial = [delta[k] for k in names]
+        if transform is not None:
+            trial = transform(trial)
+        loss = gradient_matching_loss(trial, packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
         if params.tv_weight > 0:
             loss = loss + params.tv_weight * total_variation(x)
         return loss

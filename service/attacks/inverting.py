@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from kernels import gradient_matching_loss, pack_targets, total_variation
-from service.attacks.base import AttackProblem, AttackResult, Control, layer_weights
+from service.attacks.base import AttackProblem, AttackResult, Control, GradientTransform, layer_weights
 from service.attacks.conv_grads import ConvTaps
 from service.attacks.optimize import Objective, batched, optimise
 from service.errors import SpecError
@@ -128,6 +128,7 @@ def matching_objective(
     group_weight: float = 0.0,
     relative_l2: bool = False,
     tv_per_image: bool = False,
+    transform: GradientTransform | None = None,
 ) -> Objective:
     """The attack objective of one restart: gradient matching plus the chosen priors.
 
@@ -173,7 +174,10 @@ def matching_objective(
 
     def objective(x: torch.Tensor, y: torch.Tensor, consensus: torch.Tensor) -> torch.Tensor:
         g, bn = parameter_gradients(client_loss, model_params, x, y, functional=functional, taps=taps)
-        loss = gradient_matching_loss([g[n] for n in names], packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
+        trial = [g[n] for n in names]
+        if transform is not None:
+            trial = transform(trial)
+        loss = gradient_matching_loss(trial, packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
         if match_scale != 1.0:
             loss = loss * match_scale
         if tv_scale > 0:

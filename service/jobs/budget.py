@@ -207,6 +207,10 @@ def _count(net: Any, shape: tuple[int, int, int], device: Any, name: str) -> Mod
     return ModelProfile(parameters=parameters, activations_per_image=count[0] // 2)
 
 
+# candidates a CMA-ES generation (ggl) scores per vmapped chunk: bounds its memory
+EVAL_CHUNK = 16
+
+
 def attack_images(spec: JobSpec, num_images: int | None = None) -> tuple[int, bool]:
     """How many images the attack differentiates through at once, and whether the count of the
     client's images had to be assumed (unknown until the runner reads the update)."""
@@ -223,10 +227,14 @@ def attack_images(spec: JobSpec, num_images: int | None = None) -> tuple[int, bo
     if num_images is None:
         num_images, assumed = 1, True
     unrolled = 1
-    if spec.attack.name == "fedavg_unroll":
+    if spec.attack.name in ("fedavg_unroll", "gias", "ggl") and spec.update.kind != "gradient":
         # the client's local epochs are replayed differentiably: every step's graph is kept
         unrolled = max(1, spec.update.client.local_epochs or 1)
-    return num_images * spec.budget.restarts * unrolled, assumed
+    batch = spec.budget.restarts
+    if spec.attack.name == "ggl" and getattr(spec.attack, "optimizer", None) == "cma":
+        # a CMA-ES generation scores its candidates (population x restarts) in vmapped chunks
+        batch = min(spec.attack.population * spec.budget.restarts, EVAL_CHUNK)  # type: ignore[union-attr]
+    return num_images * batch * unrolled, assumed
 
 
 def estimate_memory(

@@ -17,15 +17,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # Kinds of uploads and the prefix of their ids.
-UploadKind = Literal["model", "update", "ground_truth"]
-UPLOAD_PREFIXES: dict[str, str] = {"model": "mdl", "update": "upd", "ground_truth": "gt"}
+UploadKind = Literal["model", "update", "ground_truth", "generator"]
+UPLOAD_PREFIXES: dict[str, str] = {"model": "mdl", "update": "upd", "ground_truth": "gt", "generator": "gen"}
 JOB_PREFIX = "job"
 FEDERATION_PREFIX = "fed"
 STUDY_PREFIX = "std"
 KEY_PREFIX = "key"
 
 # Ids sort by creation time: 12 hex digits of milliseconds, then 80 random bits.
-_ID_RE = re.compile(r"^(job|fed|std|mdl|upd|gt|key)_[0-9a-f]{32}$")
+_ID_RE = re.compile(r"^(job|fed|std|mdl|upd|gt|gen|key)_[0-9a-f]{32}$")
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 LOCAL_TENANT = "local"
 

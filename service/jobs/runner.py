@@ -153,10 +153,11 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         select_parameters(trainable, spec.attack.match_layers)
     _checkpoint(ctx, "setup")
+    image_generator = attack_generator(spec, ctx)
     with _interruptible(model, ctx) as strip:
         victim = _victim(spec, model, ctx, generator, device)
         _checkpoint(ctx, "setup")
-        problem = problem_for(spec, model, victim, generator, device)
+        problem = problem_for(spec, model, victim, generator, device, image_generator=image_generator)
         strip(problem.model)
     if ctx.memory_limit_bytes is not None:
         _check_budget(spec, problem, ctx.memory_limit_bytes)
@@ -231,6 +232,7 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
             "matching_cost": problem.matching_cost(getattr(spec.attack, "cost", "l2")),
             "defenses": [d.model_dump() for d in spec.defenses],
             "matched_parameters": len(problem.matched()[0]),
+            "generator": generator_record(image_generator),
             "details": result.details,
         },
         "metrics": metrics,
@@ -310,13 +312,63 @@ def simulated_victim(
 
 
 def problem_for(
-    spec: JobSpec, model: nn.Module, victim: Victim, generator: torch.Generator, device: torch.device
+    spec: JobSpec,
+    model: nn.Module,
+    victim: Victim,
+    generator: torch.Generator,
+    device: torch.device,
+    image_generator: Any = None,
 ) -> AttackProblem:
-    """The attack's problem for a victim's update, after the spec's defenses (drawn from `generator`)."""
+    """The attack's problem for a victim's update, after the spec's defenses (drawn from `generator`);
+    `image_generator` is the loaded generator of a latent-space attack (`attack_generator`)."""
     update = victim.update
     if spec.defenses:
         update = apply_defenses(_as_delta_or_gradient(spec, model, update), list(spec.defenses), generator)
-    return _problem(spec, model, update, victim, device)
+    problem = _problem(spec, model, update, victim, device)
+    problem.image_generator = image_generator
+    return problem
+
+
+def attack_generator(spec: JobSpec, ctx: JobContext) -> Any:
+    """The generator a latent-space attack holds (knowledge level 2), loaded from its artifact and
+    checked against the spec's data: None for an attack without one."""
+    ref = getattr(spec.attack, "generator", None)
+    if ref is None:
+        return None
+    from service.generators import load_generator
+
+    loaded = load_generator(ctx.resolve(ref))
+    m = loaded.manifest
+    if tuple(m.image_shape) != tuple(spec.data.shape):
+        raise SpecError(
+            f"attack.generator makes images of shape {_dims(m.image_shape)} but data.shape is "
+            f"{_dims(spec.data.shape)}: use a generator trained at the client's image size"
+        )
+    if m.num_classes is not None and m.num_classes != spec.data.num_classes:
+        raise SpecError(
+            f"attack.generator is conditioned on {m.num_classes} classes but data.num_classes is "
+            f"{spec.data.num_classes}"
+        )
+    return loaded
+
+
+def generator_record(loaded: Any) -> dict[str, Any] | None:
+    """What a job's manifest says about the attacker's generator: its architecture and the data it
+    was trained on (in-distribution or not is judged against the client's data)."""
+    if loaded is None:
+        return None
+    m = loaded.manifest
+    return {
+        "arch": m.arch,
+        "latent_dim": m.latent_dim,
+        "image_shape": list(m.image_shape),
+        "num_classes": m.num_classes,
+        "trained_on": m.trained_on,
+    }
+
+
+def _dims(shape: Any) -> str:
+    return "x".join(str(v) for v in shape)
 
 
 def _split(
@@ -396,7 +448,10 @@ def _problem(
     client = told if spec.knowledge >= Knowledge.TRAINING_DETAILS else ClientTraining(bn_mode=told.bn_mode)
 
     scale_known = True
-    if spec.attack.name == "fedavg_unroll":
+    update_scale: float | None = 1.0
+    # the latent-space attacks unroll FedAvg, as fedavg_unroll does, when level 3 tells them how
+    unrolls = spec.attack.name in GENERATIVE_ATTACKS and delta_like and _can_unroll(client)
+    if spec.attack.name == "fedavg_unroll" or unrolls:
         target, target_kind = [update[n] for n in names], "delta"
     elif delta_like:
         steps = None
@@ -405,6 +460,7 @@ def _problem(
         pseudo = delta_to_pseudo_gradient(update, client.lr, steps)
         target, target_kind = [pseudo[n] for n in names], "gradient"
         scale_known = client.lr is not None and steps is not None
+        update_scale = client.lr * steps if client.lr is not None and steps is not None else None
     else:
         target, target_kind = [update[n] for n in names], "gradient"
     grad_view = {n: (-update[n] if delta_like else update[n]) for n in names}  # gradient direction
@@ -432,7 +488,16 @@ def _problem(
         bn_source=bn_source,
         target_scale_known=scale_known,
         match_names=select_parameters(names, spec.attack.match_layers) if spec.attack.match_layers else None,
+        update_scale=update_scale,
+        defenses=list(spec.defenses),
     )
+
+
+GENERATIVE_ATTACKS = ("gias", "ggl")
+
+
+def _can_unroll(client: ClientTraining) -> bool:
+    return client.lr is not None and client.local_epochs is not None and client.batch_size is not None
 
 
 def _labels(

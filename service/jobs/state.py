@@ -48,6 +48,10 @@ class StateStore(Protocol):
 
     def expired_uploads(self, now: float, limit: int = 100) -> list[UploadRecord]: ...
 
+    def list_uploads(self, tenant: str, kind: str, limit: int = 100) -> list[UploadRecord]:
+        """The tenant's uploads of one kind, newest first, at most `limit`."""
+        ...
+
     # --- jobs: the API's side -----------------------------------------------------------------
     def create_job(self, job: JobRecord) -> tuple[JobRecord, bool]:
         """Store a new job; with an idempotency key already used by the tenant, return that

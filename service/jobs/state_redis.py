@@ -20,6 +20,7 @@ from service.jobs.records import (
     JOB_PREFIX,
     RUNNABLE,
     TERMINAL,
+    UPLOAD_PREFIXES,
     ApiKeyRecord,
     Heartbeat,
     JobError,
@@ -155,6 +156,21 @@ class RedisStateStore:
             pipe.zrem(self._upload_sizes(tenant), upload_id)
             pipe.execute()
         return upload
+
+    def list_uploads(self, tenant: str, kind: str, limit: int = 100) -> list[UploadRecord]:
+        # the tenant's upload ids are the members of its size index; ids sort by creation time
+        prefix = UPLOAD_PREFIXES.get(kind, kind) + "_"
+        ids = sorted(
+            (i for i in self.r.zrange(self._upload_sizes(tenant), 0, -1) if i.startswith(prefix)),
+            reverse=True,
+        )
+        out: list[UploadRecord] = []
+        for raw in self.r.mget([self._upload(i) for i in ids[:limit]]) if ids else []:
+            if raw is not None:
+                upload = UploadRecord.model_validate_json(raw)
+                if upload.tenant == tenant and upload.kind == kind:
+                    out.append(upload)
+        return out
 
     def expired_uploads(self, now: float, limit: int = 100) -> list[UploadRecord]:
         ids = self.r.zrangebyscore(self._upload_expiry, "-inf", now, start=0, num=limit)

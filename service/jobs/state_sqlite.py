@@ -222,6 +222,13 @@ class SQLiteStateStore:
             c.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
         return _upload_from_row(row)
 
+    def list_uploads(self, tenant: str, kind: str, limit: int = 100) -> list[UploadRecord]:
+        rows = self._query(
+            "SELECT * FROM uploads WHERE tenant = ? AND kind = ? ORDER BY id DESC LIMIT ?",
+            (tenant, kind, limit),
+        )
+        return [_upload_from_row(r) for r in rows]
+
     def expired_uploads(self, now: float, limit: int = 100) -> list[UploadRecord]:
         rows = self._query(
             "SELECT * FROM uploads WHERE expires_at < ? ORDER BY expires_at LIMIT ?", (now, limit)

@@ -35,6 +35,7 @@ REFERENCES = (
     ("update.artifact", "update"),
     ("ground_truth", "ground_truth"),
     ("verdict.proxy_data", "ground_truth"),  # an image set named as proxy data
+    ("attack.generator", "generator"),  # the generator of a latent-space attack (level 2)
 )
 
 
@@ -131,6 +132,7 @@ def check_references(spec: JobSpec, tenant: str, state: StateStore) -> None:
         "update.artifact": spec.update.artifact,
         "ground_truth": spec.ground_truth,
         "verdict.proxy_data": spec.verdict.proxy_data,
+        "attack.generator": getattr(spec.attack, "generator", None),
     }
     for where, kind in REFERENCES:
         ref = refs[where]
@@ -139,6 +141,8 @@ def check_references(spec: JobSpec, tenant: str, state: StateStore) -> None:
         upload = get_upload_of_kind(state, tenant, ref, kind, where)
         if kind == "model":
             _check_model(spec, where, ModelUpload.model_validate(upload.metadata), ref)
+        elif kind == "generator":
+            _check_generator(spec, where, upload.metadata, ref)
         elif kind == "update":
             meta = UpdateUpload.model_validate(upload.metadata)
             if meta.kind != spec.update.kind:
@@ -191,6 +195,23 @@ def _check_model(spec: JobSpec, where: str, meta: ModelUpload, ref: str) -> None
             f"{meta.num_classes} classes; the spec asks for a {spec.model.arch} "
             f"(knobs {spec.model.knobs}) for "
             f"{_shape(spec.data.shape)} images and {spec.data.num_classes} classes"
+        )
+
+
+def _check_generator(spec: JobSpec, where: str, manifest: dict, ref: str) -> None:
+    """The generator's images must be the data's (and a conditional one's classes), as the runner
+    checks again when it loads the file."""
+    shape = tuple(manifest["image_shape"])
+    if shape != spec.data.shape:
+        raise SpecError(
+            f"{where} {ref} makes images of shape {_shape(shape)} but data.shape is "
+            f"{_shape(spec.data.shape)}: use a generator trained at the client's image size"
+        )
+    classes = manifest.get("num_classes")
+    if classes is not None and classes != spec.data.num_classes:
+        raise SpecError(
+            f"{where} {ref} is conditioned on {classes} classes but data.num_classes is "
+            f"{spec.data.num_classes}"
         )
 
 

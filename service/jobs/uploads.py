@@ -151,6 +151,11 @@ class GroundTruthUpload(UploadMeta):
     """No metadata is needed: the file holds `images` (N, C, H, W) in [0, 1] and optional `labels` (N,)."""
 
 
+class GeneratorUpload(UploadMeta):
+    """No metadata is needed: a generator file carries its manifest (architecture, latent size,
+    image shape, classes, training data) in its safetensors metadata, see service/generators."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one job may ask for. Every tenant has the server's limits for now."""
@@ -338,3 +343,13 @@ def check_ground_truth_upload(f: BinaryIO, size: int, limits: Limits) -> tuple[i
         )
     info = {"num_images": int(n), "image_shape": [int(c), int(h), int(w)], "has_labels": labels is not None}
     return len(tensors), info, sha256
+
+
+def check_generator_upload(f: BinaryIO, size: int) -> tuple[int, dict[str, Any], str]:
+    """Check a generator file as a job would load it (the manifest, the architecture it names,
+    every tensor's name, shape and floating-point dtype), in one streamed pass; return the
+    tensor count, the manifest (as the upload's metadata) and the sha256."""
+    from service.generators import check_generator_file
+
+    manifest, tensors, sha256 = check_generator_file(f, size)
+    return tensors, manifest.model_dump(mode="json"), sha256

@@ -121,12 +121,12 @@ def run_shadow(
     device: torch.device,
 ) -> Shadow:
     """Simulate shadow k, attack its update exactly as the real one was attacked, and score it."""
-    from service.jobs.runner import problem_for, simulated_victim
+    from service.jobs.runner import attack_generator, problem_for, simulated_victim
 
     s = shadow_spec(spec, len(images), k)
     generator = torch.Generator().manual_seed(s.seed)
     victim = simulated_victim(s, model, images.to(device), labels.to(device), training)
-    problem = problem_for(s, model, victim, generator, device)
+    problem = problem_for(s, model, victim, generator, device, image_generator=attack_generator(s, ctx))
     control = Control(s.budget, should_stop=ctx.should_stop)
     result = ATTACKS.get(s.attack.name).run(problem, s.attack, control, generator)
     metrics = score(

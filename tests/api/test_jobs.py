@@ -94,6 +94,8 @@ def test_the_update_must_belong_to_the_model(client: TestClient, ids: dict[str, 
     ("changes", "fragment"),
     [
         ({"attack": {"name": "gradinversion"}, "knowledge": 1}, "needs knowledge level 4"),
+        ({"attack": {"name": "gias", "generator": "gen_x"}, "knowledge": 1}, "needs knowledge level 2"),
+        ({"attack": {"name": "ggl", "generator": "gen_x"}}, "needs knowledge level 2"),
         ({"attack": {"name": "leakgpt"}}, "dlg"),
         ({"defenses": [{"name": "shuffle"}]}, "quantize"),
         ({"budget": {"iterations": 5000}}, "limit is 1000"),

@@ -105,6 +105,7 @@ def test_catalog(client: TestClient) -> None:
     catalog = client.get("/v1/catalog").json()
     attacks = {a["name"]: a["required_knowledge"] for a in catalog["attacks"]}
     assert attacks["dlg"] == 0 and attacks["inverting_gradients"] == 1 and attacks["gradinversion"] == 4
+    assert attacks["gias"] == attacks["ggl"] == 2
     lenet = next(a for a in catalog["architectures"] if a["name"] == "lenet")
     assert {k["name"] for k in lenet["knobs"]} >= {"width"}
     assert {d["name"] for d in catalog["defenses"]} >= {"quantize", "topk", "clip", "noise", "sign"}

@@ -14,6 +14,7 @@ from service.jobs.records import (
     JobError,
     JobProgress,
     JobStatus,
+    new_id,
 )
 from service.jobs.state import StateStore
 from service.jobs.submit import new_job
@@ -61,6 +62,22 @@ def test_expired_uploads(state: StateStore) -> None:
     state.add_upload(old)
     state.add_upload(new)
     assert [u.id for u in state.expired_uploads(time.time())] == [old.id]
+
+
+def test_uploads_of_a_kind_are_listed_per_tenant_newest_first(state: StateStore) -> None:
+    gens = [upload("acme").model_copy(update={"id": new_id("gen"), "kind": "generator"}) for _ in range(3)]
+    for record in [
+        *gens,
+        upload("acme"),
+        upload("other").model_copy(update={"id": new_id("gen"), "kind": "generator"}),
+    ]:
+        state.add_upload(record)
+    assert [u.id for u in state.list_uploads("acme", "generator")] == [g.id for g in gens[::-1]]
+    assert [u.id for u in state.list_uploads("acme", "generator", limit=2)] == [g.id for g in gens[::-1][:2]]
+    assert len(state.list_uploads("other", "generator")) == 1
+    assert [u.kind for u in state.list_uploads("acme", "model")] == ["model"]
+    state.delete_upload("acme", gens[0].id)
+    assert [u.id for u in state.list_uploads("acme", "generator")] == [gens[2].id, gens[1].id]
 
 
 def test_jobs_are_scoped_listed_newest_first_and_paginated(state: StateStore, settings: Settings) -> None:

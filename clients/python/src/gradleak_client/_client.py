@@ -28,6 +28,7 @@ from gradleak_client._resources import (
     AsyncArtifacts,
     AsyncCatalogResource,
     AsyncFederations,
+    AsyncGenerators,
     AsyncGroundTruth,
     AsyncJobs,
     AsyncModels,
@@ -36,6 +37,7 @@ from gradleak_client._resources import (
     CatalogResource,
     Federations,
     FileInput,
+    Generators,
     GroundTruth,
     Jobs,
     Models,
@@ -92,6 +94,7 @@ class Client(BaseClient):
         self.models = Models(self)
         self.updates = Updates(self)
         self.ground_truth = GroundTruth(self)
+        self.generators = Generators(self)
         self.jobs = Jobs(self)
         self.federations = Federations(self)
         self.studies = Studies(self)
@@ -275,6 +278,7 @@ class AsyncClient(BaseClient):
         self.models = AsyncModels(self)
         self.updates = AsyncUpdates(self)
         self.ground_truth = AsyncGroundTruth(self)
+        self.generators = AsyncGenerators(self)
         self.jobs = AsyncJobs(self)
         self.federations = AsyncFederations(self)
         self.studies = AsyncStudies(self)

@@ -30,6 +30,8 @@ from gradleak_client.types import (
     Defense,
     Federation,
     FederationList,
+    GeneratorList,
+    GeneratorUpload,
     GroundTruthUpload,
     Job,
     JobEvent,
@@ -131,6 +133,16 @@ def _ground_truth_options(file: FileInput, timeout: Timeout) -> RequestOptions:
         "POST",
         "/v1/ground-truth",
         files={"file": _file_part(file, "ground_truth.safetensors")},
+        data=_metadata({}),
+        timeout=timeout,
+    )
+
+
+def _generator_options(file: FileInput, timeout: Timeout) -> RequestOptions:
+    return RequestOptions(
+        "POST",
+        "/v1/generators",
+        files={"file": _file_part(file, "generator.safetensors")},
         data=_metadata({}),
         timeout=timeout,
     )
@@ -308,6 +320,30 @@ class GroundTruth(_Resource):
         self._client._call(RequestOptions("DELETE", f"/v1/ground-truth/{ground_truth_id}"), None)
 
 
+class Generators(_Resource):
+    """Generators for the generative attacks (knowledge level 2): safetensors weights with
+    their manifest in the file's metadata, e.g. what `gradleak generator train` writes."""
+
+    def upload(self, file: FileInput, *, timeout: Timeout = None) -> GeneratorUpload:
+        """Upload a generator file; a job names it by the returned id.
+
+        >>> gen = client.generators.upload("runs/generator/generator.safetensors")
+        >>> gen.id, gen.metadata.trained_on
+        ('gen_...', 'faces')
+        """
+        return self._client._call(_generator_options(file, timeout), GeneratorUpload)
+
+    def list(self) -> builtins.list[GeneratorUpload]:
+        """Your generators, newest first (at most 100)."""
+        return self._client._call(RequestOptions("GET", "/v1/generators"), GeneratorList).generators
+
+    def get(self, generator_id: str) -> GeneratorUpload:
+        return self._client._call(RequestOptions("GET", f"/v1/generators/{generator_id}"), GeneratorUpload)
+
+    def delete(self, generator_id: str) -> None:
+        self._client._call(RequestOptions("DELETE", f"/v1/generators/{generator_id}"), None)
+
+
 class AsyncModels(_AsyncResource):
     """The model the server sent to the client: its weights and architecture."""
 
@@ -371,6 +407,25 @@ class AsyncGroundTruth(_AsyncResource):
 
     async def delete(self, ground_truth_id: str) -> None:
         await self._client._call(RequestOptions("DELETE", f"/v1/ground-truth/{ground_truth_id}"), None)
+
+
+class AsyncGenerators(_AsyncResource):
+    """Generators for the generative attacks (knowledge level 2)."""
+
+    async def upload(self, file: FileInput, *, timeout: Timeout = None) -> GeneratorUpload:
+        """See `Generators.upload`."""
+        return await self._client._call(_generator_options(file, timeout), GeneratorUpload)
+
+    async def list(self) -> builtins.list[GeneratorUpload]:
+        """Your generators, newest first (at most 100)."""
+        return (await self._client._call(RequestOptions("GET", "/v1/generators"), GeneratorList)).generators
+
+    async def get(self, generator_id: str) -> GeneratorUpload:
+        options = RequestOptions("GET", f"/v1/generators/{generator_id}")
+        return await self._client._call(options, GeneratorUpload)
+
+    async def delete(self, generator_id: str) -> None:
+        await self._client._call(RequestOptions("DELETE", f"/v1/generators/{generator_id}"), None)
 
 
 # ---------------------------------------------------------------------------------------------

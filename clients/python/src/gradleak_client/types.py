@@ -26,6 +26,9 @@ __all__ = [
     "EstimateValue",
     "Federation",
     "FederationList",
+    "GeneratorList",
+    "GeneratorManifest",
+    "GeneratorUpload",
     "GroundTruthInfo",
     "GroundTruthUpload",
     "Job",
@@ -153,9 +156,23 @@ class GroundTruthInfo(_Model):
     has_labels: bool
 
 
+class GeneratorManifest(_Model):
+    """What a generator file says about itself (stored in its safetensors metadata under
+    `gradleak.generator`); images come out in [0, 1] with shape `image_shape`."""
+
+    arch: str
+    latent_dim: int
+    image_shape: tuple[int, int, int]
+    num_classes: int | None = None
+    width: int | None = None
+    trained_on: str
+    steps: int | None = None
+    notes: str | None = None
+
+
 class Upload(_Model):
     id: str
-    kind: Literal["model", "update", "ground_truth"]
+    kind: Literal["model", "update", "ground_truth", "generator"]
     size: int
     sha256: str
     tensors: int
@@ -176,6 +193,15 @@ class UpdateUpload(Upload):
 class GroundTruthUpload(Upload):
     kind: Literal["ground_truth"] = "ground_truth"
     metadata: GroundTruthInfo
+
+
+class GeneratorUpload(Upload):
+    kind: Literal["generator"] = "generator"
+    metadata: GeneratorManifest
+
+
+class GeneratorList(_Model):
+    generators: list[GeneratorUpload]
 
 
 # ---------------------------------------------------------------------------------------------
