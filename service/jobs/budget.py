@@ -31,7 +31,7 @@ from functools import lru_cache
 from typing import Any
 
 from service.errors import GradleakError, SpecError
-from service.specs import SOURCE_ARCHS, DataSpec, JobSpec, ModelSpec
+from service.specs import SEARCH_EPOCHS, SOURCE_ARCHS, DataSpec, JobSpec, ModelSpec
 
 FLOAT_BYTES = 4
 # Calibrated upper-bound coefficients (see the module docstring and bench/memory_estimate.py).
@@ -207,6 +207,18 @@ def _count(net: Any, shape: tuple[int, int, int], device: Any, name: str) -> Mod
     return ModelProfile(parameters=parameters, activations_per_image=count[0] // 2)
 
 
+def unrolled_epochs(spec: JobSpec) -> int:
+    """The most local epochs the FedAvg-aware attack may replay for this spec."""
+    client = spec.update.client
+    if client.local_epochs is not None:
+        return client.local_epochs
+    if client.candidates is not None and client.candidates.local_epochs is not None:
+        return max(client.candidates.local_epochs)
+    if getattr(spec.attack, "unknown_facts", "search") == "search":
+        return max(SEARCH_EPOCHS)
+    return 1
+
+
 def attack_images(spec: JobSpec, num_images: int | None = None) -> tuple[int, bool]:
     """How many images the attack differentiates through at once, and whether the count of the
     client's images had to be assumed (unknown until the runner reads the update)."""
@@ -225,7 +237,8 @@ def attack_images(spec: JobSpec, num_images: int | None = None) -> tuple[int, bo
     unrolled = 1
     if spec.attack.name == "fedavg_unroll":
         # the client's local epochs are replayed differentiably: every step's graph is kept
-        unrolled = max(1, spec.update.client.local_epochs or 1)
+        # (with candidates or unknown epochs, the search's longest hypothesis)
+        unrolled = max(1, unrolled_epochs(spec))
     return num_images * spec.budget.restarts * unrolled, assumed
 
 
