@@ -106,13 +106,23 @@ def candidate_facts(client: ClientTraining, num_images: int, search_unknown: boo
 
 
 def unroll_objective(
-    problem: AttackProblem, params: FedAvgParams, functional: bool, facts: Facts | None = None
+    problem: AttackProblem,
+    params: FedAvgParams,
+    functional: bool,
+    facts: Facts | None = None,
+    scale_range: tuple[float, float] | None = None,
 ) -> Objective:
     """Match the weight change of the client's replayed local training to the shared one.
 
     `facts`: the hypothesis replayed; by default the client's exact facts. With the L2 cost (the
     default where the update's scale is known), the cost is relative to the target's squared
     norm and the total variation counts per image, as in the default attack's objective.
+
+    `scale_range` (lo, hi): the replayed change is first rescaled by the factor in [lo, hi] that
+    fits the target best (least squares, clamped), for a search whose hypotheses leave the
+    change's size (lr x steps) only known to a range: every hypothesis can then reach the same
+    sizes, so their costs compare shapes fairly. The factor is held constant in the gradient
+    (the envelope theorem: at the optimal factor its own derivative is zero).
     """
     if facts is None:
         c = problem.client
@@ -151,7 +161,13 @@ def unroll_objective(
             functional=functional,
             batches=batches,
         )
-        loss = gradient_matching_loss([delta[k] for k in names], packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
+        replayed = [delta[k] for k in names]
+        if scale_range is not None:
+            ab = sum((a * b).sum() for a, b in zip(replayed, problem.target, strict=True))
+            aa = sum(a.pow(2).sum() for a in replayed)
+            factor = (ab / aa.clamp_min(1e-30)).clamp(*scale_range).detach()  # type: ignore[union-attr]
+            replayed = [factor * a for a in replayed]
+        loss = gradient_matching_loss(replayed, packed, cost=cost, layer_weights=weights)  # type: ignore[arg-type]
         if match_scale != 1.0:
             loss = loss * match_scale
         if tv_scale > 0:
@@ -188,18 +204,25 @@ def search(
 
     `search_fraction` of the budget goes to screening: half to a short run of every hypothesis
     (skipped when there are no more than `search_finalists`), half to the finalists; the winner
-    then runs from a fresh start on what is left. Hypotheses are ranked by their best objective
-    value (matching cost plus prior against the same target, so comparable), never by the ground
-    truth. `run(facts, control)` runs one attack; by default `optimise` on the unrolled objective.
+    then runs on what is left. All start from the same images. Hypotheses are ranked by their
+    best objective value against the same target, never by the ground truth.
+
+    The hypotheses differ in the size of the change they predict (lr x steps), and from a random
+    start the relative L2 cost of one predicting too small a change stays near 1 while the right
+    one starts above 1 and needs many iterations to fall below it: a short screen would favour
+    the smallest. So each hypothesis's change is rescaled to fit, within the sizes the candidates
+    allow (`scale_ranges`): the costs then compare how well each explains the update's course,
+    and the size is only constrained as far as the candidates constrain it.
+    `run(facts, control)` runs one attack; by default `optimise` on the unrolled objective.
     """
     functional = batched(control)
-
+    ranges = scale_ranges(candidates)
     start = generator.get_state()
 
     def attack(facts: Facts, ctl: Control) -> AttackResult:
-        # every screened hypothesis starts from the same images, so only the hypothesis differs
-        generator.set_state(start)
-        return optimise(problem, params, ctl, generator, unroll_objective(problem, params, functional, facts))
+        generator.set_state(start)  # every hypothesis starts from the same images
+        objective = unroll_objective(problem, params, functional, facts, ranges[facts])
+        return optimise(problem, params, ctl, generator, objective)
 
     run = run or attack
     total = control.budget.iterations
@@ -208,16 +231,17 @@ def search(
     finalists = min(params.search_finalists, len(candidates))
     pools = [len(candidates), finalists] if len(candidates) > finalists else [finalists]
     per_stage = screening / len(pools)
-    tried: list[dict[str, Any]] = []
     done = 0
+    tried: list[dict[str, Any]] = []
     pool = list(candidates)
+    latest: dict[Facts, AttackResult] = {}
     for stage, size in enumerate(pools, start=1):
         iterations = max(1, int(per_stage / size))
         seconds = None if limit is None else limit * iterations / total
         scores = []
         for facts in pool:
             ctl = _stage_control(control, iterations, seconds, done)
-            result = run(facts, ctl)
+            latest[facts] = result = run(facts, ctl)
             done += result.iterations
             scores.append(result.best_loss)
             tried.append(
@@ -227,25 +251,38 @@ def search(
                 control.stop_reason = "stopped"
                 break
         ranked = sorted(range(len(scores)), key=lambda i: (not math.isfinite(scores[i]), scores[i]))
-        keep = 1 if stage == len(pools) else finalists
-        pool = [pool[i] for i in ranked[:keep]]
+        pool = [pool[i] for i in ranked[: 1 if stage == len(pools) else finalists]]
         if control.stop_reason == "stopped":
             break
     winner = pool[0]
-    remaining = max(1, total - done)
-    ctl = _stage_control(control, remaining, None if limit is None else limit - control.elapsed, done)
-    result = run(winner, ctl)
-    result.iterations += done
-    result.stop_reason = ctl.stop_reason or control.stop_reason
+    out_of_time = limit is not None and control.elapsed >= limit
+    if control.stop_reason == "stopped" or out_of_time or done >= total:
+        # nothing left for a final run: the winner's screening result stands
+        result, final = latest[winner], 0
+        result.stop_reason = control.stop_reason or ("time_limit" if out_of_time else "iterations")
+    else:
+        ctl = _stage_control(control, total - done, None if limit is None else limit - control.elapsed, done)
+        result = run(winner, ctl)
+        final = result.iterations
+        result.stop_reason = ctl.stop_reason
+    result.iterations = done + final
     result.stopped_early = result.stop_reason == "stopped"
     result.details["search"] = {
         "candidates": [f.as_dict() for f in candidates],
         "screened": tried,
         "chosen": winner.as_dict(),
-        "chosen_by": "the attack's own objective (matching cost and prior)",
-        "final_iterations": result.iterations - done,
+        "chosen_by": "the attack's own objective (matching cost and prior), never the ground truth",
+        "final_iterations": final,
     }
     return result
+
+
+def scale_ranges(candidates: list[Facts]) -> dict[Facts, tuple[float, float]]:
+    """For each hypothesis, the factors that take its change's size (lr x local steps, the size
+    to first order) to every size the candidates allow: [smallest, largest] / its own."""
+    size = {f: f.lr * f.local_epochs for f in candidates}  # steps per epoch scale alike below
+    lo, hi = min(size.values()), max(size.values())
+    return {f: (lo / size[f], hi / size[f]) for f in candidates}
 
 
 class FedAvgUnroll:
@@ -276,7 +313,14 @@ class FedAvgUnroll:
             result = optimise(problem, params, control, generator, objective)
             case = "case2_single_step"
         elif len(candidates) == 1:
-            objective = unroll_objective(problem, params, batched(control), candidates[0])
+            facts = candidates[0]
+            if facts.local_epochs == 1 and facts.batch_size >= problem.num_images:
+                # one step on the whole batch: the change is exactly -lr x the batch's gradient,
+                # and the default attack's objective on that gradient is the unrolled one's
+                problem.target = [-t / facts.lr for t in problem.target]
+                objective = inverting_objective(problem, params, control)
+            else:
+                objective = unroll_objective(problem, params, batched(control), facts)
             result = optimise(problem, params, control, generator, objective)
             case = "case1_unrolled"
         else:
