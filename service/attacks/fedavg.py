@@ -205,7 +205,8 @@ def search(
     `search_fraction` of the budget goes to screening: half to a short run of every hypothesis
     (skipped when there are no more than `search_finalists`), half to the finalists; the winner
     then runs on what is left. All start from the same images. Hypotheses are ranked by their
-    best objective value against the same target, never by the ground truth.
+    best objective value against the same target, never by the ground truth. Every hypothesis
+    is screened at least once, so a budget below their number runs over it.
 
     The hypotheses differ in the size of the change they predict (lr x steps), and from a random
     start the relative L2 cost of one predicting too small a change stays near 1 while the right
@@ -236,6 +237,8 @@ def search(
     pool = list(candidates)
     latest: dict[Facts, AttackResult] = {}
     for stage, size in enumerate(pools, start=1):
+        if stage > 1 and done + size > total:
+            break  # a budget too small for another screening: the ranking so far stands
         iterations = max(1, int(per_stage / size))
         seconds = None if limit is None else limit * iterations / total
         scores = []
