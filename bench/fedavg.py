@@ -141,10 +141,36 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def report(
+    rows: list[dict[str, Any]], commands: list[str], jobs: int, load_before: Any, wall_s: float
+) -> dict:
+    return {
+        "what": "FedAvg-aware attack (fedavg_unroll) on a one-image client taking U local SGD steps "
+        f"(batch 1, lr {CLIENT_LR}), against the default attack on the FedSGD gradient of the same "
+        "image, model (registry convnet, untrained, init_seed 0), labels (known) and seed; "
+        "iteration-matched, 1 restart",
+        "machine": {
+            **machine(),
+            "torch_threads": 1,
+            "parallel_runs": jobs,
+            "note": "shared with other work (about 8 concurrent workers on 2 cores); quality is "
+            "iteration-matched, so the load only affects wall_s",
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "command": commands,
+        "facts": FACTS,
+        "total_wall_s": wall_s,
+        "summary": summarise(rows),
+        "runs": rows,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["run", "one"])
-    ap.add_argument("args", nargs="*")
+    ap.add_argument("mode", choices=["run", "one", "merge"])
+    ap.add_argument("args", nargs="*", help="one: the run's JSON arguments; merge: run logs (JSON lines)")
     ap.add_argument("--steps", default="1,2,4,8", help="local steps U of the FedAvg client")
     ap.add_argument("--facts", default="exact", help="exact, ranged, unknown (comma-separated)")
     ap.add_argument("--images", default=",".join(TUNING))
@@ -153,10 +179,33 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=None, help="JSON fedavg_unroll parameters")
     ap.add_argument("--no-baseline", action="store_true", help="skip the FedSGD default-attack runs")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--command", action="append", default=None, help="merge: the commands the logs came from")
     ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu-fedavg.json")
     a = ap.parse_args()
     if a.mode == "one":
         print(json.dumps(run_one(*json.loads(a.args[0]))))
+        return
+    if a.mode == "merge":  # rows printed by several (possibly interrupted) runs, into one report
+        rows, seen = [], set()
+        for log in a.args:
+            for line in Path(log).read_text().splitlines():
+                if line.startswith('{"image"'):
+                    r = json.loads(line)
+                    key = (
+                        r["image"],
+                        r["steps"],
+                        r["facts"],
+                        json.dumps(r["variant"]),
+                        r["seed"],
+                        r["iterations"],
+                    )
+                    if key not in seen:
+                        seen.add(key)
+                        rows.append(r)
+        out = report(rows, a.command or [], a.jobs, None, sum(r["wall_s"] for r in rows))
+        a.out.write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out["summary"], indent=1))
+        print(f"wrote {a.out}")
         return
     images = a.images.split(",")
     labels = {im: i % 10 for i, im in enumerate(images)}
@@ -179,31 +228,12 @@ def main() -> None:
     t0 = time.time()
     with ThreadPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(run, plan))
-    report = {
-        "what": "FedAvg-aware attack (fedavg_unroll) on a one-image client taking U local SGD steps "
-        f"(batch 1, lr {CLIENT_LR}), against the default attack on the FedSGD gradient of the same "
-        "image, model (registry convnet, untrained, init_seed 0), labels (known) and seed; "
-        "iteration-matched, 1 restart",
-        "machine": {
-            **machine(),
-            "torch_threads": 1,
-            "parallel_runs": a.jobs,
-            "note": "shared with other work (about 8 concurrent workers on 2 cores); quality is "
-            "iteration-matched, so the load only affects wall_s",
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python -m bench.fedavg " + " ".join(sys.argv[1:]),
-        "iterations": a.iterations,
-        "facts": {k: FACTS[k] for k in a.facts.split(",")},
-        "total_wall_s": time.time() - t0,
-        "summary": summarise(rows),
-        "runs": rows,
-    }
+    out = report(
+        rows, ["python -m bench.fedavg " + " ".join(sys.argv[1:])], a.jobs, load_before, time.time() - t0
+    )
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["summary"], indent=1))
+    a.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out["summary"], indent=1))
     print(f"wrote {a.out}")
 
 

@@ -217,6 +217,8 @@ def test_rough_facts_from_flags_are_searched_and_reported(tmp_path):
     assert len(search["candidates"]) == 6  # 3 lrs x 2 epochs; one image: the order cannot matter
     assert search["chosen"] in search["candidates"] and m["attack"]["iterations"] == 8
     assert m["attack"]["details"]["facts"] == search["chosen"]
+    page = (tmp_path / m["job_id"] / "report.html").read_text()
+    assert "candidates: 1, 2" in page and "hypothesis chosen" in page and "Case 1 with facts searched" in page
 
 
 def test_batch_size_unknown_from_a_flag_with_the_single_step_fallback(tmp_path):
