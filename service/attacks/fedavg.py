@@ -92,11 +92,11 @@ def candidate_facts(client: ClientTraining, num_images: int, search_unknown: boo
         lrs = lrs or list(SEARCH_LRS)
         epochs = epochs or list(SEARCH_EPOCHS)
         sizes = sizes or default_batch_sizes(num_images)
-    # a batch size of N or more is one full batch: keep one of them; seeds only order batches
+    # a batch size of N or more is one full batch: keep one of them; seeds only order batches,
+    # so a full batch needs one
     sizes = sorted({min(b, num_images) for b in sizes})
-    if all(b >= num_images for b in sizes):
-        seeds = [seeds[0]]
-    out = [Facts(lr, e, b, s) for lr, e, b, s in itertools.product(lrs, epochs, sizes, seeds)]
+    combos = itertools.product(lrs, epochs, sizes, seeds)
+    out = list(dict.fromkeys(Facts(lr, e, b, s if b < num_images else seeds[0]) for lr, e, b, s in combos))
     if len(out) > MAX_SEARCH_CANDIDATES:
         raise SpecError(
             f"the client's facts give {len(out)} combinations to search, more than "
