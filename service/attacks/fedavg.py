@@ -11,7 +11,9 @@ that gradient.
 Facts known only roughly (candidates in the spec: an lr range, lists of epochs, batch sizes or
 shuffling seeds) or not at all are searched: every combination is screened by a short run, the
 best few by the attack's own objective (never the ground truth) get a second, longer screening,
-and the winner gets the rest of the budget (`FedAvgParams.search_fraction`). With
+and the winner gets the rest of the budget (`FedAvgParams.search_fraction`). Each hypothesis's
+replayed change is rescaled to fit within the sizes (lr x steps) the candidates allow, so that a
+short screen does not favour the hypothesis predicting the smallest change. With
 `unknown_facts: single_step`, a fact neither known nor given as candidates falls back to Case 2
 instead: the update is treated as one step on the whole batch, and the negated change is matched
 as a gradient of unknown scale (cosine cost).
