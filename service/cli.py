@@ -111,6 +111,46 @@ def parse_defense(text: str) -> Any:
     return TypeAdapter(DefenseSpec).validate_python(fields)
 
 
+def told_candidates(o: dict[str, Any]) -> dict[str, Any]:
+    """The --told-* flags: candidates (or unknown) for facts the attacker knows only roughly."""
+    out: dict[str, Any] = {}
+    flags = (
+        ("lr", "--told-lr", float),
+        ("local_epochs", "--told-local-epochs", int),
+        ("batch_size", "--told-batch-size", int),
+        ("shuffle_seed", "--told-shuffle-seed", int),
+    )
+    for fact, flag, kind in flags:
+        text = o.get(f"told_{fact}")
+        if text is None:
+            continue
+        text = text.strip()
+        if text.lower() == "unknown":
+            out[fact] = None
+            continue
+        try:
+            if fact == "lr" and ":" in text:
+                parts = [p.strip() for p in text.split(":")]
+                if len(parts) not in (2, 3):
+                    raise ValueError
+                rng: dict[str, Any] = {"min": float(parts[0]), "max": float(parts[1])}
+                if len(parts) == 3:
+                    rng["points"] = int(parts[2])
+                out[fact] = rng
+                continue
+            values = [
+                None if fact == "shuffle_seed" and v.lower() == "given" else kind(v)
+                for v in csv_list(text) or []
+            ]
+        except ValueError:
+            shape = "MIN:MAX[:POINTS] or a comma-separated list" if fact == "lr" else "a comma-separated list"
+            raise fail(f"{flag} {text!r}: expected {shape}, or unknown") from None
+        if not values:
+            raise fail(f"{flag}: give at least one value, or unknown")
+        out[fact] = values
+    return out
+
+
 def csv_list(text: str | None) -> list[str] | None:
     return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
@@ -188,6 +228,36 @@ def attack(
             "--told",
             help="what the attacker is told of the client's training, where it differs from what the "
             "client did: key=value, null for unknown (e.g. batch_size=null: FedAvg Case 2)",
+        ),
+    ] = None,
+    told_lr: Annotated[
+        str | None,
+        typer.Option(
+            "--told-lr",
+            help="the attacker knows the client's lr only roughly: MIN:MAX (a range, searched at 4 "
+            "log-spaced values; MIN:MAX:POINTS for another count), candidates 0.01,0.05, or unknown",
+        ),
+    ] = None,
+    told_local_epochs: Annotated[
+        str | None,
+        typer.Option(
+            "--told-local-epochs", help="candidates for the client's local epochs, e.g. 1,2,4, or unknown"
+        ),
+    ] = None,
+    told_batch_size: Annotated[
+        str | None,
+        typer.Option(
+            "--told-batch-size",
+            help="candidates for the client's batch size, e.g. 1,2,4,8, or unknown (SoK Case 2: searched, "
+            "or one step on the whole batch with --param unknown_facts=single_step)",
+        ),
+    ] = None,
+    told_shuffle_seed: Annotated[
+        str | None,
+        typer.Option(
+            "--told-shuffle-seed",
+            help="candidates for the client's shuffling seed, e.g. 0,1,given (given: the samples' "
+            "order), or unknown",
         ),
     ] = None,
     attack_name: Annotated[
@@ -318,9 +388,13 @@ def build_spec(**o: Any) -> JobSpec:
             base.setdefault("data", {})["labels"] = [int(v) for v in csv_list(o["labels"]) or []]
     elif "artifact" not in upd and "simulate" not in upd:
         raise fail("give --update FILE or --images NAMES (or a spec file with an update)")
-    if o["told"]:
+    rough = told_candidates(o)
+    if o["told"] or rough:
         # what the attacker is told replaces what it would otherwise be told (the client's facts)
-        told = {**upd.get("client", {}), **parse_pairs(o["told"], "--told")}
+        told = {**upd.get("client", {}), **parse_pairs(o["told"], "--told"), **rough}
+        for fact in rough:  # candidates replace the exact value and any earlier candidates
+            if isinstance(told.get("candidates"), dict):
+                told["candidates"] = {**told["candidates"], fact: None}
         upd["client"] = ClientTraining(**told).model_dump()
     put("update.kind", o["update_kind"])
     put("ground_truth", str(o["ground_truth"]) if o["ground_truth"] else None)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from service.errors import KnowledgeError, SpecError
 
@@ -124,8 +124,95 @@ class ModelSpec(Frozen):
         return self
 
 
+MAX_CANDIDATES_PER_FACT = 16
+# Plausible values of a fact the attacker was told nothing about, searched by the FedAvg-aware
+# attack (batch sizes: the powers of two below the image count, and the count itself).
+SEARCH_LRS = (1e-3, 1e-2, 1e-1)
+SEARCH_EPOCHS = (1, 2, 4, 8)
+
+
+class LrRange(Frozen):
+    """A learning rate known only to lie in [min, max]: searched at `points` log-spaced values."""
+
+    min: float = Field(gt=0, description="smallest plausible learning rate")
+    max: float = Field(gt=0, description="largest plausible learning rate")
+    points: int = Field(
+        default=4, ge=2, le=MAX_CANDIDATES_PER_FACT, description="log-spaced values tried, both ends included"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LrRange:
+        if self.min > self.max:
+            raise ValueError(f"lr range: min {self.min} is above max {self.max}")
+        return self
+
+    def values(self) -> list[float]:
+        if self.min == self.max:
+            return [self.min]
+        ratio = self.max / self.min
+        return [self.min * ratio ** (i / (self.points - 1)) for i in range(self.points)]
+
+
+def _distinct(values: list[Any], what: str) -> list[Any]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} candidates repeat a value: {values}")
+    return values
+
+
+class TrainingCandidates(Frozen):
+    """Plausible values of client facts the attacker knows only roughly. The FedAvg-aware attack
+    screens every combination and keeps the one its own matching loss prefers."""
+
+    lr: (
+        Annotated[
+            Annotated[LrRange, Tag("range")]
+            | Annotated[
+                list[Annotated[float, Field(gt=0)]],
+                Field(min_length=1, max_length=MAX_CANDIDATES_PER_FACT),
+                Tag("list"),
+            ],
+            Discriminator(lambda v: "list" if isinstance(v, list) else "range"),
+        ]
+        | None
+    ) = Field(default=None, description="a range {min, max[, points]} or a list of learning rates")
+    local_epochs: (
+        Annotated[
+            list[Annotated[int, Field(ge=1, le=1000)]],
+            Field(min_length=1, max_length=MAX_CANDIDATES_PER_FACT),
+        ]
+        | None
+    ) = Field(default=None, description="plausible local epoch counts")
+    batch_size: (
+        Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=MAX_CANDIDATES_PER_FACT)]
+        | None
+    ) = Field(default=None, description="plausible batch sizes")
+    shuffle_seed: (
+        Annotated[list[int | None], Field(min_length=1, max_length=MAX_CANDIDATES_PER_FACT)] | None
+    ) = Field(default=None, description="plausible shuffling seeds (null: the samples' given order)")
+
+    @field_validator("lr", "local_epochs", "batch_size", "shuffle_seed")
+    @classmethod
+    def _no_repeats(cls, v: Any, info: Any) -> Any:
+        return _distinct(v, info.field_name) if isinstance(v, list) else v
+
+    def lr_values(self) -> list[float] | None:
+        if isinstance(self.lr, LrRange):
+            return self.lr.values()
+        return self.lr
+
+
+# the facts a spec may give as candidates (a list, or for lr also a range) instead of one value
+SEARCHABLE_FACTS = ("lr", "local_epochs", "batch_size", "shuffle_seed")
+
+
 class ClientTraining(Frozen):
-    """What the client did locally. Every field may be unknown (None): that is a legitimate value."""
+    """What the client did locally. Every field may be unknown (None): that is a legitimate value.
+
+    What the attacker is told (`update.client`) may give lr, local_epochs, batch_size and
+    shuffle_seed as candidates instead: `lr: {min: 0.01, max: 0.1}` or a list, `local_epochs:
+    [1, 2, 4]`, `batch_size: [1, 2, 4, 8]`, `shuffle_seed: [0, 1, null]`. They are stored under
+    `candidates` (the fact itself is then unknown), and the FedAvg-aware attack searches them.
+    """
 
     protocol: Literal["fedsgd", "fedavg"] | None = None
     lr: Annotated[float, Field(gt=0)] | None = None
@@ -141,6 +228,46 @@ class ClientTraining(Frozen):
         "knowledge level; unknown: train",
     )
     shuffle_seed: int | None = None
+    candidates: TrainingCandidates | None = Field(
+        default=None,
+        description="plausible values of facts known only roughly (lr, local_epochs, batch_size, "
+        "shuffle_seed), searched by the FedAvg-aware attack; a list or range given for the fact "
+        "itself lands here",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _candidates_shorthand(cls, data: Any) -> Any:
+        """`lr: {min, max}` or `local_epochs: [1, 2]` moves the candidates under `candidates`."""
+        if not isinstance(data, dict):
+            return data
+        moved = {k: data[k] for k in SEARCHABLE_FACTS if isinstance(data.get(k), (list, dict))}
+        if not moved:
+            return data
+        given = data.get("candidates") or {}
+        if isinstance(given, BaseModel):
+            given = given.model_dump(exclude_none=True)
+        if not isinstance(given, dict):
+            return data  # let the field's own validation name the problem
+        both = sorted(set(moved) & {k for k, v in given.items() if v is not None})
+        if both:
+            raise ValueError(f"{', '.join(both)} given both as candidates and under candidates")
+        return {**data, **dict.fromkeys(moved), "candidates": {**given, **moved}}
+
+    @model_validator(mode="after")
+    def _check_candidates(self) -> ClientTraining:
+        if self.candidates is None:
+            return self
+        exact = [
+            k
+            for k in SEARCHABLE_FACTS
+            if getattr(self, k) is not None and getattr(self.candidates, k) is not None
+        ]
+        if exact:
+            raise ValueError(
+                f"{', '.join(exact)} given both exactly and as candidates; give one value or candidates"
+            )
+        return self
 
     def known(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -166,6 +293,11 @@ class SimulatedClient(Frozen):
             raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
         if self.source != "photos" and self.path is None:
             raise ValueError(f"source {self.source!r} needs a dataset path")
+        if self.training.candidates is not None:
+            raise ValueError(
+                "a simulated client trains with one value of each fact: give candidates (lists, "
+                "ranges) in update.client, what the attacker is told, not in simulate.training"
+            )
         return self
 
 
@@ -353,18 +485,32 @@ class GradInversionParams(InvertingGradientsParams):
 
 
 class FedAvgParams(InvertingGradientsParams):
-    """The FedAvg-aware attack: unrolls the client's local training differentiably."""
+    """The FedAvg-aware attack: unrolls the client's local training differentiably.
+
+    It shares the default attack's cost and prior choices: with lr and step count known (or
+    hypothesised by the search) the weight change's scale is known, and `auto` takes the L2 cost
+    relative to its squared norm with the total variation counted per image; at one local step
+    this is the default attack's objective on the FedSGD gradient.
+    """
 
     required_knowledge: ClassVar[Knowledge] = Knowledge.TRAINING_DETAILS
     name: Literal["fedavg_unroll"] = "fedavg_unroll"  # type: ignore[assignment]
-    # weight changes are lr-sized: a scale-free cost keeps the TV weight meaningful
-    cost: Literal["auto", "cosine", "cosine_global", "l2"] = Field(
-        default="cosine", description="matching cost; cosine (scale-free) suits lr-sized weight changes"
+    unknown_facts: Literal["search", "single_step"] = Field(
+        default="search",
+        description="a fact (lr, local epochs, batch size) neither known nor given as candidates: "
+        "search its plausible values (lr 1e-3, 1e-2, 1e-1; epochs 1, 2, 4, 8; batch sizes the "
+        "powers of two below N and N), or single_step: SoK Case 2, one step on the whole batch "
+        "matched by a scale-free cost",
     )
-    # the sweeps that raised Inverting Gradients' default judged the relative L2 cost only; the
-    # unrolled attack's cosine cost keeps the weight it had
-    tv_weight: float = Field(
-        default=1e-4, ge=0, description="weight of total variation against the matching cost"
+    search_fraction: float = Field(
+        default=0.3,
+        gt=0,
+        lt=1,
+        description="share of the budget spent screening the hypotheses of the client's training when "
+        "facts are searched; the winner runs on the rest",
+    )
+    search_finalists: int = Field(
+        default=3, ge=1, le=16, description="hypotheses kept after the first screening for a longer one"
     )
 
 

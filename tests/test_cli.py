@@ -6,6 +6,7 @@ import json
 import pickle
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -191,7 +192,68 @@ def test_what_the_attacker_is_told_differs_from_what_the_client_did(tmp_path):
     did, told = m["spec"]["update"]["simulate"]["training"], m["spec"]["update"]["client"]
     assert did["batch_size"] == 2 and did["shuffle_seed"] == 9
     assert told["batch_size"] is None and told["lr"] == 0.01 and told["shuffle_seed"] == 9
-    assert m["attack"]["details"]["fedavg_case"] == "case2_single_step"  # batch size unknown: Case 2
+    # batch size unknown (Case 2): searched among 1 and 2 (the two images in one batch)
+    details = m["attack"]["details"]
+    assert details["fedavg_case"] == "case1_searched"
+    assert [c["batch_size"] for c in details["search"]["candidates"]] == [1, 2]
+
+
+def test_rough_facts_from_flags_are_searched_and_reported(tmp_path):
+    r = invoke(
+        "attack", "--arch", "lenet", "--images", "astronaut", "--labels", "1", "--size", "16",
+        "--protocol", "fedavg", "--lr", "0.05", "--local-epochs", "2", "--batch-size", "1",
+        "--told-lr", "0.01:0.1:3", "--told-local-epochs", "1,2", "--told-shuffle-seed", "0,given",
+        "--knowledge", "3", "--attack", "fedavg_unroll", "--iterations", "8", "--out", str(tmp_path),
+        "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    told = m["spec"]["update"]["client"]
+    assert told["lr"] is None and told["local_epochs"] is None
+    assert told["candidates"]["lr"] == {"min": 0.01, "max": 0.1, "points": 3}
+    assert told["candidates"]["local_epochs"] == [1, 2] and told["candidates"]["shuffle_seed"] == [0, None]
+    assert m["spec"]["update"]["simulate"]["training"]["lr"] == 0.05  # what the client really did
+    search = m["attack"]["details"]["search"]
+    assert len(search["candidates"]) == 6  # 3 lrs x 2 epochs; one image: the order cannot matter
+    assert search["chosen"] in search["candidates"] and m["attack"]["iterations"] == 8
+    assert m["attack"]["details"]["facts"] == search["chosen"]
+    page = (tmp_path / m["job_id"] / "report.html").read_text()
+    assert "candidates: 1, 2" in page and "hypothesis chosen" in page and "Case 1 with facts searched" in page
+
+
+def test_batch_size_unknown_from_a_flag_with_the_single_step_fallback(tmp_path):
+    r = invoke(
+        "attack", "--arch", "lenet", "--images", "astronaut,coffee", "--labels", "1,3", "--size", "16",
+        "--protocol", "fedavg", "--lr", "0.01", "--local-epochs", "1", "--batch-size", "2",
+        "--told-batch-size", "unknown", "--param", "unknown_facts=single_step", "--knowledge", "3",
+        "--attack", "fedavg_unroll", "--iterations", "2", "--out", str(tmp_path), "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["spec"]["update"]["client"]["batch_size"] is None
+    assert m["attack"]["details"]["fedavg_case"] == "case2_single_step"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--told-lr", "0.1:0.01", "min 0.1 is above max 0.01"),
+        ("--told-lr", "a:b", "expected MIN:MAX"),
+        ("--told-lr", "0.1:0.2:3:4", "expected MIN:MAX"),
+        ("--told-local-epochs", "1,two", "comma-separated list"),
+        ("--told-local-epochs", "1,1", "repeat a value"),
+        ("--told-batch-size", ",", "at least one value"),
+        ("--told-batch-size", "0,2", "greater than or equal to 1"),
+        ("--told-shuffle-seed", "x", "comma-separated list"),
+    ],
+)
+def test_bad_rough_fact_flags_are_one_clear_line(tmp_path, flag, value, message):
+    r = invoke(
+        "attack", "--arch", "lenet", "--images", "astronaut", "--protocol", "fedavg", "--lr", "0.1",
+        "--local-epochs", "1", "--batch-size", "1", flag, value, "--out", str(tmp_path),
+    )  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
 
 
 def test_told_refuses_an_unknown_fact(tmp_path):

@@ -117,3 +117,56 @@ def test_a_time_limit_alone_is_not_capped_by_the_default_iteration_count():
     assert Budget().time_bound(20_000).iterations == 1000  # no time limit: the default count
     parsed = JobSpec.from_yaml(spec(budget={"time_limit_s": 5}).to_yaml())
     assert parsed.budget.time_bound(99).iterations == 1000  # a dumped spec states its iterations
+
+
+# ---------------------------------------------------------------------------------------------
+# client facts known only roughly: candidates for the FedAvg-aware attack's search
+# ---------------------------------------------------------------------------------------------
+
+
+def test_told_facts_take_ranges_and_lists_that_land_under_candidates():
+    told = {"protocol": "fedavg", "lr": {"min": 0.01, "max": 0.1}, "local_epochs": [1, 2, 4]}
+    told |= {"batch_size": [1, 2, 4, 8], "shuffle_seed": [0, None]}
+    s = spec(update={"simulate": {"images": ["astronaut"]}, "client": told})
+    c = s.update.client
+    assert c.lr is None and c.local_epochs is None and c.batch_size is None and c.shuffle_seed is None
+    assert c.candidates is not None and c.candidates.local_epochs == [1, 2, 4]
+    assert c.candidates.batch_size == [1, 2, 4, 8] and c.candidates.shuffle_seed == [0, None]
+    assert c.candidates.lr_values() == pytest.approx([0.01, 0.01 * 10 ** (1 / 3), 0.01 * 10 ** (2 / 3), 0.1])
+    assert JobSpec.from_yaml(s.to_yaml()) == s and JobSpec.model_validate_json(s.to_json()) == s
+    listed = spec(update={"simulate": {"images": ["astronaut"]}, "client": {"lr": [0.05, 0.01]}})
+    assert listed.update.client.candidates.lr_values() == [0.05, 0.01]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("client", "message"),
+    [
+        ({"lr": {"min": 0.1, "max": 0.01}}, "min 0.1 is above max 0.01"),
+        ({"lr": {"min": 0, "max": 0.1}}, "greater than 0"),
+        ({"lr": {"min": 0.01, "max": 0.1, "points": 1}}, "greater than or equal to 2"),
+        ({"lr": []}, "at least 1 item"),
+        ({"lr": [0.1, -1]}, "greater than 0"),
+        ({"local_epochs": [1, 1]}, "repeat a value"),
+        ({"local_epochs": [0, 2]}, "greater than or equal to 1"),
+        ({"batch_size": list(range(1, 18))}, "at most 16 items"),
+        ({"lr": 0.1, "candidates": {"lr": [0.1, 0.2]}}, "both exactly and as candidates"),
+        ({"lr": [0.1], "candidates": {"lr": [0.2]}}, "both as candidates and under candidates"),
+    ],
+)
+def test_bad_candidates_are_refused_with_a_clear_message(client, message):
+    with pytest.raises(ValidationError, match=message):
+        spec(update={"simulate": {"images": ["astronaut"]}, "client": client})
+
+
+def test_a_simulated_client_trains_with_one_value_of_each_fact():
+    training = {"protocol": "fedavg", "lr": [0.01, 0.1], "local_epochs": 1, "batch_size": 1}
+    with pytest.raises(ValidationError, match="one value of each fact"):
+        spec(update={"simulate": {"images": ["astronaut"], "training": training}})
+
+
+def test_fedavg_params_defaults_and_search_settings():
+    p = FedAvgParams()
+    assert p.cost == "auto" and p.unknown_facts == "search" and 0 < p.search_fraction < 1
+    for bad in ({"search_fraction": 1.0}, {"search_finalists": 0}, {"unknown_facts": "guess"}):
+        with pytest.raises(ValidationError):
+            FedAvgParams(**bad)

@@ -96,7 +96,7 @@ def image_objective(
         c = problem.client
         if c.lr is None or c.local_epochs is None or c.batch_size is None:
             raise SpecError("unrolling FedAvg needs the client's lr, local_epochs and batch_size (level 3)")
-        return unroll_objective(problem, params, functional, transform), "fedavg_unrolled"
+        return unroll_objective(problem, params, functional, transform=transform), "fedavg_unrolled"
     cost = problem.matching_cost(params.cost)
     objective = matching_objective(
         problem,

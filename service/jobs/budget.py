@@ -31,7 +31,7 @@ from functools import lru_cache
 from typing import Any
 
 from service.errors import GradleakError, SpecError
-from service.specs import SOURCE_ARCHS, DataSpec, JobSpec, ModelSpec
+from service.specs import SEARCH_EPOCHS, SOURCE_ARCHS, DataSpec, JobSpec, ModelSpec
 
 FLOAT_BYTES = 4
 # Calibrated upper-bound coefficients (see the module docstring and bench/memory_estimate.py).
@@ -211,6 +211,18 @@ def _count(net: Any, shape: tuple[int, int, int], device: Any, name: str) -> Mod
 EVAL_CHUNK = 16
 
 
+def unrolled_epochs(spec: JobSpec) -> int:
+    """The most local epochs the FedAvg-aware attack may replay for this spec."""
+    client = spec.update.client
+    if client.local_epochs is not None:
+        return client.local_epochs
+    if client.candidates is not None and client.candidates.local_epochs is not None:
+        return max(client.candidates.local_epochs)
+    if getattr(spec.attack, "unknown_facts", "search") == "search":
+        return max(SEARCH_EPOCHS)
+    return 1
+
+
 def attack_images(spec: JobSpec, num_images: int | None = None) -> tuple[int, bool]:
     """How many images the attack differentiates through at once, and whether the count of the
     client's images had to be assumed (unknown until the runner reads the update)."""
@@ -229,7 +241,9 @@ def attack_images(spec: JobSpec, num_images: int | None = None) -> tuple[int, bo
     unrolled = 1
     if spec.attack.name in ("fedavg_unroll", "gias", "ggl") and spec.update.kind != "gradient":
         # the client's local epochs are replayed differentiably: every step's graph is kept
-        unrolled = max(1, spec.update.client.local_epochs or 1)
+        # (the FedAvg-aware attack's search: its longest hypothesis)
+        epochs = unrolled_epochs(spec) if spec.attack.name == "fedavg_unroll" else spec.update.client.local_epochs
+        unrolled = max(1, epochs or 1)
     batch = spec.budget.restarts
     if spec.attack.name == "ggl" and getattr(spec.attack, "optimizer", None) == "cma":
         # a CMA-ES generation scores its candidates (population x restarts) in vmapped chunks

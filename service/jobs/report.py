@@ -363,7 +363,14 @@ def _client_section(spec: JobSpec, manifest: dict[str, Any]) -> str:
         done = None if did is None else getattr(did, key)
         cells = "" if did is None else f"<td>{'not set' if done is None else _fmt(done)}</td>"
         value = getattr(told, key)
-        body += f"<tr><th>{name}</th>{cells}<td>{'unknown' if value is None else _fmt(value)}</td></tr>"
+        rough = getattr(told.candidates, key, None) if told.candidates is not None else None
+        if value is not None:
+            shown = _fmt(value)
+        elif rough is not None:
+            shown = "candidates: " + _fmt(rough.model_dump() if hasattr(rough, "model_dump") else rough)
+        else:
+            shown = "unknown"
+        body += f"<tr><th>{name}</th>{cells}<td>{shown}</td></tr>"
     a = manifest["attack"]
     case = (a.get("details") or {}).get("fedavg_case")
     extra = [
@@ -374,10 +381,20 @@ def _client_section(spec: JobSpec, manifest: dict[str, Any]) -> str:
     if case is not None:
         readable = {
             "case1_unrolled": "Case 1: lr, epochs and batch size known, the local training unrolled",
+            "case1_searched": "Case 1 with facts searched: every hypothesis screened, the best by the "
+            "attack's own loss unrolled",
             "case2_single_step": "Case 2: batch size unknown, one step on the whole batch approximates "
             "the local training",
         }
         extra.append(("FedAvg case", readable.get(str(case), str(case))))
+        search = (a.get("details") or {}).get("search")
+        if isinstance(search, dict):
+            chosen = ", ".join(
+                f"{k} {'none' if v is None else f'{v:.4g}' if isinstance(v, float) else v}"
+                for k, v in search.get("chosen", {}).items()
+            )
+            extra.append(("hypotheses searched", str(len(search.get("candidates", [])))))
+            extra.append(("hypothesis chosen", chosen))
     note = (
         "<p class=note>The attacker sees these facts only at knowledge level 3 or above (the batch-norm "
         "mode at every level).</p>"

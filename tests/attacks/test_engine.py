@@ -283,13 +283,18 @@ def test_fedavg_unroll_matches_client_training_at_the_true_images():
 
 
 @pytest.mark.parametrize(
-    ("told", "case"),
+    ("told", "params", "case"),
     [
-        ({"protocol": "fedavg", "lr": 0.05, "local_epochs": 1, "batch_size": 1}, "case1_unrolled"),
-        ({"protocol": "fedavg", "lr": 0.05, "local_epochs": 1}, "case2_single_step"),
+        ({"protocol": "fedavg", "lr": 0.05, "local_epochs": 1, "batch_size": 1}, {}, "case1_unrolled"),
+        ({"protocol": "fedavg", "lr": 0.05, "local_epochs": 1}, {}, "case1_searched"),
+        (
+            {"protocol": "fedavg", "lr": 0.05, "local_epochs": 1},
+            {"unknown_facts": "single_step"},
+            "case2_single_step",
+        ),
     ],
 )
-def test_fedavg_attack_unrolls_when_it_can_and_falls_back_without_batch_size(tmp_path, told, case):
+def test_fedavg_attack_unrolls_searches_or_falls_back_without_batch_size(tmp_path, told, params, case):
     training = {"protocol": "fedavg", "lr": 0.05, "local_epochs": 1, "batch_size": 1}
     manifest, _ = job(
         tmp_path,
@@ -301,10 +306,18 @@ def test_fedavg_attack_unrolls_when_it_can_and_falls_back_without_batch_size(tmp
         },
         data={"shape": [3, 16, 16], "labels": [0, 1]},
         knowledge=3,
-        attack={"name": "fedavg_unroll"},
-        budget={"iterations": 3},
+        attack={"name": "fedavg_unroll", **params},
+        budget={"iterations": 6},
     )
-    assert manifest["attack"]["details"]["fedavg_case"] == case
+    details = manifest["attack"]["details"]
+    assert details["fedavg_case"] == case
+    if case == "case1_searched":  # batch size unknown: 1 and 2 (one full batch) are searched
+        search = details["search"]
+        assert [c["batch_size"] for c in search["candidates"]] == [1, 2]
+        assert search["chosen"] == details["facts"] and search["chosen"]["lr"] == 0.05
+        assert manifest["attack"]["iterations"] == 6  # screening and the winner share the budget
+    else:
+        assert "search" not in details  # exact facts (or Case 2): nothing is searched
 
 
 def test_registry_lists_every_attack_with_its_knowledge():

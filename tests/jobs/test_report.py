@@ -163,7 +163,8 @@ def test_the_report_says_what_ran_on_what_and_where(job: tuple[dict, str, bytes]
         "what the client did (simulated)",  # the client facts, beside what the attacker was told
         "what the attacker was told",
         "FedAvg case",
-        "Case 2: batch size unknown",  # the batch size was not told
+        "Case 1 with facts searched",  # the batch size was not told: searched
+        "hypothesis chosen",
         "batch size",
         "shuffle seed",
         "<b>quantize</b> bits=6",  # the defenses
