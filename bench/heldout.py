@@ -336,6 +336,7 @@ def main() -> None:
     ap.add_argument(
         "--heldout-variants", type=int, default=1, help="`report`: leading variants run on held-out"
     )
+    ap.add_argument("--peers-only", action="store_true", help="run breaching alone (reused runs still count)")
     ap.add_argument("--reuse", type=Path, default=None, help="JSON lines of finished runs to reuse")
     ap.add_argument("--log", type=Path, default=None, help="append each finished run here as a JSON line")
     ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu-heldout.json")
@@ -380,7 +381,7 @@ def main() -> None:
     plan: list[tuple[str, dict[str, Any]]] = []  # (set, what) in priority order: the default first
     for n, variant in enumerate(variants):
         for name, images in sets.items():
-            if name == "heldout" and n >= a.heldout_variants:
+            if a.peers_only or (name == "heldout" and n >= a.heldout_variants):
                 continue
             plan += [(name, {"who": "gradleak", "image": i, "variant": variant}) for i in images]
         if n == 0:

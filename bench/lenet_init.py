@@ -53,14 +53,29 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--inits", default="uniform,pytorch")
+    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument(
+        "--reuse", type=Path, action="append", default=[], help="logs of finished runs (JSON lines)"
+    )
+    ap.add_argument("--skip-missing", action="store_true", help="run nothing: only the --reuse runs count")
     ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu-lenet-init.json")
     a = ap.parse_args()
     torch.set_num_threads(1)
     load_before = os.getloadavg()
+    reuse = [
+        json.loads(line) for f in a.reuse for line in f.read_text().splitlines() if line.startswith('{"init"')
+    ]
+    inits, attacks = a.inits.split(","), a.attacks.split(",")
     rows = []
-    for init in ("uniform", "pytorch"):
-        for name, (attack, iterations) in ATTACKS.items():
+    for init in inits:
+        for name in attacks:
+            attack, iterations = ATTACKS[name]
             for seed in (int(s) for s in a.seeds.split(",")):
+                done = [r for r in reuse if (r["init"], r["attack"], r["seed"]) == (init, name, seed)]
+                if done or a.skip_missing:
+                    rows += done[:1]
+                    continue
                 manifest = run_spec(spec_for(init, attack, iterations, seed), f"lenet-{init}-{name}")
                 r = {
                     "init": init,
@@ -74,9 +89,11 @@ def main() -> None:
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 rows.append(r)
     summary = []
-    for init in ("uniform", "pytorch"):
-        for name in ATTACKS:
+    for init in inits:
+        for name in attacks:
             runs = [r for r in rows if r["init"] == init and r["attack"] == name]
+            if not runs:
+                continue
             summary.append(
                 {
                     "init": init,

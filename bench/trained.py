@@ -165,20 +165,39 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu-trained.json")
+    ap.add_argument(
+        "--reuse", type=Path, action="append", default=[], help="logs of finished runs (JSON lines)"
+    )
+    ap.add_argument("--skip-missing", action="store_true", help="run no attack: only the --reuse runs count")
     a = ap.parse_args()
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     t0 = time.time()
-    checkpoints = train([int(s) for s in a.steps.split(",")])
+    steps = [int(s) for s in a.steps.split(",")]
+    logged = [
+        json.loads(line) for f in a.reuse for line in f.read_text().splitlines() if line.startswith("{")
+    ]
+    trained = {r["steps"]: r for r in logged if "test_accuracy" in r}
+    checkpoints = [dict(trained[s]) for s in steps] if set(steps) <= set(trained) else train(steps)
     images = victims(a.images)
     for ck in checkpoints:
         runs = []
         for image, label in images:
             for seed in (int(s) for s in a.seeds.split(",")):
+                done = [
+                    {k: v for k, v in r.items() if k != "steps"}
+                    for r in logged
+                    if "image" in r and (r["steps"], r["image"], r["seed"]) == (ck["steps"], image, seed)
+                ]
+                if done or a.skip_missing:
+                    runs += done[:1]
+                    continue
                 r = attack(ck["weights"], image, label, a.iterations, seed)
                 print(json.dumps({"steps": ck["steps"], **r}), file=sys.stderr, flush=True)
                 runs.append(r)
         ck["runs"] = runs
+        if not runs:
+            continue
         ck["psnr_median"] = statistics.median(r["psnr_mean"] for r in runs)
         ck["psnr_mean"] = statistics.fmean(r["psnr_mean"] for r in runs)
         ck["ssim_median"] = statistics.median(r["ssim_mean"] for r in runs)
