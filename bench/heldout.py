@@ -336,6 +336,7 @@ def main() -> None:
     ap.add_argument(
         "--heldout-variants", type=int, default=1, help="`report`: leading variants run on held-out"
     )
+    ap.add_argument("--images", default=None, help="only these images of the sets (comma-separated)")
     ap.add_argument("--peers-only", action="store_true", help="run breaching alone (reused runs still count)")
     ap.add_argument("--reuse", type=Path, default=None, help="JSON lines of finished runs to reuse")
     ap.add_argument("--log", type=Path, default=None, help="append each finished run here as a JSON line")
@@ -377,7 +378,9 @@ def main() -> None:
         "seed": a.seed,
     }
     reuse = load_rows(a.reuse) if a.reuse else []
-    sets = {a.set: SETS[a.set]} if a.mode == "sweep" else SETS
+    sets = {a.set: SETS[a.set]} if a.mode == "sweep" else dict(SETS)
+    if a.images:  # a subset of the images (of either set)
+        sets = {name: [i for i in images if i in a.images.split(",")] for name, images in sets.items()}
     plan: list[tuple[str, dict[str, Any]]] = []  # (set, what) in priority order: the default first
     for n, variant in enumerate(variants):
         for name, images in sets.items():

@@ -54,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--inits", default="uniform,pytorch")
+    ap.add_argument("--dlg-iterations", type=int, default=ATTACKS["dlg"][1], help="L-BFGS steps of DLG")
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument(
         "--reuse", type=Path, action="append", default=[], help="logs of finished runs (JSON lines)"
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu-lenet-init.json")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    ATTACKS["dlg"] = (ATTACKS["dlg"][0], a.dlg_iterations)
     load_before = os.getloadavg()
     reuse = [
         json.loads(line) for f in a.reuse for line in f.read_text().splitlines() if line.startswith('{"init"')
@@ -72,7 +74,11 @@ def main() -> None:
         for name in attacks:
             attack, iterations = ATTACKS[name]
             for seed in (int(s) for s in a.seeds.split(",")):
-                done = [r for r in reuse if (r["init"], r["attack"], r["seed"]) == (init, name, seed)]
+                done = [
+                    r
+                    for r in reuse
+                    if (r["init"], r["attack"], r["seed"], r["iterations"]) == (init, name, seed, iterations)
+                ]
                 if done or a.skip_missing:
                     rows += done[:1]
                     continue

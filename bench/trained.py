@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--steps", default="0,30,300", help="SGD steps of each checkpoint (0: initialisation)")
     ap.add_argument("--images", type=int, default=4, help="test images attacked (one per class)")
     ap.add_argument("--iterations", type=int, default=1000)
+    ap.add_argument("--image-index", type=int, default=None, help="attack only this one of the images")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu-trained.json")
     ap.add_argument(
@@ -180,6 +181,8 @@ def main() -> None:
     trained = {r["steps"]: r for r in logged if "test_accuracy" in r}
     checkpoints = [dict(trained[s]) for s in steps] if set(steps) <= set(trained) else train(steps)
     images = victims(a.images)
+    if a.image_index is not None:
+        images = images[a.image_index : a.image_index + 1]
     for ck in checkpoints:
         runs = []
         for image, label in images:
