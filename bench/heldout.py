@@ -339,6 +339,7 @@ def main() -> None:
     ap.add_argument("--images", default=None, help="only these images of the sets (comma-separated)")
     ap.add_argument("--peers-only", action="store_true", help="run breaching alone (reused runs still count)")
     ap.add_argument("--reuse", type=Path, default=None, help="JSON lines of finished runs to reuse")
+    ap.add_argument("--skip-missing", action="store_true", help="run nothing: report the --reuse runs alone")
     ap.add_argument("--log", type=Path, default=None, help="append each finished run here as a JSON line")
     ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu-heldout.json")
     a = ap.parse_args()
@@ -392,12 +393,16 @@ def main() -> None:
                 for name, images in sets.items():
                     plan += [(name, {"who": "breaching", "image": i, "config": p}) for i in images]
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in sets}
+    not_run: list[dict[str, Any]] = []
     tasks = []
     for name, what in plan:
         images = sets[name]
         done = next((r for r in reuse if same_run(r, what, a.iterations, a.seed)), None)
         if done is not None:
             rows[name].append(done)
+            continue
+        if a.skip_missing:
+            not_run.append({"set": name, **what})
             continue
         label = label_of(what["image"], images)
         task = (
@@ -438,6 +443,8 @@ def main() -> None:
             "runs": rows[name],
         }
     report["results"] = sections
+    if not_run:
+        report["not_run"] = not_run
     report["machine"]["load_average_after"] = os.getloadavg()
     report["elapsed_s"] = time.time() - t0
     a.out.parent.mkdir(parents=True, exist_ok=True)
