@@ -37,7 +37,14 @@ class LeNet(nn.Module):
     """The LeNet of "Deep Leakage from Gradients" (Zhu et al.); its module names match the DLG
     code, so that its state dicts load here."""
 
-    def __init__(self, num_classes: int, image_shape: tuple[int, int, int], width: int, activation: str):
+    def __init__(
+        self,
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        width: int,
+        activation: str,
+        init: str = "uniform",
+    ):
         super().__init__()
         c, h, w = image_shape
         act = ACTIVATIONS[activation]
@@ -51,18 +58,23 @@ class LeNet(nn.Module):
         )
         h, w = conv_out(conv_out(h, 5, 2, 2), 5, 2, 2), conv_out(conv_out(w, 5, 2, 2), 5, 2, 2)
         self.fc = nn.Sequential(nn.Linear(width * h * w, num_classes))
-        # DLG's initialisation: with the default one the sigmoid network leaks far less.
-        for p in self.parameters():
-            nn.init.uniform_(p, -0.5, 0.5)
+        # "uniform" is DLG's initialisation (its code's weights_init: every weight and bias
+        # U(-0.5, 0.5)); "pytorch" keeps PyTorch's default layer initialisation, bound 1/sqrt(fan_in)
+        # (0.04 to 0.12 here, four to fourteen times narrower).
+        if init == "uniform":
+            for p in self.parameters():
+                nn.init.uniform_(p, -0.5, 0.5)
+        elif init != "pytorch":
+            raise SpecError(f"knob 'init' of lenet must be 'uniform' or 'pytorch', got {init!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x).flatten(1))
 
 
 def build_lenet(
-    num_classes: int, image_shape: tuple[int, int, int], *, width: int, activation: str
+    num_classes: int, image_shape: tuple[int, int, int], *, width: int, activation: str, init: str
 ) -> nn.Module:
-    return LeNet(num_classes, image_shape, width, activation)
+    return LeNet(num_classes, image_shape, width, activation, init)
 
 
 def build_convnet(
@@ -128,7 +140,7 @@ MODELS.add(
     ModelEntry(
         builder=build_lenet,
         description="the LeNet of Deep Leakage from Gradients: three 5x5 convolutions (stride 2, 2, 1), "
-        "sigmoid, a linear head, DLG's uniform(-0.5, 0.5) initialisation",
+        "sigmoid, a linear head; DLG's uniform(-0.5, 0.5) initialisation by default (knob init)",
         knobs=(
             Knob("width", "int", 12, "channels of every convolution", minimum=1, maximum=4096),
             Knob(
@@ -137,6 +149,15 @@ MODELS.add(
                 "sigmoid",
                 "activation after each convolution",
                 choices=("sigmoid", "relu"),
+            ),
+            Knob(
+                "init",
+                "str",
+                "uniform",
+                "initialisation: uniform = DLG's, every weight and bias uniform in [-0.5, 0.5] (wide, "
+                "leaks more); pytorch = PyTorch's default layer initialisation (Kaiming-uniform, "
+                "narrower)",
+                choices=("uniform", "pytorch"),
             ),
         ),
     ),
