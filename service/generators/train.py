@@ -497,7 +497,6 @@ def export(run: _Run, out: Path, elapsed: float) -> None:
     (out / SAMPLES_FILE).write_bytes(png)
     (out / SNAPSHOT_DIR).mkdir(exist_ok=True)
     (out / SNAPSHOT_DIR / f"step-{run.step:07d}.png").write_bytes(png)
-    g.to(run.device)
 
 
 def _duration(seconds: float) -> str:
