@@ -328,6 +328,11 @@ class Catalog(Output):
     defenses: list[dict[str, Any]] = Field(description="name, description, fields, parameters")
     metrics: list[dict[str, Any]]
     photos: dict[str, list[str]] = Field(description="the shipped photo names, by category")
+    generators: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="generator architectures (knowledge level 2): name, description, conditional, "
+        "default_width, sizes",
+    )
     knowledge_levels: list[KnowledgeLevel]
 
 

@@ -113,6 +113,7 @@ def _photos() -> dict[str, list[str]]:
 
 
 def full_catalog() -> dict[str, Any]:
+    from service.generators import generator_catalog
     from service.metrics import metric_catalog
     from service.models import catalog as architectures
 
@@ -122,6 +123,7 @@ def full_catalog() -> dict[str, Any]:
         "defenses": _defenses(),
         "metrics": metric_catalog(),
         "photos": _photos(),
+        "generators": generator_catalog(),
     }
 
 
@@ -180,6 +182,9 @@ def overview(cat: dict[str, Any]) -> str:
     for m in cat["metrics"]:
         way = "higher" if m["higher_is_more_leak"] else "lower"
         lines.append(f"  {m['name']:<22} {m['description']} ({way} = more leakage)")
+    lines.append("generator architectures (gradleak generator train; POST /v1/generators):")
+    for g in cat.get("generators", []):
+        lines.append(f"  {g['name']:<22} {g['description']} (sides {g['sizes']})")
     lines.append("photos (--images NAME,...; by category):")
     for category, names in cat["photos"].items():
         lines.append(f"  {category:<22} {_photo_names_text(names)}")
@@ -227,11 +232,21 @@ def _metric_view(m: dict[str, Any]) -> list[str]:
     return [f"metric {m['name']}: {m['description']}", f"  {way} means more leakage{unit}; kind {m['kind']}"]
 
 
+def _generator_view(g: dict[str, Any]) -> list[str]:
+    conditional = {"never": "no", "required": "yes (num_classes)", "optional": "optional"}[g["conditional"]]
+    return [
+        f"generator architecture {g['name']}: {g['description']}",
+        f"  image sides: {g['sizes']}; class-conditional: {conditional}; default width {g['default_width']}",
+        "  file: safetensors, manifest JSON in the metadata key 'gradleak.generator'",
+    ]
+
+
 VIEWS: dict[str, list[Section]] = {
     "attacks": [_attack_view],
     "architectures": ARCHITECTURE_SECTIONS,
     "defenses": [_defense_view],
     "metrics": [_metric_view],
+    "generators": [_generator_view],
 }
 
 
@@ -239,10 +254,10 @@ def describe(name: str, cat: dict[str, Any] | None = None) -> str:
     """One entry in full: an attack, architecture, defense, metric or photo category."""
     cat = cat if cat is not None else full_catalog()
     for kind, sections in VIEWS.items():
-        for entry in cat[kind]:
+        for entry in cat.get(kind, []):
             if entry["name"] == name:
                 return "\n".join(line for section in sections for line in section(entry))
     if name in cat["photos"]:
         return f"photos of category {name}: " + ", ".join(cat["photos"][name])
-    valid = [e["name"] for kind in VIEWS for e in cat[kind]] + list(cat["photos"])
+    valid = [e["name"] for kind in VIEWS for e in cat.get(kind, [])] + list(cat["photos"])
     raise UnknownNameError("catalog entry", name, valid)

@@ -92,7 +92,7 @@ class _Conditioned(nn.Module):
             raise ValueError(f"labels must have shape ({z.shape[0]},), got {list(labels.shape)}")
         return torch.cat([z, self.embed(labels.long())], dim=1)
 
-    embed: nn.Module
+    embed: nn.Embedding
 
 
 def _embedding(num_classes: int, dim: int) -> nn.Embedding:

@@ -123,9 +123,9 @@ def training_data(config: TrainConfig) -> TrainData:
         index = index_folder(config.path)
         names = index.files[: config.max_images]
         images, folder_labels = load_folder(config.path, list(names), size, channels)
-        labels = None if folder_labels is None else torch.tensor(folder_labels)
+        folder_y = None if folder_labels is None else torch.tensor(folder_labels)
         classes = None if index.labels is None else max(index.labels) + 1
-        return TrainData(images, labels, classes, f"folder:{Path(config.path).resolve().name}")
+        return TrainData(images, folder_y, classes, f"folder:{Path(config.path).resolve().name}")
     from service.data.cifar import load_cifar
 
     which = 10 if config.data == "cifar10" else 100
@@ -497,7 +497,6 @@ def export(run: _Run, out: Path, elapsed: float) -> None:
     (out / SAMPLES_FILE).write_bytes(png)
     (out / SNAPSHOT_DIR).mkdir(exist_ok=True)
     (out / SNAPSHOT_DIR / f"step-{run.step:07d}.png").write_bytes(png)
-    g.to(run.device)
 
 
 def _duration(seconds: float) -> str:

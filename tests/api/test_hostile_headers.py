@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from api.observability import RequestIdFilter
 from service.settings import Settings
 
-ENDPOINTS = ("/v1/models", "/v1/updates", "/v1/ground-truth")
+ENDPOINTS = ("/v1/models", "/v1/updates", "/v1/ground-truth", "/v1/generators")
 ITEM_SIZE = {
     "BOOL": 1,
     "U8": 1,
@@ -86,6 +86,18 @@ def safetensors_of(header: dict[str, Any], data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(text)) + text + data
 
 
+# A valid generator manifest, so that generated headers sent as a generator reach the tensor checks.
+GENERATOR_MANIFEST = {
+    "gradleak.generator": json.dumps(
+        {"arch": "mlp", "latent_dim": 4, "image_shape": [1, 8, 8], "trained_on": "x"}
+    )
+}
+
+
+def header_for(endpoint: str, header: dict[str, Any]) -> dict[str, Any]:
+    return {**header, "__metadata__": GENERATOR_MANIFEST} if endpoint == "/v1/generators" else header
+
+
 def metadata_for(endpoint: str, model_id: str) -> dict[str, Any] | None:
     if endpoint == "/v1/models":
         return MODEL_META
@@ -118,7 +130,10 @@ def test_reported_headers_are_refused_with_422(
 ) -> None:
     size = header[next(iter(header))]["data_offsets"][1]
     response = post_file(
-        client, endpoint, safetensors_of(header, bytes(size)), metadata_for(endpoint, model_id)
+        client,
+        endpoint,
+        safetensors_of(header_for(endpoint, header), bytes(size)),
+        metadata_for(endpoint, model_id),
     )
     assert response.status_code == 422, response.text
     assert response.json()["code"] == "artifact"

@@ -100,3 +100,8 @@ def test_another_tenant_cannot_see_a_generator(auth_client: TestClient, keys: di
     assert auth_client.get("/v1/generators", headers=other).json()["generators"] == []
     is_problem(auth_client.delete(f"/v1/generators/{gen_id}", headers=other), 404)
     assert len(auth_client.get("/v1/generators", headers=acme).json()["generators"]) == 1
+
+
+def test_the_catalog_lists_generator_architectures(client: TestClient) -> None:
+    names = [g["name"] for g in client.get("/v1/catalog").json()["generators"]]
+    assert {"dcgan", "dcgan_cond", "mlp"} <= set(names)

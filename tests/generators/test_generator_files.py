@@ -156,3 +156,14 @@ def test_forward_checks_latents_and_labels() -> None:
         g(torch.randn(2, 7), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="not class-conditional"):
         build_generator(MLP)(torch.randn(2, 4), torch.tensor([0, 1]))
+
+
+def test_the_catalog_lists_the_generator_architectures() -> None:
+    from service.catalog import describe, full_catalog, overview
+
+    cat = full_catalog()
+    assert [g["name"] for g in cat["generators"]] == GENERATOR_ARCHS.names()
+    cond = next(g for g in cat["generators"] if g["name"] == "dcgan_cond")
+    assert cond["conditional"] == "required" and cond["sizes"].startswith("32 or 64")
+    assert "dcgan_cond" in overview(cat)
+    assert "gradleak.generator" in describe("dcgan_cond", cat)

@@ -447,6 +447,7 @@ class Catalog(_Model):
     metrics: list[dict[str, Any]]
     knowledge_levels: list[KnowledgeLevel]
     photos: dict[str, list[str]] = Field(default_factory=dict)
+    generators: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class Problem(_Model):
