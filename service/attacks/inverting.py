@@ -20,7 +20,8 @@ from torch.func import functional_call, grad
 from kernels import gradient_matching_loss, pack_targets, total_variation
 from service.attacks.base import AttackProblem, AttackResult, Control, layer_weights
 from service.attacks.conv_grads import ConvTaps
-from service.attacks.optimize import Objective, batched, optimise
+from service.attacks.bn_invariance import scale_invariant
+from service.attacks.optimize import FixedScale, Objective, batched, optimise
 from service.errors import SpecError
 from service.specs import GradInversionParams, InvertingGradientsParams, Knowledge
 
@@ -210,6 +211,17 @@ def inverting_objective(
     )
 
 
+def fixed_scale_for(problem: AttackProblem, params: InvertingGradientsParams) -> FixedScale | None:
+    """The scale-blind path's settings when the spec allows it and the client's gradient is
+    blind to the images' scale (service/attacks/bn_invariance.py), else None. The check's probe
+    images come from a fixed seed of their own, so the attack's random draws stay as they were."""
+    if params.scale_invariance == "off":
+        return None
+    if not scale_invariant(problem, attack_model(problem), torch.Generator().manual_seed(0)):
+        return None
+    return FixedScale(rms=params.scale_rms, clip_fraction=params.clip_fraction)
+
+
 class InvertingGradients:
     name: ClassVar[str] = "inverting_gradients"
     required_knowledge: ClassVar[Knowledge] = InvertingGradientsParams.required_knowledge
@@ -225,7 +237,9 @@ class InvertingGradients:
         control: Control,
         generator: torch.Generator,
     ) -> AttackResult:
-        return optimise(problem, params, control, generator, inverting_objective(problem, params, control))
+        objective = inverting_objective(problem, params, control)
+        fixed = fixed_scale_for(problem, params)
+        return optimise(problem, params, control, generator, objective, fixed_scale=fixed)
 
 
 class GradInversion:
@@ -251,6 +265,9 @@ class GradInversion:
         objective = inverting_objective(
             problem, params, control, bn_weight=params.bn_weight, group_weight=params.group_weight
         )
-        result = optimise(problem, params, control, generator, objective, group_size=params.group_size)
+        fixed = fixed_scale_for(problem, params)
+        result = optimise(
+            problem, params, control, generator, objective, group_size=params.group_size, fixed_scale=fixed
+        )
         result.details["bn_statistics"] = problem.bn_source
         return result

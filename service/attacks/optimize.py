@@ -23,10 +23,20 @@ from service.attacks.base import (
     lr_factor,
     random_images,
 )
+from service.attacks.bn_invariance import choose_scale, fix_scale
 from service.specs import InvertingGradientsParams
 
 # objective(images (N,C,H,W), label_logits_or_labels, aux (per restart)) -> scalar loss
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class FixedScale:
+    """The scale-blind path: iterates kept at root-mean-square `rms` (normalised space), the final
+    scale the largest that clips at most `clip_fraction` of the pixels."""
+
+    rms: float
+    clip_fraction: float
 
 
 @dataclass
@@ -56,9 +66,15 @@ def optimise(
     objective: Objective,
     group_size: int = 1,
     init: OptimState | None = None,
+    fixed_scale: FixedScale | None = None,
 ) -> AttackResult:
+    """`fixed_scale`: the gradient is blind to the images' scale (train-mode BN after the first
+    convolution, service/attacks/bn_invariance.py); every iterate is kept at one RMS and the
+    winner's scale is chosen from the valid pixel range at the end."""
     restarts = control.budget.restarts
     state = init if init is not None else initial_state(problem, params, restarts, generator)
+    if fixed_scale is not None:
+        state.images = fix_scale(state.images, fixed_scale.rms)
     lo, hi = problem.pixel_bounds()
     coarse = params.coarse_fraction > 0
     if coarse:  # coarse-to-fine: start in (and step within) the block-constant images
@@ -106,8 +122,10 @@ def optimise(
         for var, step in zip(variables, grads, strict=True):
             var.grad = step.sign() if (params.signed and var is state.images) else step
         opt.step()
-        if params.boxed:
-            with torch.no_grad():
+        with torch.no_grad():
+            if fixed_scale is not None:
+                state.images.data = fix_scale(state.images, fixed_scale.rms)
+            if params.boxed:
                 state.images.data = torch.maximum(torch.minimum(state.images, hi), lo)
 
         iteration += 1
@@ -119,8 +137,14 @@ def optimise(
     labels = best_labels[winner]
     if state.joint_labels:
         labels = labels.argmax(-1)
+    images = best_images[winner]
+    details: dict[str, object] = {"best_restart": winner, "joint_labels": state.joint_labels}
+    if fixed_scale is not None:
+        scale = choose_scale(images, lo, hi, fixed_scale.clip_fraction)
+        images = images * scale
+        details["scale_invariance"] = {"rms": fixed_scale.rms, "clip_fraction": fixed_scale.clip_fraction, "scale": scale}
     return AttackResult(
-        images=problem.denormalize(best_images[winner]),
+        images=problem.denormalize(images),
         labels=labels.long(),
         loss_history=history,
         best_loss=float(best_loss[winner]),
@@ -128,7 +152,7 @@ def optimise(
         restart_losses=[float(v) for v in best_loss],
         stopped_early=control.stop_reason == "stopped",
         stop_reason=control.stop_reason,
-        details={"best_restart": winner, "joint_labels": state.joint_labels},
+        details=details,
     )
 
 
