@@ -19,8 +19,8 @@ from torch.func import functional_call, grad
 
 from kernels import gradient_matching_loss, pack_targets, total_variation
 from service.attacks.base import AttackProblem, AttackResult, Control, layer_weights
-from service.attacks.conv_grads import ConvTaps
 from service.attacks.bn_invariance import scale_invariant
+from service.attacks.conv_grads import ConvTaps
 from service.attacks.optimize import FixedScale, Objective, batched, optimise
 from service.errors import SpecError
 from service.specs import GradInversionParams, InvertingGradientsParams, Knowledge

@@ -142,7 +142,11 @@ def optimise(
     if fixed_scale is not None:
         scale = choose_scale(images, lo, hi, fixed_scale.clip_fraction)
         images = images * scale
-        details["scale_invariance"] = {"rms": fixed_scale.rms, "clip_fraction": fixed_scale.clip_fraction, "scale": scale}
+        details["scale_invariance"] = {
+            "rms": fixed_scale.rms,
+            "clip_fraction": fixed_scale.clip_fraction,
+            "scale": scale,
+        }
     return AttackResult(
         images=problem.denormalize(images),
         labels=labels.long(),

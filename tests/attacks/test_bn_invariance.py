@@ -107,7 +107,9 @@ def test_the_attack_reports_the_scale_it_chose_and_stays_in_range():
     x, y = torch.rand(1, 3, 8, 8), torch.tensor([2])
     problem = _problem(_float_conv_bn(), x, y, "train")
     control = Control(Budget(iterations=6, restarts=1))
-    result = InvertingGradients().run(problem, InvertingGradientsParams(), control, torch.Generator().manual_seed(0))
+    result = InvertingGradients().run(
+        problem, InvertingGradientsParams(), control, torch.Generator().manual_seed(0)
+    )
     info = result.details["scale_invariance"]
     assert isinstance(info, dict) and info["scale"] > 0
     assert result.images.min() >= 0 and result.images.max() <= 1
@@ -125,7 +127,9 @@ def test_fix_scale_sets_each_restarts_rms():
     rms = fixed.pow(2).mean(dim=(1, 2, 3, 4)).sqrt()
     assert torch.allclose(rms, torch.full((3,), 0.8))
     # one scale per restart: the images' ratios inside a restart are kept
-    assert torch.allclose(fixed[1] / images[1], torch.full_like(images[1], float(fixed[1, 0, 0, 0, 0] / images[1, 0, 0, 0, 0])))
+    assert torch.allclose(
+        fixed[1] / images[1], torch.full_like(images[1], float(fixed[1, 0, 0, 0, 0] / images[1, 0, 0, 0, 0]))
+    )
 
 
 @pytest.mark.parametrize("clip_fraction", [0.0, 0.01, 0.1])
