@@ -138,6 +138,7 @@ def main() -> None:
         "from them instead of running",
     )
     ap.add_argument("--note", default="", help="free text kept in the report (how the runs were made)")
+    ap.add_argument("--extra", type=Path, default=None, help="a JSON object merged into the report")
     ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu-trainbn.json")
     a = ap.parse_args()
     if a.mode == "one":
@@ -203,6 +204,8 @@ def main() -> None:
         "summary": summarise(rows),
         "runs": rows,
     }
+    if a.extra is not None:
+        report.update(json.loads(a.extra.read_text()))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {a.out}")

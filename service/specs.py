@@ -323,7 +323,8 @@ class InvertingGradientsParams(AttackParams):
     )
     scale_invariance: Literal["auto", "off"] = Field(
         default="auto",
-        description="auto: when the client's gradient is blind to the images' scale (BN in train "
+        description="inverting_gradients, and gradinversion with bn_weight 0: auto: when the client's "
+        "gradient is blind to the images' scale (BN in train "
         "mode right after a bias-free first convolution, checked numerically), keep every iterate at "
         "one RMS and choose the scale at the end from the valid pixel range (clip_fraction); off: "
         "optimise the plain boxed image",

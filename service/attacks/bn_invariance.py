@@ -1,8 +1,8 @@
 """Train-mode batch norm after a bias-free first convolution: the scale the update cannot see.
 
 A client that normalises its batch with the batch's own statistics (BN in train mode) right after
-a bias-free first convolution (ResNets, most BN models) shares a gradient that is exactly
-invariant to scaling its images, x -> a * x with one a > 0 for the whole batch, in the normalised
+a bias-free first convolution (ResNets, most BN models) shares a gradient that is invariant
+(up to BN's eps) to scaling its images, x -> a * x with one a > 0 for the whole batch, in the normalised
 input space (pixels about the dataset mean): the convolution is linear, and BN divides the scale
 out before anything else sees it. The image is therefore only determined up to that scale, and an
 attack that does not fix it drifts along it (a TV prior pulls the contrast down for free).
@@ -21,16 +21,16 @@ scale at which at most `clip_fraction` of the pixels fall outside [0, 1] (`choos
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from service.attacks.base import AttackProblem
 
-# The check runs on a float64 copy of the model whose BN layers' eps is negligible (PROBE_EPS), so
+# The check runs the model in float64 with its BN layers' eps made negligible (PROBE_EPS), so
 # it sees the structure rather than rounding: a train-mode ResNet-18's gradient is so sensitive to
 # its input (a random change of 1e-4 of the image's norm moves it by 6 %) that float32 rounding and
 # BN's eps, amplified, move it by up to 0.5 % at x1.01 although the invariance holds. In float64 the
@@ -45,16 +45,13 @@ def _has_batch_norm(model: nn.Module) -> bool:
 
 
 def scale_invariant(problem: AttackProblem, model: nn.Module, generator: torch.Generator) -> bool:
-    """Whether the client's gradient is blind to the images' scale: checked numerically on a
-    float64 copy of the attacker's model (BN in the client's mode, eps made negligible) at a random
+    """Whether the client's gradient is blind to the images' scale: checked numerically on the
+    attacker's model run with float64 copies of its weights (BN in the client's mode, eps made
+    negligible) at a random
     batch of the problem's shape and PROBE_SCALE times it. Only train-mode BN can make it so, so
     eval-mode clients are not even checked."""
     if problem.bn_mode != "train" or not _has_batch_norm(model):
         return False
-    model = copy.deepcopy(model).double()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eps = PROBE_EPS
     n, (c, h, w) = problem.num_images, problem.image_shape
     x = (torch.rand((n, c, h, w), generator=generator, dtype=torch.float64) * 2 - 1).to(problem.device)
     y = (
@@ -62,18 +59,28 @@ def scale_invariant(problem: AttackProblem, model: nn.Module, generator: torch.G
         if problem.labels is not None
         else torch.zeros(n, dtype=torch.long, device=problem.device)
     )
-    params = [p for p in model.parameters() if p.requires_grad]
+    # float64 copies of the weights run through the model itself (no copy of the module, whose
+    # hooks may hold graph tensors), with BN's eps made negligible for the check's duration
+    params = {k: p.detach().double().requires_grad_() for k, p in model.named_parameters() if p.requires_grad}
     if not params:
         return False
+    buffers = {k: (b.double() if b.is_floating_point() else b) for k, b in model.named_buffers()}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.eps for m in norms]
 
     def grads(inputs: torch.Tensor) -> list[torch.Tensor]:
-        out = model(inputs)
-        return list(torch.autograd.grad(F.cross_entropy(out, y), params))
+        out = functional_call(model, (params, buffers), (inputs,))
+        return list(torch.autograd.grad(F.cross_entropy(out, y), list(params.values())))
 
     try:
+        for m in norms:
+            m.eps = PROBE_EPS
         g1, g2 = grads(x), grads(PROBE_SCALE * x)
     except (ValueError, RuntimeError):  # e.g. BN that sees one value per channel
         return False
+    finally:
+        for m, eps in zip(norms, saved, strict=True):
+            m.eps = eps
     diff = sum(float((a - b).pow(2).sum()) for a, b in zip(g1, g2, strict=True))
     norm = sum(float(a.pow(2).sum()) for a in g1)
     return norm > 0 and math.isfinite(diff) and (diff / norm) ** 0.5 < INVARIANCE_TOLERANCE

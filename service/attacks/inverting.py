@@ -237,8 +237,8 @@ class InvertingGradients:
         control: Control,
         generator: torch.Generator,
     ) -> AttackResult:
+        fixed = fixed_scale_for(problem, params)  # before the objective installs its taps
         objective = inverting_objective(problem, params, control)
-        fixed = fixed_scale_for(problem, params)
         return optimise(problem, params, control, generator, objective, fixed_scale=fixed)
 
 
@@ -262,10 +262,12 @@ class GradInversion:
             raise SpecError(
                 "gradinversion needs a model with batch-norm layers and the client's BN statistics"
             )
+        # the client's BN statistics pin the scale (the first BN's input statistics scale with the
+        # images), so the scale-blind path is for a run without that prior only
+        fixed = fixed_scale_for(problem, params) if params.bn_weight == 0 else None
         objective = inverting_objective(
             problem, params, control, bn_weight=params.bn_weight, group_weight=params.group_weight
         )
-        fixed = fixed_scale_for(problem, params)
         result = optimise(
             problem, params, control, generator, objective, group_size=params.group_size, fixed_scale=fixed
         )

@@ -163,3 +163,28 @@ def test_scale_fields_are_validated():
         InvertingGradientsParams(scale_rms=0)
     with pytest.raises(ValidationError):
         InvertingGradientsParams(scale_invariance="maybe")  # type: ignore[arg-type]
+
+
+def test_gradinversion_keeps_the_scale_its_bn_prior_pins():
+    """The client's BN statistics scale with the images, so gradinversion's BN prior fixes the
+    scale itself: the scale-blind path runs only with bn_weight 0."""
+    from service.attacks.inverting import GradInversion
+    from service.specs import GradInversionParams
+
+    x, y = torch.rand(1, 3, 8, 8), torch.tensor([2])
+    problem = _problem(_float_conv_bn(), x, y, "train")
+    stats = []
+    for m in problem.model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            stats.append((torch.zeros(m.num_features), torch.ones(m.num_features)))
+    problem.bn_targets = stats
+    control = Control(Budget(iterations=3, restarts=1))
+    with_prior = GradInversion().run(
+        problem, GradInversionParams(), control, torch.Generator().manual_seed(0)
+    )
+    assert "scale_invariance" not in with_prior.details
+    control = Control(Budget(iterations=3, restarts=1))
+    without = GradInversion().run(
+        problem, GradInversionParams(bn_weight=0), control, torch.Generator().manual_seed(0)
+    )
+    assert "scale_invariance" in without.details
