@@ -178,7 +178,7 @@ def main() -> None:
     else:
         with ThreadPoolExecutor(max_workers=a.parallel) as pool:
             rows = list(pool.map(work, jobs))
-    for r in rows:
+    for r in rows if not a.from_logs else []:  # runs from logs: the report's note says how
         r.setdefault("command", "python -m bench.trainbn " + " ".join(sys.argv[1:]))
     commands = ["python -m bench.trainbn " + " ".join(sys.argv[1:])]
     if a.append and a.out.exists():
