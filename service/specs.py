@@ -468,6 +468,28 @@ class InvertingGradientsParams(AttackParams):
     coarse_block: int = Field(
         default=2, ge=2, le=16, description="block side in pixels of the coarse phase's image"
     )
+    scale_invariance: Literal["auto", "off"] = Field(
+        default="auto",
+        description="inverting_gradients, and gradinversion with bn_weight 0: auto: when the client's "
+        "gradient is blind to the images' scale (BN in train "
+        "mode right after a bias-free first convolution, checked numerically), keep every iterate at "
+        "one RMS and choose the scale at the end from the valid pixel range (clip_fraction); off: "
+        "optimise the plain boxed image",
+    )
+    scale_rms: float = Field(
+        default=1.0,
+        gt=0,
+        le=10,
+        description="scale-blind path: root-mean-square of the iterates in the normalised space "
+        "(1 is the dataset's own spread)",
+    )
+    clip_fraction: float = Field(
+        default=0.01,
+        ge=0,
+        lt=0.5,
+        description="scale-blind path: the final scale is the largest that pushes at most this share "
+        "of the pixels outside [0, 1]",
+    )
 
 
 class GradInversionParams(InvertingGradientsParams):

@@ -19,8 +19,9 @@ from torch.func import functional_call, grad
 
 from kernels import gradient_matching_loss, pack_targets, total_variation
 from service.attacks.base import AttackProblem, AttackResult, Control, GradientTransform, layer_weights
+from service.attacks.bn_invariance import scale_invariant
 from service.attacks.conv_grads import ConvTaps
-from service.attacks.optimize import Objective, batched, optimise
+from service.attacks.optimize import FixedScale, Objective, batched, optimise
 from service.errors import SpecError
 from service.specs import GradInversionParams, InvertingGradientsParams, Knowledge
 
@@ -262,6 +263,17 @@ def points_objective(problems: list[AttackProblem], params: InvertingGradientsPa
     return objective
 
 
+def fixed_scale_for(problem: AttackProblem, params: InvertingGradientsParams) -> FixedScale | None:
+    """The scale-blind path's settings when the spec allows it and the client's gradient is
+    blind to the images' scale (service/attacks/bn_invariance.py), else None. The check's probe
+    images come from a fixed seed of their own, so the attack's random draws stay as they were."""
+    if params.scale_invariance == "off":
+        return None
+    if not scale_invariant(problem, attack_model(problem), torch.Generator().manual_seed(0)):
+        return None
+    return FixedScale(rms=params.scale_rms, clip_fraction=params.clip_fraction)
+
+
 class InvertingGradients:
     name: ClassVar[str] = "inverting_gradients"
     required_knowledge: ClassVar[Knowledge] = InvertingGradientsParams.required_knowledge
@@ -277,7 +289,9 @@ class InvertingGradients:
         control: Control,
         generator: torch.Generator,
     ) -> AttackResult:
-        return optimise(problem, params, control, generator, inverting_objective(problem, params, control))
+        fixed = fixed_scale_for(problem, params)  # before the objective installs its taps
+        objective = inverting_objective(problem, params, control)
+        return optimise(problem, params, control, generator, objective, fixed_scale=fixed)
 
 
 class GradInversion:
@@ -300,9 +314,14 @@ class GradInversion:
             raise SpecError(
                 "gradinversion needs a model with batch-norm layers and the client's BN statistics"
             )
+        # the client's BN statistics pin the scale (the first BN's input statistics scale with the
+        # images), so the scale-blind path is for a run without that prior only
+        fixed = fixed_scale_for(problem, params) if params.bn_weight == 0 else None
         objective = inverting_objective(
             problem, params, control, bn_weight=params.bn_weight, group_weight=params.group_weight
         )
-        result = optimise(problem, params, control, generator, objective, group_size=params.group_size)
+        result = optimise(
+            problem, params, control, generator, objective, group_size=params.group_size, fixed_scale=fixed
+        )
         result.details["bn_statistics"] = problem.bn_source
         return result

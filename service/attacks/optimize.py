@@ -23,10 +23,20 @@ from service.attacks.base import (
     lr_factor,
     random_images,
 )
+from service.attacks.bn_invariance import choose_scale, fix_scale
 from service.specs import InvertingGradientsParams
 
 # objective(images (N,C,H,W), label_logits_or_labels, aux (per restart)) -> scalar loss
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class FixedScale:
+    """The scale-blind path: iterates kept at root-mean-square `rms` (normalised space), the final
+    scale the largest that clips at most `clip_fraction` of the pixels."""
+
+    rms: float
+    clip_fraction: float
 
 
 @dataclass
@@ -56,7 +66,11 @@ def optimise(
     objective: Objective,
     group_size: int = 1,
     init: OptimState | None = None,
+    fixed_scale: FixedScale | None = None,
 ) -> AttackResult:
+    """`fixed_scale`: the gradient is blind to the images' scale (train-mode BN after the first
+    convolution, service/attacks/bn_invariance.py); every iterate is kept at one RMS and the
+    winner's scale is chosen from the valid pixel range at the end."""
     restarts = control.budget.restarts
     state = init if init is not None else initial_state(problem, params, restarts, generator)
     step_fn = _batched_step(objective, state.joint_labels) if batched(control) else _single_step(objective)
@@ -67,8 +81,8 @@ def optimise(
     def report(iteration: int, best_loss: torch.Tensor) -> None:
         control.report(iteration, float(best_loss.min()))
 
-    run = _loop(problem, params, control, state, step_fn, aux, report)
-    return _result(problem, control, state, run, slice(0, restarts))
+    run = _loop(problem, params, control, state, step_fn, aux, report, fixed_scale)
+    return _result(problem, control, state, run, slice(0, restarts), fixed_scale)
 
 
 @dataclass
@@ -88,8 +102,11 @@ def _loop(
     step_fn: Step,
     aux_of: Callable[[torch.Tensor], torch.Tensor],
     report: Callable[[int, torch.Tensor], None],
+    fixed_scale: FixedScale | None = None,
 ) -> _Run:
     restarts = state.images.shape[0]
+    if fixed_scale is not None:
+        state.images = fix_scale(state.images, fixed_scale.rms)
     lo, hi = problem.pixel_bounds()
     coarse = params.coarse_fraction > 0
     if coarse:  # coarse-to-fine: start in (and step within) the block-constant images
@@ -134,8 +151,10 @@ def _loop(
         for var, step in zip(variables, grads, strict=True):
             var.grad = step.sign() if (params.signed and var is state.images) else step
         opt.step()
-        if params.boxed:
-            with torch.no_grad():
+        with torch.no_grad():
+            if fixed_scale is not None:
+                state.images.data = fix_scale(state.images, fixed_scale.rms)
+            if params.boxed:
                 state.images.data = torch.maximum(torch.minimum(state.images, hi), lo)
 
         iteration += 1
@@ -145,7 +164,12 @@ def _loop(
 
 
 def _result(
-    problem: AttackProblem, control: Control, state: OptimState, run: _Run, restarts: slice
+    problem: AttackProblem,
+    control: Control,
+    state: OptimState,
+    run: _Run,
+    restarts: slice,
+    fixed_scale: FixedScale | None = None,
 ) -> AttackResult:
     """The result of the restarts `restarts` of a run: the best of them by its own loss."""
     best_loss = run.best_loss[restarts]
@@ -153,8 +177,19 @@ def _result(
     labels = run.best_labels[restarts][winner]
     if state.joint_labels:
         labels = labels.argmax(-1)
+    images = run.best_images[restarts][winner]
+    details: dict[str, object] = {"best_restart": winner, "joint_labels": state.joint_labels}
+    if fixed_scale is not None:
+        lo, hi = problem.pixel_bounds()
+        scale = choose_scale(images, lo, hi, fixed_scale.clip_fraction)
+        images = images * scale
+        details["scale_invariance"] = {
+            "rms": fixed_scale.rms,
+            "clip_fraction": fixed_scale.clip_fraction,
+            "scale": scale,
+        }
     return AttackResult(
-        images=problem.denormalize(run.best_images[restarts][winner]),
+        images=problem.denormalize(images),
         labels=labels.long(),
         loss_history=[min(h[restarts]) for h in run.history],
         best_loss=float(best_loss[winner]),
@@ -162,7 +197,7 @@ def _result(
         restart_losses=[float(v) for v in best_loss],
         stopped_early=control.stop_reason == "stopped",
         stop_reason=control.stop_reason,
-        details={"best_restart": winner, "joint_labels": state.joint_labels},
+        details=details,
     )
 
 

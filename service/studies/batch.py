@@ -154,8 +154,12 @@ def _run_all(
 def _share_a_computation(entries: list[tuple[Any, Any, Any, Any]]) -> bool:
     import torch
 
+    from service.attacks.inverting import fixed_scale_for
+
     first, params = entries[0][0], entries[0][1]
     if params.name not in BATCHED_ATTACKS:
+        return False
+    if fixed_scale_for(first, params) is not None:  # the scale-blind path runs each point alone
         return False
     for problem, p, control, _ in entries:
         same = (

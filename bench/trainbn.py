@@ -1,0 +1,215 @@
+"""Train-mode BN benchmark: ResNet-18 clients that normalise with their own batch statistics.
+
+ResNet-18 (CIFAR stem), 32x32, untrained (init seed 0), FedSGD, labels known, the client's BN in
+train mode. Each case runs the default attack twice at the same iteration count, in one
+benchmark: `before` with the scale-blind path off (`scale_invariance: off`, the attack as it
+was), `after` with the default (`auto`, which picks the path for these clients). Images: the
+tuning photos (astronaut, coffee, chelsea, rocket), on which the path's settings were chosen,
+and held-out ones no setting was chosen on (faces, a grayscale photo, scientific RGB images).
+
+  python -m bench.trainbn --iterations 1500 --seeds 0,1 --parallel 2
+
+Every run is its own subprocess; `--parallel` runs that many at once (the machine is shared, so
+per-iteration times are noisy; the comparison is iteration-matched). Writes
+bench/results/attacks-cpu-trainbn.json with the machine, the load, every run and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.attacks import machine, quality_fields, run_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+TUNING = ["astronaut", "coffee", "chelsea", "rocket"]
+HELD_OUT = [
+    "face00",
+    "face07",
+    "camera",
+    "immunohistochemistry",
+    "retina",
+    "face21",
+    "hubble_deep_field",
+    "face42",
+]
+LABELS = [1, 3, 5, 8]
+CONFIGS: dict[str, dict[str, Any]] = {
+    "before": {"name": "inverting_gradients", "scale_invariance": "off"},
+    "after": {"name": "inverting_gradients"},
+}
+
+
+def spec_for(images: list[str], config: str, iterations: int, seed: int) -> Any:
+    from service.specs import JobSpec
+
+    labels = LABELS[: len(images)]
+    return JobSpec.model_validate(
+        {
+            "model": {"arch": "resnet18", "knobs": {"stem": "cifar"}, "init_seed": 0},
+            "update": {
+                "simulate": {"images": images, "labels": labels, "training": {"bn_mode": "train"}},
+                "client": {"bn_mode": "train"},
+            },
+            "data": {"shape": [3, 32, 32], "num_classes": 10, "normalization": "cifar10", "labels": labels},
+            "knowledge": 1,
+            "attack": CONFIGS[config],
+            "budget": {"iterations": iterations, "restarts": 1},
+            "seed": seed,
+        }
+    )
+
+
+def run_one(images: list[str], config: str, iterations: int, seed: int) -> dict[str, Any]:
+    spec = spec_for(images, config, iterations, seed)
+    manifest = run_spec(spec, f"trainbn-{config}-{'-'.join(images)}-{seed}")
+    a = manifest["attack"]
+    return {
+        "images": images,
+        "config": config,
+        "seed": seed,
+        "iterations": a["iterations"],
+        "attack_s": manifest["timings"]["attack_s"],
+        "s_per_iteration": manifest["timings"]["attack_s"] / max(a["iterations"], 1),
+        "scale_invariance": a["details"].get("scale_invariance"),
+        **quality_fields(manifest),
+        "load_average_after": list(os.getloadavg()),
+    }
+
+
+def subprocess_run(images: list[str], config: str, iterations: int, seed: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.trainbn", "one", ",".join(images), config, str(iterations), str(seed)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians and means of mean PSNR per (batch, image set, config), and after - before per run."""
+    out: dict[str, Any] = {}
+    groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((len(r["images"]), r["set"], r["config"]), []).append(r)
+    for (n, image_set, config), rs in sorted(groups.items()):
+        psnrs = [r["psnr_mean"] for r in rs]
+        out[f"b{n}/{image_set}/{config}"] = {
+            "runs": len(rs),
+            "psnr_mean_median": statistics.median(psnrs),
+            "psnr_mean_mean": statistics.fmean(psnrs),
+            "ssim_mean_median": statistics.median(r["ssim_mean"] for r in rs),
+            "iterations": sorted({r["iterations"] for r in rs}),
+        }
+    for key in list(out):
+        if key.endswith("/after"):
+            before = out.get(key.replace("/after", "/before"))
+            if before:
+                out[key]["gain_db_median"] = out[key]["psnr_mean_median"] - before["psnr_mean_median"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "one"])
+    ap.add_argument("args", nargs="*")
+    ap.add_argument("--iterations", type=int, default=1500)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--batch1-tuning", default=",".join(TUNING[:2]))
+    ap.add_argument("--batch1-held-out", default=",".join(HELD_OUT[:2]))
+    ap.add_argument("--batch4-tuning", default=",".join(TUNING))
+    ap.add_argument("--batch4-held-out", default=",".join(HELD_OUT[:4]))
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="before, after or both")
+    ap.add_argument(
+        "--append", action="store_true", help="keep the runs already in --out (another day's load)"
+    )
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument(
+        "--from-logs",
+        default=None,
+        help="comma-separated stderr logs of earlier runs (one JSON run per line): build the report "
+        "from them instead of running",
+    )
+    ap.add_argument("--note", default="", help="free text kept in the report (how the runs were made)")
+    ap.add_argument("--extra", type=Path, default=None, help="a JSON object merged into the report")
+    ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu-trainbn.json")
+    a = ap.parse_args()
+    if a.mode == "one":
+        images, config, its, seed = a.args
+        print(json.dumps(run_one(images.split(","), config, int(its), int(seed))))
+        return
+
+    plan: list[tuple[str, list[str]]] = []
+    for image_set, names in (("tuning", a.batch1_tuning), ("held_out", a.batch1_held_out)):
+        plan += [(image_set, [name]) for name in names.split(",") if name]
+    for image_set, names in (("tuning", a.batch4_tuning), ("held_out", a.batch4_held_out)):
+        if names:
+            plan.append((image_set, names.split(",")))
+    jobs = [
+        (s, imgs, c, seed)
+        for s, imgs in plan
+        for seed in map(int, a.seeds.split(","))
+        for c in a.configs.split(",")
+    ]
+    started = time.time()
+    load_before = list(os.getloadavg())
+
+    def work(job: tuple[str, list[str], str, int]) -> dict[str, Any]:
+        image_set, images, config, seed = job
+        r = subprocess_run(images, config, a.iterations, seed)
+        r["set"] = image_set
+        print(json.dumps(r), file=sys.stderr, flush=True)
+        return r
+
+    if a.from_logs:
+        rows = [
+            json.loads(line)
+            for log in a.from_logs.split(",")
+            for line in Path(log).read_text().splitlines()
+            if line.startswith("{")
+        ]
+    else:
+        with ThreadPoolExecutor(max_workers=a.parallel) as pool:
+            rows = list(pool.map(work, jobs))
+    for r in rows if not a.from_logs else []:  # runs from logs: the report's note says how
+        r.setdefault("command", "python -m bench.trainbn " + " ".join(sys.argv[1:]))
+    commands = ["python -m bench.trainbn " + " ".join(sys.argv[1:])]
+    if a.append and a.out.exists():
+        old = json.loads(a.out.read_text())
+        rows = old["runs"] + rows
+        commands = old["commands"] + commands
+    report = {
+        "machine": {
+            **machine(),
+            "note": "a 2-core machine shared with other work; wall-clock figures are noisy",
+        },
+        "load_average_before": load_before,
+        "load_average_after": list(os.getloadavg()),
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_s": time.time() - started,
+        "case": "ResNet-18 (CIFAR stem), 32x32, untrained, FedSGD, labels known, client BN in train mode",
+        "configs": CONFIGS,
+        "iterations": sorted({r["iterations"] for r in rows}),
+        "parallel_runs": None if a.from_logs else a.parallel,
+        "tuning_images": TUNING,
+        "commands": commands,
+        "note": a.note,
+        "summary": summarise(rows),
+        "runs": rows,
+    }
+    if a.extra is not None:
+        report.update(json.loads(a.extra.read_text()))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
