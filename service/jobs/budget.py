@@ -242,7 +242,8 @@ def attack_images(spec: JobSpec, num_images: int | None = None) -> tuple[int, bo
     if spec.attack.name in ("fedavg_unroll", "gias", "ggl") and spec.update.kind != "gradient":
         # the client's local epochs are replayed differentiably: every step's graph is kept
         # (the FedAvg-aware attack's search: its longest hypothesis)
-        epochs = unrolled_epochs(spec) if spec.attack.name == "fedavg_unroll" else spec.update.client.local_epochs
+        fedavg = spec.attack.name == "fedavg_unroll"
+        epochs = unrolled_epochs(spec) if fedavg else spec.update.client.local_epochs
         unrolled = max(1, epochs or 1)
     batch = spec.budget.restarts
     if spec.attack.name == "ggl" and getattr(spec.attack, "optimizer", None) == "cma":
