@@ -66,6 +66,7 @@ class AttackProblem:
         chosen = set(self.match_names)
         pairs = [(n, t) for n, t in zip(self.param_names, self.target, strict=True) if n in chosen]
         return [n for n, _ in pairs], [t for _, t in pairs]
+
     # the shared update is update_scale times the target (lr x steps for a weight change turned
     # into a pseudo-gradient; 1 for a gradient or an unrolled delta); None when unknown
     update_scale: float | None = 1.0
