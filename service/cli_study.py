@@ -55,6 +55,13 @@ def run(
     out: Annotated[Path, typer.Option(help="output directory (also holds the study records)")] = Path("runs"),
     device: Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when available")] = None,
     save_spec: Annotated[Path | None, typer.Option(help="also write the study spec as YAML")] = None,
+    generator: Annotated[
+        str | None,
+        typer.Option(
+            help="a preset's generator file for its latent-space attacks "
+            "(ood: default the repository's faces generator)"
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the study's manifest JSON on stdout")
     ] = False,
@@ -69,7 +76,7 @@ def run(
                 raise fail("--resume takes no spec file or preset: the study has its spec")
             study_id = _reclaim(state, resume)
         else:
-            spec = _load(spec_file, preset, scale)
+            spec = _load(spec_file, preset, scale, generator)
             if save_spec is not None:
                 save_spec.write_text(spec.to_yaml())
             study_id = _create(state, out, spec)
@@ -107,7 +114,7 @@ def _open(out: Path) -> Any:
     return SQLiteStateStore(out / DB_NAME)
 
 
-def _load(spec_file: Path | None, preset: str | None, scale: str) -> Any:
+def _load(spec_file: Path | None, preset: str | None, scale: str, generator: str | None = None) -> Any:
     from service.cli import fail
     from service.studies.presets import SCALES
     from service.studies.presets import preset as build_preset
@@ -118,7 +125,9 @@ def _load(spec_file: Path | None, preset: str | None, scale: str) -> Any:
     if scale not in SCALES:
         raise fail(f"--scale is one of {', '.join(SCALES)}; got {scale!r}")
     if preset is not None:
-        return build_preset(preset, scale)  # type: ignore[arg-type]
+        return build_preset(preset, scale, generator)  # type: ignore[arg-type]
+    if generator is not None:
+        raise fail("--generator is for a preset; a spec file names its generator in attack.generator")
     assert spec_file is not None
     return StudySpec.from_file(spec_file)
 

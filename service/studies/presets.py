@@ -36,10 +36,15 @@ class Preset:
     name: str
     reproduces: str
     description: str
-    build: Callable[[Scale], dict[str, Any]]
+    build: Callable[..., dict[str, Any]]
+    takes_generator: bool = False  # its latent-space attacks' generator may be given (ood)
 
-    def spec(self, scale: Scale) -> StudySpec:
-        return StudySpec.model_validate(self.build(scale))
+    def spec(self, scale: Scale, generator: str | None = None) -> StudySpec:
+        if generator is None:
+            return StudySpec.model_validate(self.build(scale))
+        if not self.takes_generator:
+            raise SpecError(f"the {self.name} preset runs no latent-space attack: it takes no generator")
+        return StudySpec.model_validate(self.build(scale, generator=generator))
 
 
 def _pick(scale: Scale, quick: Any, paper: Any) -> Any:
@@ -334,19 +339,20 @@ def faces_generator() -> str:
             f"the ood preset needs the faces generator {FACES_GENERATOR}, which ships with the "
             "repository's bench/results/ and not with an installed package. Train one on faces "
             "face00..face59 saved as 32x32 PNGs in a folder FACES_00_59 (see bench/generative.py): "
-            f"`{FACES_GENERATOR_TRAIN}`; or write the preset's spec with `gradleak study run --preset "
-            "ood --save-spec ood.yaml` from a checkout, set attack.generator in the gias axis value to "
-            "your generator's path, and run `gradleak study run ood.yaml`"
+            f"`{FACES_GENERATOR_TRAIN}`, and give it with `gradleak study run --preset ood "
+            "--generator DIR/generator.safetensors` (any 32x32 generator file: it sets attack.generator "
+            "of the gias points)"
         )
     return str(FACES_GENERATOR)
 
 
-def ood(scale: Scale) -> dict[str, Any]:
+def ood(scale: Scale, generator: str | None = None) -> dict[str, Any]:
     """A faces generator's attack (GIAS, knowledge level 2) on faces it never saw against images
     of other sets, with Inverting Gradients (GIA-O) on the same images as the baseline (SoK
     Fig. 8): a ConvNet on 32x32 images, batch 1, labels known, both attacks given as many
     iterations. The generator was trained on face00..face59; the faces here are face60 onwards.
-    Each image is its own client (one point per image), its set the point's label."""
+    Each image is its own client (one point per image), its set the point's label. `generator`:
+    another generator file instead (the CLI's --generator)."""
     k = _pick(scale, 2, 4)
     sets = {
         "faces (held out)": [f"face{60 + i:02d}" for i in range(k)],
@@ -356,7 +362,7 @@ def ood(scale: Scale) -> dict[str, Any]:
     }
     images = [(name, image) for name, group in sets.items() for image in dict.fromkeys(group)]
     attacks = {
-        "gias (GIA-L)": {"name": "gias", "generator": faces_generator()},
+        "gias (GIA-L)": {"name": "gias", "generator": generator or faces_generator()},
         "inverting_gradients (GIA-O)": {"name": "inverting_gradients"},
     }
     job = _gradient_job(scale, [images[0][1]])
@@ -415,6 +421,7 @@ PRESETS: dict[str, Preset] = {
             "Fig. 8",
             "a faces generator's GIAS on held-out faces, textures, text, photos; Inverting Gradients too",
             ood,
+            takes_generator=True,
         ),
         Preset("rounds", "Fig. 10", "a federation's leakage and IGSA at later rounds", rounds),
         Preset(
@@ -424,7 +431,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def preset(name: str, scale: Scale = "quick") -> StudySpec:
+def preset(name: str, scale: Scale = "quick", generator: str | None = None) -> StudySpec:
     if name not in PRESETS:
         raise UnknownNameError("study preset", name, list(PRESETS))
-    return PRESETS[name].spec(scale)
+    return PRESETS[name].spec(scale, generator)
