@@ -34,8 +34,12 @@ def presets() -> None:
 
     typer.echo(f"{'preset':<16} {'SoK':<9} {'quick':>5} {'paper':>5}  what")
     for p in PRESETS.values():
-        quick, paper = p.spec("quick").count(), p.spec("paper").count()
-        typer.echo(f"{p.name:<16} {p.reproduces:<9} {quick:>5} {paper:>5}  {p.description}")
+        try:
+            quick, paper = str(p.spec("quick").count()), str(p.spec("paper").count())
+            what = p.description
+        except GradleakError:  # ood without its generator: running it says how to make one
+            quick, paper, what = "-", "-", f"{p.description} (needs a generator: run it for how)"
+        typer.echo(f"{p.name:<16} {p.reproduces:<9} {quick:>5} {paper:>5}  {what}")
 
 
 @study_app.command("run")
@@ -51,6 +55,13 @@ def run(
     out: Annotated[Path, typer.Option(help="output directory (also holds the study records)")] = Path("runs"),
     device: Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when available")] = None,
     save_spec: Annotated[Path | None, typer.Option(help="also write the study spec as YAML")] = None,
+    generator: Annotated[
+        str | None,
+        typer.Option(
+            help="a preset's generator file for its latent-space attacks "
+            "(ood: default the repository's faces generator)"
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the study's manifest JSON on stdout")
     ] = False,
@@ -65,10 +76,10 @@ def run(
                 raise fail("--resume takes no spec file or preset: the study has its spec")
             study_id = _reclaim(state, resume)
         else:
-            spec = _load(spec_file, preset, scale)
+            spec = _load(spec_file, preset, scale, generator)
             if save_spec is not None:
                 save_spec.write_text(spec.to_yaml())
-            study_id = _create(state, spec)
+            study_id = _create(state, out, spec)
         record = _run(state, out, study_id, device, show_bar=sys.stderr.isatty() and not as_json)
     except ValidationError as e:
         raise fail(_validation_message(e)) from None
@@ -103,7 +114,7 @@ def _open(out: Path) -> Any:
     return SQLiteStateStore(out / DB_NAME)
 
 
-def _load(spec_file: Path | None, preset: str | None, scale: str) -> Any:
+def _load(spec_file: Path | None, preset: str | None, scale: str, generator: str | None = None) -> Any:
     from service.cli import fail
     from service.studies.presets import SCALES
     from service.studies.presets import preset as build_preset
@@ -114,21 +125,68 @@ def _load(spec_file: Path | None, preset: str | None, scale: str) -> Any:
     if scale not in SCALES:
         raise fail(f"--scale is one of {', '.join(SCALES)}; got {scale!r}")
     if preset is not None:
-        return build_preset(preset, scale)  # type: ignore[arg-type]
+        return build_preset(preset, scale, generator)  # type: ignore[arg-type]
+    if generator is not None:
+        raise fail("--generator is for a preset; a spec file names its generator in attack.generator")
     assert spec_file is not None
     return StudySpec.from_file(spec_file)
 
 
-def _create(state: Any, spec: Any) -> str:
+def _create(state: Any, out: Path, spec: Any) -> str:
     from service.settings import get_settings
     from service.studies.submit import create_study
 
+    generators: dict[str, str] = {}  # local path -> the upload id its points use
+
     def check(point: Any) -> Any:
         point.check_knowledge()
-        return point
+        ref = getattr(point.attack, "generator", None)
+        if ref is None:
+            return point
+        if ref not in generators:
+            generators[ref] = _local_generator(state, out, ref)
+        attack = point.attack.model_copy(update={"generator": generators[ref]})
+        return point.model_copy(update={"attack": attack})
 
     record, _, _ = create_study(spec, TENANT, get_settings(), state, check=check)
     return record.id
+
+
+def _local_generator(state: Any, out: Path, ref: str) -> str:
+    """A latent-space attack's generator given as a local path, checked as the service checks an
+    upload and stored as one of the local tenant's, so that the study's points (which resolve
+    upload ids, as the service's workers do) find it; its id."""
+    import hashlib
+    import time
+
+    from service.jobs.records import UPLOAD_PREFIXES, UploadRecord, new_id
+    from service.jobs.uploads import check_generator_upload
+    from service.settings import get_settings
+    from service.storage import LocalStore
+
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise GradleakError(f"attack.generator: file not found: {path}")
+    data = path.read_bytes()
+    with path.open("rb") as f:
+        tensors, manifest, sha256 = check_generator_upload(f, len(data))
+    upload_id = new_id(UPLOAD_PREFIXES["generator"])
+    now = time.time()
+    record = UploadRecord(
+        id=upload_id,
+        tenant=TENANT,
+        kind="generator",
+        key=f"{TENANT}/uploads/{upload_id}/data.safetensors",
+        size=len(data),
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
+        metadata=manifest,
+        tensors=tensors,
+        created_at=now,
+        expires_at=now + get_settings().retention_hours * 3600.0,
+    )
+    LocalStore(out).put_bytes(record.key, data)
+    state.add_upload(record)
+    return upload_id
 
 
 def _reclaim(state: Any, study_id: str) -> str:

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from service.errors import UnknownNameError
+from service.errors import SpecError, UnknownNameError
 from service.studies.spec import StudySpec
 
 Scale = Literal["quick", "paper"]
 SCALES: tuple[Scale, ...] = ("quick", "paper")
+
+# The DCGAN generator trained by `gradleak generator train` on faces face00..face59 (32x32), as
+# the repository ships it; an installed wheel has no bench/ and so no generator.
+FACES_GENERATOR = (
+    Path(__file__).resolve().parents[2] / "bench" / "results" / "generative-gen-faces.safetensors"
+)
+FACES_GENERATOR_TRAIN = (
+    "gradleak generator train --data folder --path FACES_00_59 --steps 2535 --batch-size 32 "
+    "--width 16 --ema 0.99 --out DIR"
+)
 
 NATURAL = ["astronaut", "coffee", "chelsea", "camera", "clock", "coins", "rocket", "motorcycle_left"]
 
@@ -25,10 +36,15 @@ class Preset:
     name: str
     reproduces: str
     description: str
-    build: Callable[[Scale], dict[str, Any]]
+    build: Callable[..., dict[str, Any]]
+    takes_generator: bool = False  # its latent-space attacks' generator may be given (ood)
 
-    def spec(self, scale: Scale) -> StudySpec:
-        return StudySpec.model_validate(self.build(scale))
+    def spec(self, scale: Scale, generator: str | None = None) -> StudySpec:
+        if generator is None:
+            return StudySpec.model_validate(self.build(scale))
+        if not self.takes_generator:
+            raise SpecError(f"the {self.name} preset runs no latent-space attack: it takes no generator")
+        return StudySpec.model_validate(self.build(scale, generator=generator))
 
 
 def _pick(scale: Scale, quick: Any, paper: Any) -> Any:
@@ -316,6 +332,60 @@ def privacy_utility(scale: Scale) -> dict[str, Any]:
     }
 
 
+def faces_generator() -> str:
+    """The committed faces generator's path, or a SpecError that says how to make one."""
+    if not FACES_GENERATOR.is_file():
+        raise SpecError(
+            f"the ood preset needs the faces generator {FACES_GENERATOR}, which ships with the "
+            "repository's bench/results/ and not with an installed package. Train one on faces "
+            "face00..face59 saved as 32x32 PNGs in a folder FACES_00_59 (see bench/generative.py): "
+            f"`{FACES_GENERATOR_TRAIN}`, and give it with `gradleak study run --preset ood "
+            "--generator DIR/generator.safetensors` (any 32x32 generator file: it sets attack.generator "
+            "of the gias points)"
+        )
+    return str(FACES_GENERATOR)
+
+
+def ood(scale: Scale, generator: str | None = None) -> dict[str, Any]:
+    """A faces generator's attack (GIAS, knowledge level 2) on faces it never saw against images
+    of other sets, with Inverting Gradients (GIA-O) on the same images as the baseline (SoK
+    Fig. 8): a ConvNet on 32x32 images, batch 1, labels known, both attacks given as many
+    iterations. The generator was trained on face00..face59; the faces here are face60 onwards.
+    Each image is its own client (one point per image), its set the point's label. `generator`:
+    another generator file instead (the CLI's --generator)."""
+    k = _pick(scale, 2, 4)
+    sets = {
+        "faces (held out)": [f"face{60 + i:02d}" for i in range(k)],
+        "textures": ["brick", "grass", "gravel", "brick"][:k],
+        "text": ["text", "page", "text", "page"][:k],
+        "photos": NATURAL[:k],
+    }
+    images = [(name, image) for name, group in sets.items() for image in dict.fromkeys(group)]
+    attacks = {
+        "gias (GIA-L)": {"name": "gias", "generator": generator or faces_generator()},
+        "inverting_gradients (GIA-O)": {"name": "inverting_gradients"},
+    }
+    job = _gradient_job(scale, [images[0][1]])
+    job["data"] = {"shape": [3, 32, 32], "num_classes": 10, "labels": [0]}
+    job["knowledge"] = 2  # the client's data distribution: the generator
+    job["budget"] = {"iterations": _pick(scale, 300, 4000)}
+    return {
+        "title": "Out of the generator's distribution: a faces generator on faces, textures, text, "
+        "photos (SoK Fig. 8)",
+        "job": job,
+        "axes": [
+            {
+                "path": "update.simulate.images",
+                "name": "images",
+                "values": [[image] for _, image in images],
+                "labels": [name for name, _ in images],
+            },
+            {"path": "attack", "name": "attack", "values": list(attacks.values()), "labels": list(attacks)},
+        ],
+        "seeds": _pick(scale, [0], [0, 1, 2]),
+    }
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -346,6 +416,13 @@ PRESETS: dict[str, Preset] = {
             "GoogLeNet and Inception v3: the full gradient against one inception block's",
             nin_blocks,
         ),
+        Preset(
+            "ood",
+            "Fig. 8",
+            "a faces generator's GIAS on held-out faces, textures, text, photos; Inverting Gradients too",
+            ood,
+            takes_generator=True,
+        ),
         Preset("rounds", "Fig. 10", "a federation's leakage and IGSA at later rounds", rounds),
         Preset(
             "privacy-utility", "Fig. 15", "each defense's audit PSNR against its accuracy", privacy_utility
@@ -354,7 +431,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def preset(name: str, scale: Scale = "quick") -> StudySpec:
+def preset(name: str, scale: Scale = "quick", generator: str | None = None) -> StudySpec:
     if name not in PRESETS:
         raise UnknownNameError("study preset", name, list(PRESETS))
-    return PRESETS[name].spec(scale)
+    return PRESETS[name].spec(scale, generator)
