@@ -6,6 +6,7 @@ initialises deterministically from the spec's seed and loads the weights the ser
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from service.errors import SpecError
 from service.registry import Registry
 from service.specs import DataSpec, ModelSpec
 from service.tensorio import STATE_DTYPES, load_safetensors, match_state
+
+_BUILD_LOCK = threading.Lock()  # see build_model
 
 KnobType = Literal["int", "float", "bool", "str", "list[int]", "int|str"]
 Builder = Callable[..., nn.Module]  # builder(num_classes, image_shape, **knobs) -> nn.Module
@@ -180,8 +183,10 @@ def _registered(spec: ModelSpec, data: DataSpec, resolve: Callable[[str], bytes]
         raise SpecError(f"model.init_seed {spec.init_seed} is outside {_SEED_MIN}..{_SEED_MAX}")
 
     # Builders (torchvision's included) draw from the global CPU generator; fork it so that the
-    # weights depend on the seed alone and the caller's RNG state is not disturbed.
-    with torch.random.fork_rng(devices=[]):
+    # weights depend on the seed alone and the caller's RNG state is not disturbed. The generator
+    # is process-wide: builds in concurrent threads (a batched study's points) take turns, or
+    # their draws would interleave and a model would not be the one its seed names.
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(spec.init_seed)
         return entry.builder(data.num_classes, data.shape, **knobs)
 
