@@ -19,7 +19,7 @@ from api import errors
 from api.errors import PROBLEM_JSON
 from api.middleware import BodyLimit, BodyLimitMiddleware, RequestContextMiddleware
 from api.observability import Metrics
-from api.routes import catalog, federations, health, jobs, studies, uploads
+from api.routes import catalog, federations, health, jobs, studies, trainings, uploads
 from api.runtime import QueueFactory, Runtime, auth_enabled, default_queue
 from api.schemas import Problem
 from service import __version__
@@ -88,7 +88,7 @@ def create_app(
     )
     metrics = Metrics(lambda: getattr(getattr(app.state, "runtime", None), "state", None))
     errors.install(app)
-    for module in (uploads, jobs, federations, studies, catalog):
+    for module in (uploads, jobs, federations, studies, trainings, catalog):
         app.include_router(module.router, responses={"default": PROBLEM_RESPONSE})
     app.include_router(health.router, responses={"default": PROBLEM_RESPONSE})
 

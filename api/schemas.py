@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.federations.spec import FederationSpec
 from service.generators.manifest import GeneratorManifest
+from service.generators.spec import GeneratorTrainingSpec
 from service.jobs.records import JobRecord, JobStatus, UploadRecord
 from service.jobs.uploads import (
     GeneratorUpload,
@@ -66,6 +67,9 @@ class GroundTruthInfo(Output):
     num_images: int
     image_shape: tuple[int, int, int]
     has_labels: bool
+    purpose: Literal["scoring", "image_set"] = Field(
+        default="scoring", description="scoring: a client's batch; image_set: proxy data or training images"
+    )
 
 
 class GroundTruthOut(UploadOut):
@@ -292,6 +296,37 @@ def federation_out(job: JobRecord) -> FederationOut:
 
 class FederationList(Output):
     items: list[FederationOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page; null at the end")
+
+
+class GeneratorTrainingCreate(Input):
+    spec: GeneratorTrainingSpec
+
+
+class GeneratorTrainingOut(RunOut):
+    generator_id: str | None = Field(
+        description="when it succeeded: the generator upload (gen_...) it made, for gias/ggl jobs"
+    )
+    result: dict[str, Any] | None = Field(
+        description="the summary without the spec: steps done and requested, how it ended (all steps, "
+        "time limit, cancelled), the generator's manifest, images, timings, device, versions"
+    )
+    spec: GeneratorTrainingSpec
+
+
+def training_out(job: JobRecord) -> GeneratorTrainingOut:
+    manifest = job.manifest
+    result = None if manifest is None else {k: v for k, v in manifest.items() if k != "spec"}
+    return GeneratorTrainingOut(
+        **_run_fields(job, f"/v1/generator-trainings/{job.id}"),
+        generator_id=None if manifest is None else manifest.get("generator_id"),
+        result=result,
+        spec=GeneratorTrainingSpec.model_validate_json(job.spec_json),
+    )
+
+
+class GeneratorTrainingList(Output):
+    items: list[GeneratorTrainingOut]
     next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page; null at the end")
 
 

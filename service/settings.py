@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     max_study_points: int = 500
     max_study_time_limit_s: float = 7 * 24 * 3600.0
     default_study_time_limit_s: float = 2 * 24 * 3600.0
+    # generator training runs (POST /v1/generator-trainings): wall-clock, and the images an
+    # uploaded image set may hold when it is meant for training (or as a verdict's proxy data)
+    max_training_time_limit_s: float = 24 * 3600.0
+    default_training_time_limit_s: float = 4 * 3600.0
+    max_image_set_images: int = Field(default=20_000, ge=1)
 
     # privacy: uploads, reconstructions and reports are private data
     retention_hours: float = 7 * 24.0

@@ -85,10 +85,11 @@ def _submit(
     return rt.state.create_job(job)
 
 
-def _replayed(rt: Runtime, tenant: str, key: str) -> bool:
-    """Whether a recent job has this Idempotency-Key: a retry of it makes no new job, so the quota
-    of waiting jobs does not apply (retries come soon after the first try, so recent jobs suffice)."""
-    return any(job.idempotency_key == key for job in rt.state.list_jobs(tenant, limit=200))
+def _replayed(rt: Runtime, tenant: str, key: str, kind: str = JOB_PREFIX) -> bool:
+    """Whether a recent run of `kind` (an id prefix) has this Idempotency-Key: a retry of it makes
+    no new run, so the quota of waiting jobs does not apply (retries come soon after the first
+    try, so recent runs suffice)."""
+    return any(job.idempotency_key == key for job in rt.state.list_jobs(tenant, limit=200, kind=kind))
 
 
 @router.post(

@@ -205,13 +205,19 @@ def upload_ground_truth(
     caller: CallerDep,
     response: Response,
     file: FileField,
-    metadata: Annotated[str | None, Form(description="JSON object; none needed (GroundTruthUpload)")] = None,
+    metadata: Annotated[
+        str | None, Form(description='JSON object; none needed, {"purpose": "image_set"} for an image set')
+    ] = None,
 ) -> UploadOut:
     """The client's own images (`images`, N x C x H x W in [0, 1]) and optional `labels` (N),
-    used only to score a reconstruction; attacks never see them."""
-    _metadata(GroundTruthUpload, metadata)
+    used only to score a reconstruction; attacks never see them. With metadata
+    `{"purpose": "image_set"}` it is instead a set of many images from the platform's own domain
+    (a verdict's proxy data, a generator training run's images), up to the server's
+    `max_image_set_images`."""
+    meta = _metadata(GroundTruthUpload, metadata)
     f, size = _spooled(file, rt, caller)
-    tensors, info, sha256 = check_ground_truth_upload(f, size, rt.limits)
+    many = rt.settings.max_image_set_images if meta.purpose == "image_set" else None
+    tensors, info, sha256 = check_ground_truth_upload(f, size, rt.limits, many)
     record = _store(rt, caller.tenant, "ground_truth", (f, size, sha256), info, tensors)
     return _created(response, "ground-truth", record)
 

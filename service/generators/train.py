@@ -73,8 +73,10 @@ class TrainConfig:
     max_images: int = 10_000
     per_class: int = 500  # patches: crops per photo
 
-    def check(self) -> None:
-        if self.data not in DATA_SOURCES:
+    def check(self, given_data: bool = False) -> None:
+        """Refuse a config no run can train; `given_data`: the images come with the call (the
+        service's uploaded image sets, `data` "upload"), not from `data`/`path`."""
+        if not given_data and self.data not in DATA_SOURCES:
             raise SpecError(f"unknown training data {self.data!r}; valid: {', '.join(DATA_SOURCES)}")
         if self.data in ("folder", "cifar10", "cifar100") and not self.path:
             raise SpecError(f"training data {self.data} needs a local path (--path)")
@@ -212,6 +214,7 @@ class TrainResult:
     cpu_s: float  # this invocation's process CPU time (all threads)
     total_cpu_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped: bool = False  # should_stop answered True before `steps` were reached
 
 
 class _Run:
@@ -403,10 +406,20 @@ def train_generator(
     device: str | None = None,
     time_limit_s: float | None = None,
     log: Callable[[str], None] = print,
+    data: TrainData | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train (or, with `resume`, continue training) until `config.steps` generator steps, or
     until this invocation has run `time_limit_s` seconds; checkpoint every `checkpoint_every`
-    steps and at the end; export the generator and its sample grid at every checkpoint."""
+    steps and at the end; export the generator and its sample grid at every checkpoint.
+
+    For the service's training job: `data` replaces the images `config` names (an uploaded image
+    set); `should_stop` is polled before every step and, when it answers True, the run
+    checkpoints and returns with `stopped` set; `on_log` gets each history row (with the rate in
+    steps/s and the ETA in seconds); `on_checkpoint(step)` is called after each checkpoint and
+    export is on disk."""
     out = Path(out)
     state_json: dict[str, Any] | None = None
     folder: Path | None = None
@@ -414,9 +427,9 @@ def train_generator(
         folder, state_json = read_checkpoint_state(resume)
         saved = TrainConfig(**state_json["config"])
         config = TrainConfig(**{**asdict(saved), "steps": config.steps})
-    config.check()
+    config.check(given_data=data is not None)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = training_data(config)
+    data = data if data is not None else training_data(config)
     if config.conditional and data.num_classes is None:
         raise SpecError(f"training data {config.data} has no labels: a conditional generator needs them")
     run = _Run(config, data, dev)
@@ -444,10 +457,17 @@ def train_generator(
     def checkpoint() -> None:
         run.save_checkpoint(out, elapsed(), cpu())
         export(run, out, elapsed())
+        if on_checkpoint is not None:
+            on_checkpoint(run.step)
 
+    stopped = False
     while run.step < config.steps:
         if time_limit_s is not None and time.monotonic() - start >= time_limit_s:
             log(f"time limit of {time_limit_s:g} s reached at step {run.step}")
+            break
+        if should_stop is not None and should_stop():
+            log(f"stopped at step {run.step}")
+            stopped = True
             break
         acc += run.train_step()
         count += 1
@@ -455,17 +475,18 @@ def train_generator(
             d_loss, g_loss, d_real, d_fake = acc / count
             rate = (run.step - first) / max(time.monotonic() - start, 1e-9)
             eta = (config.steps - run.step) / rate if rate > 0 else math.inf
-            run.history.append(
-                {
-                    "step": run.step,
-                    "d_loss": d_loss,
-                    "g_loss": g_loss,
-                    "d_real": d_real,
-                    "d_fake": d_fake,
-                    "elapsed_s": round(elapsed(), 2),
-                    "cpu_s": round(cpu(), 2),
-                }
-            )
+            row = {
+                "step": run.step,
+                "d_loss": d_loss,
+                "g_loss": g_loss,
+                "d_real": d_real,
+                "d_fake": d_fake,
+                "elapsed_s": round(elapsed(), 2),
+                "cpu_s": round(cpu(), 2),
+            }
+            run.history.append(row)
+            if on_log is not None:
+                on_log({**row, "steps_per_s": rate, "eta_s": eta})
             log(
                 f"step {run.step}/{config.steps}  d_loss {d_loss:.3f}  g_loss {g_loss:.3f}  "
                 f"D(real) {d_real:+.2f}  D(fake) {d_fake:+.2f}  {rate:.2f} steps/s  eta {_duration(eta)}"
@@ -486,6 +507,7 @@ def train_generator(
         time.process_time() - cpu_start,
         cpu(),
         run.history,
+        stopped,
     )
 
 

@@ -23,6 +23,7 @@ import urllib3.exceptions
 
 from service.errors import GradleakError, NotFoundError
 from service.federations.spec import FederationSpec
+from service.generators.spec import GeneratorTrainingSpec
 from service.jobs.records import RUNNABLE, JobError, JobProgress, JobRecord, JobStatus, error_code
 from service.jobs.state import StateStore
 from service.jobs.types import JobContext, JobResult, Progress
@@ -48,8 +49,8 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     urllib3.exceptions.HTTPError,
 )
 
-AnySpec = JobSpec | FederationSpec | StudyPlan
-# a job, federation or study spec; the runner dispatches on its type
+AnySpec = JobSpec | FederationSpec | StudyPlan | GeneratorTrainingSpec
+# a job, federation, study or generator training spec; the runner dispatches on its type
 Runner = Callable[[Any, JobContext], JobResult]
 
 _SMALLER = "lower the batch size or the image size, or use a worker with more memory"
@@ -158,7 +159,12 @@ def job_prefix(job: JobRecord) -> str:
     return f"{job.tenant}/{_FOLDERS[job.kind]}/{job.id}"
 
 
-_FOLDERS = {"job": "jobs", "federation": "federations", "study": "studies"}
+_FOLDERS = {
+    "job": "jobs",
+    "federation": "federations",
+    "study": "studies",
+    "generator_training": "generator-trainings",
+}
 
 
 def record_spec(job: JobRecord) -> AnySpec:
@@ -167,6 +173,8 @@ def record_spec(job: JobRecord) -> AnySpec:
         return StudyPlan.model_validate_json(job.spec_json)
     if job.kind == "federation":
         return FederationSpec.model_validate_json(job.spec_json)
+    if job.kind == "generator_training":
+        return GeneratorTrainingSpec.model_validate_json(job.spec_json)
     return JobSpec.model_validate_json(job.spec_json)
 
 
@@ -174,7 +182,9 @@ def time_limit(spec: AnySpec) -> float | None:
     """The wall-clock limit of a run: an attack's budget, or a whole federation's or study's."""
     if isinstance(spec, StudyPlan):
         return spec.study.time_limit_s
-    return spec.time_limit_s if isinstance(spec, FederationSpec) else spec.budget.time_limit_s
+    if isinstance(spec, FederationSpec | GeneratorTrainingSpec):
+        return spec.time_limit_s
+    return spec.budget.time_limit_s
 
 
 def execute_job(
@@ -215,6 +225,11 @@ def execute_job(
             device=device,
             lpips_weights_dir=lpips_weights_dir,
         )
+    if job.kind == "generator_training":
+        # A training run stores its generator as the tenant's upload when it succeeds.
+        from service.generators.job import training_runner
+
+        runner = training_runner(state, store, job.tenant, get_settings().retention_hours * 3600.0)
 
     stopper = stopper or Stopper()
     spec = record_spec(job)

@@ -34,7 +34,13 @@ log = logging.getLogger("gradleak.queue")
 ARQ_FUNCTION = "run_attack"
 ARQ_FEDERATION = "run_federation"  # the same work function, with a federation's longer timeout
 ARQ_STUDY = "run_study"  # the same again, with a study's timeout
-ARQ_FUNCTIONS = {"job": ARQ_FUNCTION, "federation": ARQ_FEDERATION, "study": ARQ_STUDY}
+ARQ_TRAINING = "run_generator_training"  # the same again, with a training run's timeout
+ARQ_FUNCTIONS = {
+    "job": ARQ_FUNCTION,
+    "federation": ARQ_FEDERATION,
+    "study": ARQ_STUDY,
+    "generator_training": ARQ_TRAINING,
+}
 ABORT_WAIT_S = 10.0
 
 

@@ -22,10 +22,11 @@ UPLOAD_PREFIXES: dict[str, str] = {"model": "mdl", "update": "upd", "ground_trut
 JOB_PREFIX = "job"
 FEDERATION_PREFIX = "fed"
 STUDY_PREFIX = "std"
+TRAINING_PREFIX = "gtr"  # a generator training run
 KEY_PREFIX = "key"
 
 # Ids sort by creation time: 12 hex digits of milliseconds, then 80 random bits.
-_ID_RE = re.compile(r"^(job|fed|std|mdl|upd|gt|gen|key)_[0-9a-f]{32}$")
+_ID_RE = re.compile(r"^(job|fed|std|gtr|mdl|upd|gt|gen|key)_[0-9a-f]{32}$")
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 LOCAL_TENANT = "local"
 
@@ -139,12 +140,18 @@ class JobRecord(Record):
     max_running_jobs: int | None = None
 
     @property
-    def kind(self) -> Literal["job", "federation", "study"]:
-        """What the record runs, told by its id: an attack job, a federation, or a study."""
+    def kind(self) -> RunKind:
+        """What the record runs, told by its id: an attack job, a federation, a study, or a
+        generator training run."""
         return _KINDS.get(self.id.split("_", 1)[0], "job")
 
 
-_KINDS: dict[str, Literal["federation", "study"]] = {FEDERATION_PREFIX: "federation", STUDY_PREFIX: "study"}
+RunKind = Literal["job", "federation", "study", "generator_training"]
+_KINDS: dict[str, RunKind] = {
+    FEDERATION_PREFIX: "federation",
+    STUDY_PREFIX: "study",
+    TRAINING_PREFIX: "generator_training",
+}
 
 
 class UploadRecord(Record):

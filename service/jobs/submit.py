@@ -14,10 +14,12 @@ import time
 
 from service.errors import NotFoundError, SpecError
 from service.federations.spec import FederationSpec
+from service.generators.spec import GeneratorTrainingSpec
 from service.jobs.budget import ProfileFn
 from service.jobs.records import (
     FEDERATION_PREFIX,
     JOB_PREFIX,
+    TRAINING_PREFIX,
     UPLOAD_PREFIXES,
     JobRecord,
     UploadRecord,
@@ -220,7 +222,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def new_job(
-    spec: JobSpec | FederationSpec,
+    spec: JobSpec | FederationSpec | GeneratorTrainingSpec,
     tenant: str,
     settings: Settings,
     *,
@@ -228,10 +230,16 @@ def new_job(
     request_hash: str | None = None,
     max_running_jobs: int | None = None,
 ) -> JobRecord:
-    """The stored record of a new job, or of a federation (id prefix fed_)."""
+    """The stored record of a new job, a federation (id prefix fed_) or a generator training
+    run (gtr_)."""
     now = time.time()
+    prefix = JOB_PREFIX
+    if isinstance(spec, FederationSpec):
+        prefix = FEDERATION_PREFIX
+    elif isinstance(spec, GeneratorTrainingSpec):
+        prefix = TRAINING_PREFIX
     return JobRecord(
-        id=new_id(FEDERATION_PREFIX if isinstance(spec, FederationSpec) else JOB_PREFIX),
+        id=new_id(prefix),
         tenant=tenant,
         spec_json=spec.to_json(),
         created_at=now,
@@ -241,3 +249,34 @@ def new_job(
         request_hash=request_hash,
         max_running_jobs=max_running_jobs,
     )
+
+
+def check_generator_training(
+    spec: GeneratorTrainingSpec, tenant: str, state: StateStore, settings: Settings
+) -> GeneratorTrainingSpec:
+    """Refuse a training run the worker would refuse, before it is queued: an image set that is not
+    the tenant's ground-truth upload, a conditional generator without labels, a time limit over
+    the server's. Return the spec with the server's default time limit filled in."""
+    data = spec.data
+    if spec.conditional and data.source == "faces":
+        raise SpecError(
+            "the shipped faces have no labels: a conditional generator needs data.source 'patches' "
+            "or a labelled image set"
+        )
+    if data.images is not None:
+        upload = get_upload_of_kind(state, tenant, data.images, "ground_truth", "data.images")
+        if spec.conditional and not upload.metadata.get("has_labels"):
+            raise SpecError(
+                f"data.images {data.images} has no labels: a conditional generator needs them "
+                "(upload the set with a 'labels' tensor), or set conditional false"
+            )
+    limit = spec.time_limit_s
+    if limit is None:
+        limit = min(settings.default_training_time_limit_s, settings.max_training_time_limit_s)
+        return spec.model_copy(update={"time_limit_s": limit})
+    if limit > settings.max_training_time_limit_s:
+        raise SpecError(
+            f"time_limit_s is {limit:g} s; this server's limit is {settings.max_training_time_limit_s:g} s "
+            "per training run"
+        )
+    return spec

@@ -148,7 +148,15 @@ class UpdateUpload(UploadMeta):
 
 
 class GroundTruthUpload(UploadMeta):
-    """No metadata is needed: the file holds `images` (N, C, H, W) in [0, 1] and optional `labels` (N,)."""
+    """No metadata is needed: the file holds `images` (N, C, H, W) in [0, 1] and optional `labels` (N,).
+    `purpose` "image_set" marks a set of many images (a verdict's proxy data, a generator's training
+    images), which may hold up to the server's `max_image_set_images` instead of a job's batch."""
+
+    purpose: Literal["scoring", "image_set"] = Field(
+        default="scoring",
+        description="scoring: a client's batch, scored against (at most a job's batch size); image_set: "
+        "many images from the platform's domain (proxy data, generator training)",
+    )
 
 
 class GeneratorUpload(UploadMeta):
@@ -302,9 +310,11 @@ def check_update_upload(
     return len(tensors), sha256
 
 
-def check_ground_truth_upload(f: BinaryIO, size: int, limits: Limits) -> tuple[int, dict[str, Any], str]:
+def check_ground_truth_upload(
+    f: BinaryIO, size: int, limits: Limits, max_images: int | None = None
+) -> tuple[int, dict[str, Any], str]:
     """Check the client's images and labels in one streamed pass; return the tensor count, what a
-    job needs to know, and the sha256."""
+    job needs to know, and the sha256. `max_images`: an image set's limit instead of a job's batch."""
     from service.tensorio import scan_safetensors
 
     out_of_range = False
@@ -328,7 +338,10 @@ def check_ground_truth_upload(f: BinaryIO, size: int, limits: Limits) -> tuple[i
     n, c, h, w = images.shape
     if not (8 <= h <= MAX_IMAGE_SIDE and 8 <= w <= MAX_IMAGE_SIDE):
         raise ArtifactError(f"ground truth images are {h}x{w}; image sides must lie in 8..{MAX_IMAGE_SIDE}")
-    limits.check_batch("the number of ground-truth images", int(n))
+    if max_images is None:
+        limits.check_batch("the number of ground-truth images", int(n))
+    elif n > max_images:
+        raise ArtifactError(f"the image set holds {n} images; this server's limit is {max_images}")
     if n == 0 or out_of_range:
         raise ArtifactError("ground truth 'images' must hold at least one image, with values in [0, 1]")
     labels = tensors.get("labels")
@@ -341,7 +354,12 @@ def check_ground_truth_upload(f: BinaryIO, size: int, limits: Limits) -> tuple[i
         raise ArtifactError(
             f"ground truth holds 'images' and 'labels' only; unexpected: {', '.join(unexpected)}"
         )
-    info = {"num_images": int(n), "image_shape": [int(c), int(h), int(w)], "has_labels": labels is not None}
+    info = {
+        "num_images": int(n),
+        "image_shape": [int(c), int(h), int(w)],
+        "has_labels": labels is not None,
+        "purpose": "scoring" if max_images is None else "image_set",
+    }
     return len(tensors), info, sha256
 
 

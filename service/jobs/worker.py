@@ -40,6 +40,7 @@ from service.jobs.queue import (
     ARQ_FEDERATION,
     ARQ_FUNCTION,
     ARQ_STUDY,
+    ARQ_TRAINING,
     ArqQueue,
     json_deserializer,
     json_serializer,
@@ -160,6 +161,7 @@ def worker_settings(settings: Settings, runner: Runner | None = None) -> dict[st
                 (ARQ_FUNCTION, settings.max_time_limit_s),
                 (ARQ_FEDERATION, settings.max_federation_time_limit_s),
                 (ARQ_STUDY, settings.max_study_time_limit_s),
+                (ARQ_TRAINING, settings.max_training_time_limit_s),
             )
         ],
         "queue_name": settings.queue_name,

@@ -57,7 +57,12 @@ def test_update_and_ground_truth_uploads(client: TestClient) -> None:
     update = client.get(f"/v1/updates/{ids['update']}").json()
     assert update["metadata"]["model_id"] == ids["model"] and update["metadata"]["kind"] == "gradient"
     truth = client.get(f"/v1/ground-truth/{ids['truth']}").json()
-    assert truth["metadata"] == {"num_images": 1, "image_shape": [3, 16, 16], "has_labels": True}
+    assert truth["metadata"] == {
+        "num_images": 1,
+        "image_shape": [3, 16, 16],
+        "has_labels": True,
+        "purpose": "scoring",
+    }
     is_problem(client.get(f"/v1/updates/{ids['model']}"), 404)  # a model id is not an update id
 
 

@@ -55,3 +55,48 @@ def test_the_async_client(service: EmbeddedService, generator_file: Path) -> Non
 
     gen, listed = asyncio.run(run())
     assert gen.id in listed and gen.metadata.latent_dim == 4
+
+
+TRAINING = {"data": {"source": "faces"}, "steps": 3, "batch_size": 4, "width": 4, "latent_dim": 8}
+
+
+def test_a_generator_trained_on_the_service_is_the_callers_upload(client: gl.Client, tmp_path: Path) -> None:
+    run = client.generator_trainings.create(TRAINING)
+    assert isinstance(run, gl.GeneratorTraining) and run.id.startswith("gtr_")
+    run = client.generator_trainings.wait(run.id, timeout=120).raise_for_status()
+    assert run.generator_id is not None and run.progress is not None and run.progress.iteration == 3
+    gen = client.generators.get(run.generator_id)
+    assert gen.metadata.arch == "dcgan" and gen.metadata.trained_on == "faces" and gen.metadata.steps == 3
+    grid = client.generator_trainings.artifacts.download(run.id, "samples.png", tmp_path)
+    assert grid.read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(gl.APIStatusError) as info:
+        client.generator_trainings.create({**TRAINING, "conditional": True})
+    assert info.value.status == 422 and "labels" in str(info.value)
+
+
+def test_an_image_set_upload_goes_past_a_jobs_batch(client: gl.Client, tmp_path: Path) -> None:
+    from service.tensorio import save_safetensors
+
+    data = save_safetensors({"images": torch.rand(80, 3, 16, 16)})
+    with pytest.raises(gl.APIStatusError):
+        client.ground_truth.upload(data)
+    images = client.ground_truth.upload(data, image_set=True)
+    assert images.metadata.purpose == "image_set" and images.metadata.num_images == 80
+
+
+def test_the_cli_trains_a_generator_and_downloads_it(
+    live_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gradleak_client.cli import main
+    from service.generators import load_generator_file
+
+    url = ("--url", live_url)
+    out = tmp_path / "gen"
+    args = ("train-generator", "--steps", "2", "--batch-size", "4", "--width", "4", "--wait", "--no-progress")
+    assert main([*args, "-o", str(out), *url]) == 0
+    generator_id = capsys.readouterr().out.strip()
+    assert generator_id.startswith("gen_")
+    assert load_generator_file(out / "generator.safetensors").manifest.steps == 2
+    assert (out / "samples.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["train-generator", "--conditional", *url]) == 2  # the faces have no labels: a 422
+    assert "labels" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from gradleak_client._resources import (
     AsyncCatalogResource,
     AsyncFederations,
     AsyncGenerators,
+    AsyncGeneratorTrainings,
     AsyncGroundTruth,
     AsyncJobs,
     AsyncModels,
@@ -38,6 +39,7 @@ from gradleak_client._resources import (
     Federations,
     FileInput,
     Generators,
+    GeneratorTrainings,
     GroundTruth,
     Jobs,
     Models,
@@ -97,6 +99,7 @@ class Client(BaseClient):
         self.generators = Generators(self)
         self.jobs = Jobs(self)
         self.federations = Federations(self)
+        self.generator_trainings = GeneratorTrainings(self)
         self.studies = Studies(self)
         self.artifacts = Artifacts(self)
         self.catalog = CatalogResource(self)
@@ -281,6 +284,7 @@ class AsyncClient(BaseClient):
         self.generators = AsyncGenerators(self)
         self.jobs = AsyncJobs(self)
         self.federations = AsyncFederations(self)
+        self.generator_trainings = AsyncGeneratorTrainings(self)
         self.studies = AsyncStudies(self)
         self.artifacts = AsyncArtifacts(self)
         self.catalog = AsyncCatalogResource(self)

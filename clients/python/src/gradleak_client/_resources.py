@@ -31,6 +31,8 @@ from gradleak_client.types import (
     Federation,
     FederationList,
     GeneratorList,
+    GeneratorTraining,
+    GeneratorTrainingList,
     GeneratorUpload,
     GroundTruthUpload,
     Job,
@@ -128,12 +130,12 @@ def _update_options(
     )
 
 
-def _ground_truth_options(file: FileInput, timeout: Timeout) -> RequestOptions:
+def _ground_truth_options(file: FileInput, image_set: bool, timeout: Timeout) -> RequestOptions:
     return RequestOptions(
         "POST",
         "/v1/ground-truth",
         files={"file": _file_part(file, "ground_truth.safetensors")},
-        data=_metadata({}),
+        data=_metadata({"purpose": "image_set"} if image_set else {}),
         timeout=timeout,
     )
 
@@ -302,14 +304,18 @@ class Updates(_Resource):
 class GroundTruth(_Resource):
     """The client's own images (and labels), used only to score a reconstruction."""
 
-    def upload(self, file: FileInput, *, timeout: Timeout = None) -> GroundTruthUpload:
+    def upload(
+        self, file: FileInput, *, image_set: bool = False, timeout: Timeout = None
+    ) -> GroundTruthUpload:
         """Upload `images` (N, C, H, W in [0, 1]) and optional `labels` (N) as safetensors.
+        `image_set=True`: many images of your domain (a verdict's proxy data, a generator
+        training run's images), up to the server's image-set limit instead of a job's batch.
 
         >>> truth = client.ground_truth.upload("batch.safetensors")
         >>> truth.metadata.num_images
         8
         """
-        return self._client._call(_ground_truth_options(file, timeout), GroundTruthUpload)
+        return self._client._call(_ground_truth_options(file, image_set, timeout), GroundTruthUpload)
 
     def get(self, ground_truth_id: str) -> GroundTruthUpload:
         return self._client._call(
@@ -397,9 +403,11 @@ class AsyncUpdates(_AsyncResource):
 class AsyncGroundTruth(_AsyncResource):
     """The client's own images (and labels), used only to score a reconstruction."""
 
-    async def upload(self, file: FileInput, *, timeout: Timeout = None) -> GroundTruthUpload:
+    async def upload(
+        self, file: FileInput, *, image_set: bool = False, timeout: Timeout = None
+    ) -> GroundTruthUpload:
         """See `GroundTruth.upload`."""
-        return await self._client._call(_ground_truth_options(file, timeout), GroundTruthUpload)
+        return await self._client._call(_ground_truth_options(file, image_set, timeout), GroundTruthUpload)
 
     async def get(self, ground_truth_id: str) -> GroundTruthUpload:
         options = RequestOptions("GET", f"/v1/ground-truth/{ground_truth_id}")
@@ -640,6 +648,23 @@ class Federations(_SpecRuns[Federation]):
         return self._client.models.upload(weights, **_checkpoint_model(fed))
 
 
+class GeneratorTrainings(_SpecRuns[GeneratorTraining]):
+    """Generator training runs on the service's workers (a GPU worker's device when it has one):
+    the DCGAN recipe of `gradleak generator train` on the shipped faces, the photo-patch task or an
+    image set you uploaded (`client.ground_truth.upload(..., image_set=True)`); a run that succeeds
+    stores its generator as your generator upload.
+
+    >>> run = client.generator_trainings.create({"data": {"source": "faces"}, "steps": 3000})
+    >>> run = client.generator_trainings.wait(run.id, progress=True).raise_for_status()
+    >>> grid = client.generator_trainings.artifacts.read(run.id, "samples.png")
+    >>> job_spec["attack"] = {"name": "gias", "generator": run.generator_id}
+    """
+
+    _path = "/v1/generator-trainings"
+    _model = GeneratorTraining
+    _list_model = GeneratorTrainingList
+
+
 class Studies(_SpecRuns[Study]):
     """Studies: a job or federation spec swept over axes (grid or zipped) and seeds, run as
     ordinary jobs on the service's workers and aggregated into a table, plots and a report;
@@ -838,6 +863,14 @@ class AsyncFederations(_AsyncSpecRuns[Federation]):
         fed = await self.get(federation_id)
         weights = await self.artifacts.read(federation_id, f"checkpoints/round-{round:03d}.safetensors")
         return await self._client.models.upload(weights, **_checkpoint_model(fed))
+
+
+class AsyncGeneratorTrainings(_AsyncSpecRuns[GeneratorTraining]):
+    """See `GeneratorTrainings`."""
+
+    _path = "/v1/generator-trainings"
+    _model = GeneratorTraining
+    _list_model = GeneratorTrainingList
 
 
 class AsyncStudies(_AsyncSpecRuns[Study]):

@@ -132,7 +132,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
                 labels=None if args.labels is None else _ints(args.labels, "--labels"),
             )
         else:
-            result = client.ground_truth.upload(path)
+            result = client.ground_truth.upload(path, image_set=args.image_set)
     _print_model(result, args.json)
     return EXIT_OK
 
@@ -247,6 +247,51 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         job = client.jobs.cancel(args.job_id)
     _echo(job.model_dump_json(indent=2) if args.json else describe(job))
     return EXIT_OK
+
+
+def cmd_train_generator(args: argparse.Namespace) -> int:
+    if args.spec is not None:
+        spec = _spec_from_file(args.spec)
+    else:
+        data: dict[str, Any] = {"source": args.data}
+        if args.images_id is not None:
+            data = {"source": "images", "images": args.images_id}
+        options = {
+            "image_size": args.image_size,
+            "channels": args.channels,
+            "conditional": args.conditional or None,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "width": args.width,
+            "seed": args.seed,
+            "time_limit_s": args.time_limit,
+        }
+        spec = {"data": data, **{k: v for k, v in options.items() if v is not None}}
+    with _client(args) as client:
+        run = client.generator_trainings.create(spec)
+        if not (args.wait or args.output):
+            _echo(run.model_dump_json(indent=2) if args.json else run.id)
+            return EXIT_OK
+        _note(f"training run {run.id} queued")
+        try:
+            run = client.generator_trainings.wait(
+                run.id, timeout=args.wait_timeout, progress=not args.no_progress
+            )
+        except WaitTimeoutError as e:
+            raise UsageError(str(e)) from None
+        if args.output and run.status != "queued":
+            out = Path(args.output)
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("generator.safetensors", "samples.png", "history.json"):
+                if name in {a.name for a in client.generator_trainings.artifacts.list(run.id)}:
+                    _note(str(client.generator_trainings.artifacts.download(run.id, name, out)))
+    if args.json:
+        _echo(run.model_dump_json(indent=2))
+    elif run.status == "succeeded":
+        _echo(run.generator_id or run.id)
+    else:
+        _note(describe(run))
+    return EXIT_OK if run.status == "succeeded" else EXIT_LEAK
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
@@ -426,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--bn-mode", choices=["train", "eval"])
     truth = kinds.add_parser("ground-truth", parents=printed, help="the client's images, for scoring")
     truth.add_argument("file")
+    truth.add_argument(
+        "--image-set",
+        action="store_true",
+        help="many images of your own domain (proxy data, generator training), past a job's batch limit",
+    )
     upload.set_defaults(func=cmd_upload)
 
     submit = sub.add_parser("submit", parents=printed, help="submit an attack job (prints its id)")
@@ -458,6 +508,33 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--spec", help="a full JobSpec (YAML or JSON) naming upload ids instead")
     submit.add_argument("--wait", action="store_true", help="wait for the job, with a progress bar")
     submit.set_defaults(func=cmd_submit)
+
+    train = sub.add_parser(
+        "train-generator",
+        parents=printed,
+        help="train a generator for gias/ggl on the service's workers (prints the run's id, "
+        "or with --wait the generator's)",
+    )
+    train.add_argument(
+        "--data", choices=["faces", "patches"], default="faces", help="shipped training images"
+    )
+    train.add_argument("--images-id", help="train on an uploaded image set instead (gt_..., see --image-set)")
+    train.add_argument("--image-size", type=int, choices=[32, 64])
+    train.add_argument("--channels", type=int, choices=[1, 3])
+    train.add_argument("--conditional", action="store_true", help="class-conditional (needs labels)")
+    train.add_argument("--steps", type=int, help="generator steps (default 3000)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--width", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--time-limit", type=float, help="seconds; the run ends with what it has")
+    train.add_argument("--spec", help="a full training spec (YAML or JSON) instead of the flags")
+    train.add_argument("--wait", action="store_true", help="wait for the run, with a progress bar")
+    train.add_argument(
+        "--output", "-o", help="with --wait: download the generator, its samples and history here"
+    )
+    train.add_argument("--wait-timeout", type=float, help="give up waiting after this many seconds (exit 2)")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_train_generator)
 
     status = sub.add_parser("status", parents=printed, help="a job's status, progress and metrics")
     status.add_argument("job_id")

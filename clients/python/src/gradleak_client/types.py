@@ -28,6 +28,8 @@ __all__ = [
     "FederationList",
     "GeneratorList",
     "GeneratorManifest",
+    "GeneratorTraining",
+    "GeneratorTrainingList",
     "GeneratorUpload",
     "GroundTruthInfo",
     "GroundTruthUpload",
@@ -154,6 +156,7 @@ class GroundTruthInfo(_Model):
     num_images: int
     image_shape: tuple[int, int, int]
     has_labels: bool
+    purpose: Literal["scoring", "image_set"] = "scoring"  # image_set: proxy data or training images
 
 
 class GeneratorManifest(_Model):
@@ -358,6 +361,14 @@ class Federation(Run):
     rounds: list[dict[str, Any]] | None = None
 
 
+class GeneratorTraining(Run):
+    """A generator training run: `progress.iteration` is the step it is at (of `progress.total`),
+    `progress.message` its losses, rate and ETA; when it succeeded, `generator_id` names the
+    generator upload it made (for gias/ggl jobs) and `result` says how it ended and what it took."""
+
+    generator_id: str | None = None
+
+
 class StudyPoints(_Model):
     """A study's points by state: `done` counts those finished (succeeded, failed or cancelled)."""
 
@@ -393,6 +404,11 @@ class Study(Run):
 
 class StudyList(_Model):
     items: list[Study]
+    next_cursor: str | None = None
+
+
+class GeneratorTrainingList(_Model):
+    items: list[GeneratorTraining]
     next_cursor: str | None = None
 
 
