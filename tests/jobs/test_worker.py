@@ -44,7 +44,7 @@ def arq_settings(redis_prefix: str, tmp_path: Path) -> Iterator[Settings]:
     client = redis_client()
     assert client is not None
     state = RedisStateStore(client, redis_prefix)
-    ids = {j.id for kind in ("job", "fed") for j in state.list_jobs("acme", limit=200, kind=kind)}
+    ids = {j.id for kind in ("job", "fed", "gtr") for j in state.list_jobs("acme", limit=200, kind=kind)}
     for key in client.scan_iter("arq:*job_*"):
         if any(i in key for i in ids):
             client.delete(key)
@@ -145,6 +145,30 @@ def test_a_federation_goes_to_its_own_arq_function_and_reaches_the_runner(
     assert fed.id.startswith("fed_") and seen == [spec]
     raw: Any = redis.Redis.from_url(REDIS_URL).get(f"arq:result:{ref}")
     assert raw is None or json.loads(raw)["f"] == "run_federation"
+
+
+def test_a_generator_training_run_goes_to_its_own_arq_function_and_registers_its_generator(
+    arq_settings: Settings, state: RedisStateStore
+) -> None:
+    from service.generators.job import generator_upload_id
+    from service.generators.spec import GeneratorTrainingSpec
+
+    spec = GeneratorTrainingSpec.model_validate({"steps": 2, "batch_size": 4, "width": 4, "latent_dim": 8})
+    run, _ = state.create_job(new_job(spec, "acme", arq_settings))
+
+    async def scenario() -> None:
+        queue = ArqQueue(arq_settings, state)
+        await queue.start()
+        await queue.enqueue(run)
+        await queue.close()
+        await run_worker_until(arq_settings, FakeRunner(), lambda: status_of(state, run.id).terminal, 60)
+
+    asyncio.run(scenario())
+    done = state.get_job(None, run.id)
+    assert run.id.startswith("gtr_") and done.status == JobStatus.SUCCEEDED, done.error
+    assert state.get_upload("acme", generator_upload_id(run.id)).kind == "generator"
+    raw: Any = redis.Redis.from_url(REDIS_URL).get(f"arq:result:{done.queue_ref}")
+    assert raw is None or json.loads(raw)["f"] == "run_generator_training"
 
 
 class FlakyRunner(FakeRunner):
