@@ -156,36 +156,17 @@ def _local_generator(state: Any, out: Path, ref: str) -> str:
     """A latent-space attack's generator given as a local path, checked as the service checks an
     upload and stored as one of the local tenant's, so that the study's points (which resolve
     upload ids, as the service's workers do) find it; its id."""
-    import hashlib
-    import time
-
-    from service.jobs.records import UPLOAD_PREFIXES, UploadRecord, new_id
-    from service.jobs.uploads import check_generator_upload
+    from service.generators.job import store_generator
+    from service.jobs.records import UPLOAD_PREFIXES, new_id
     from service.settings import get_settings
     from service.storage import LocalStore
 
     path = Path(ref).expanduser()
     if not path.is_file():
         raise GradleakError(f"attack.generator: file not found: {path}")
-    data = path.read_bytes()
-    with path.open("rb") as f:
-        tensors, manifest, sha256 = check_generator_upload(f, len(data))
     upload_id = new_id(UPLOAD_PREFIXES["generator"])
-    now = time.time()
-    record = UploadRecord(
-        id=upload_id,
-        tenant=TENANT,
-        kind="generator",
-        key=f"{TENANT}/uploads/{upload_id}/data.safetensors",
-        size=len(data),
-        sha256=sha256 or hashlib.sha256(data).hexdigest(),
-        metadata=manifest,
-        tensors=tensors,
-        created_at=now,
-        expires_at=now + get_settings().retention_hours * 3600.0,
-    )
-    LocalStore(out).put_bytes(record.key, data)
-    state.add_upload(record)
+    retention_s = get_settings().retention_hours * 3600.0
+    store_generator(state, LocalStore(out), TENANT, upload_id, path.read_bytes(), retention_s)
     return upload_id
 
 

@@ -14,21 +14,18 @@ from fastapi.responses import StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.deps import RuntimeDep, Tenant
-from api.errors import ApiError
 from api.routes.jobs import IDEMPOTENCY_KEY, artifact_list, artifact_response, cancel_record, record_events
+from api.routes.runs import answer_create, owned_run, run_page
 from api.runtime import Runtime
 from api.schemas import ArtifactList, FederationCreate, FederationList, FederationOut, federation_out
-from service.errors import NotFoundError
-from service.jobs.records import FEDERATION_PREFIX, JobRecord, JobStatus, is_id
+from service.jobs.records import FEDERATION_PREFIX, JobRecord, JobStatus
 
 router = APIRouter(prefix="/v1/federations", tags=["federations"])
 
 
 async def get_federation(federation_id: str, tenant: Tenant, rt: RuntimeDep) -> JobRecord:
     """The tenant's federation; any other id (another tenant's, malformed, unknown) is a 404."""
-    if not is_id(federation_id, FEDERATION_PREFIX):
-        raise NotFoundError(f"no federation {federation_id!r}")
-    return await run_in_threadpool(rt.state.get_job, tenant, federation_id)
+    return await owned_run(rt, tenant, federation_id, FEDERATION_PREFIX, "federation")
 
 
 OwnedFederation = Annotated[JobRecord, Depends(get_federation)]
@@ -68,17 +65,9 @@ async def create_federation(
     its Location or its event stream. Only the bundled photo-patch task is trained on here."""
     request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     record, created = await run_in_threadpool(_submit, rt, tenant, body, idempotency_key, request_hash)
-    if not created and (record.request_hash != request_hash or record.kind != "federation"):
-        raise ApiError(
-            409,
-            "this Idempotency-Key was used for a different request; use a new key for a new federation",
-            code="idempotency_conflict",
-        )
+    answer_create(response, record, created, request_hash, "federation", "federation", "/v1/federations")
     if created:
         await rt.queue.enqueue(record)
-    else:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/federations/{record.id}"
     return federation_out(record)
 
 
@@ -93,12 +82,8 @@ async def list_federations(
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> FederationList:
     """The tenant's federations, newest first."""
-    if cursor is not None and not is_id(cursor, FEDERATION_PREFIX):
-        raise ApiError(400, "invalid cursor: pass next_cursor from a previous page", code="invalid_cursor")
-    items = await run_in_threadpool(rt.state.list_jobs, tenant, run_status, limit, cursor, FEDERATION_PREFIX)
-    return FederationList(
-        items=[federation_out(f) for f in items], next_cursor=items[-1].id if len(items) == limit else None
-    )
+    items, next_cursor = await run_page(rt, tenant, run_status, limit, cursor, FEDERATION_PREFIX)
+    return FederationList(items=[federation_out(f) for f in items], next_cursor=next_cursor)
 
 
 @router.get("/{federation_id}", response_model=FederationOut, summary="A federation")

@@ -20,12 +20,12 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import Field
 
 from api.deps import RuntimeDep, Tenant
-from api.errors import ApiError
 from api.routes.jobs import IDEMPOTENCY_KEY, artifact_list, artifact_response, cancel_record, record_events
+from api.routes.runs import answer_create, owned_run, run_page
 from api.runtime import Runtime
 from api.schemas import ArtifactList, Input, Output, RunOut, _run_fields
 from service.errors import NotFoundError
-from service.jobs.records import RUNNABLE, STUDY_PREFIX, JobRecord, JobStatus, is_id
+from service.jobs.records import RUNNABLE, STUDY_PREFIX, JobRecord, JobStatus
 from service.studies.spec import StudyPlan, StudySpec
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
@@ -116,9 +116,7 @@ def _out(rt: Runtime, study: JobRecord) -> StudyOut:
 
 async def get_study(study_id: str, tenant: Tenant, rt: RuntimeDep) -> JobRecord:
     """The tenant's study; any other id (another tenant's, malformed, unknown) is a 404."""
-    if not is_id(study_id, STUDY_PREFIX):
-        raise NotFoundError(f"no study {study_id!r}")
-    return await run_in_threadpool(rt.state.get_job, tenant, study_id)
+    return await owned_run(rt, tenant, study_id, STUDY_PREFIX, "study")
 
 
 OwnedStudy = Annotated[JobRecord, Depends(get_study)]
@@ -173,17 +171,9 @@ async def create(
     record, points, created = await run_in_threadpool(
         _submit, rt, tenant, body, idempotency_key, request_hash
     )
-    if not created and (record.request_hash != request_hash or record.kind != "study"):
-        raise ApiError(
-            409,
-            "this Idempotency-Key was used for a different request; use a new key for a new study",
-            code="idempotency_conflict",
-        )
+    answer_create(response, record, created, request_hash, "study", "study", "/v1/studies")
     if created:
         await enqueue_study(rt.queue, record, points)
-    else:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/studies/{record.id}"
     return study_out(record, points)
 
 
@@ -198,11 +188,9 @@ async def list_studies(
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> StudyList:
     """The tenant's studies, newest first."""
-    if cursor is not None and not is_id(cursor, STUDY_PREFIX):
-        raise ApiError(400, "invalid cursor: pass next_cursor from a previous page", code="invalid_cursor")
-    items = await run_in_threadpool(rt.state.list_jobs, tenant, run_status, limit, cursor, STUDY_PREFIX)
+    items, next_cursor = await run_page(rt, tenant, run_status, limit, cursor, STUDY_PREFIX)
     out = [await run_in_threadpool(_out, rt, s) for s in items]
-    return StudyList(items=out, next_cursor=items[-1].id if len(items) == limit else None)
+    return StudyList(items=out, next_cursor=next_cursor)
 
 
 @router.get("/{study_id}", response_model=StudyOut, summary="A study")

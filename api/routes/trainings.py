@@ -17,7 +17,6 @@ from fastapi.responses import StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.deps import Caller, CallerDep, RuntimeDep, Tenant
-from api.errors import ApiError
 from api.routes.jobs import (
     IDEMPOTENCY_KEY,
     _replayed,
@@ -26,6 +25,7 @@ from api.routes.jobs import (
     cancel_record,
     record_events,
 )
+from api.routes.runs import answer_create, owned_run, run_page
 from api.runtime import Runtime
 from api.schemas import (
     ArtifactList,
@@ -34,18 +34,15 @@ from api.schemas import (
     GeneratorTrainingOut,
     training_out,
 )
-from service.errors import NotFoundError
 from service.jobs.quotas import QuotaExceededError, check_job_quotas
-from service.jobs.records import TRAINING_PREFIX, JobRecord, JobStatus, is_id
+from service.jobs.records import TRAINING_PREFIX, JobRecord, JobStatus
 
 router = APIRouter(prefix="/v1/generator-trainings", tags=["generators"])
 
 
 async def get_training(training_id: str, tenant: Tenant, rt: RuntimeDep) -> JobRecord:
     """The tenant's training run; any other id (another tenant's, malformed, unknown) is a 404."""
-    if not is_id(training_id, TRAINING_PREFIX):
-        raise NotFoundError(f"no generator training run {training_id!r}")
-    return await run_in_threadpool(rt.state.get_job, tenant, training_id)
+    return await owned_run(rt, tenant, training_id, TRAINING_PREFIX, "generator training run")
 
 
 OwnedTraining = Annotated[JobRecord, Depends(get_training)]
@@ -100,17 +97,10 @@ async def create_training(
     its event stream. When it succeeds, `generator_id` names the generator upload it made."""
     request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     record, created = await run_in_threadpool(_submit, rt, caller, body, idempotency_key, request_hash)
-    if not created and (record.request_hash != request_hash or record.kind != "generator_training"):
-        raise ApiError(
-            409,
-            "this Idempotency-Key was used for a different request; use a new key for a new training run",
-            code="idempotency_conflict",
-        )
+    path = "/v1/generator-trainings"
+    answer_create(response, record, created, request_hash, "generator_training", "training run", path)
     if created:
         await rt.queue.enqueue(record)
-    else:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/generator-trainings/{record.id}"
     return training_out(record)
 
 
@@ -125,12 +115,8 @@ async def list_trainings(
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> GeneratorTrainingList:
     """The tenant's training runs, newest first."""
-    if cursor is not None and not is_id(cursor, TRAINING_PREFIX):
-        raise ApiError(400, "invalid cursor: pass next_cursor from a previous page", code="invalid_cursor")
-    items = await run_in_threadpool(rt.state.list_jobs, tenant, run_status, limit, cursor, TRAINING_PREFIX)
-    return GeneratorTrainingList(
-        items=[training_out(t) for t in items], next_cursor=items[-1].id if len(items) == limit else None
-    )
+    items, next_cursor = await run_page(rt, tenant, run_status, limit, cursor, TRAINING_PREFIX)
+    return GeneratorTrainingList(items=[training_out(t) for t in items], next_cursor=next_cursor)
 
 
 @router.get("/{training_id}", response_model=GeneratorTrainingOut, summary="A generator training run")

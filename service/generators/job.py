@@ -273,10 +273,40 @@ def _result(status: Any, manifest: dict[str, Any], ctx: JobContext, artifacts: d
     return JobResult(status, manifest, {**artifacts, TRAINING_JSON: f"{ctx.prefix}/{TRAINING_JSON}"})
 
 
-def registrar(state: Any, store: ArtifactStore, tenant: str, retention_s: float) -> Register:
-    """`register` for a service run: stores the generator as the tenant's upload `upload_id`,
-    checked as an uploaded generator is, or returns that upload when an earlier try made it."""
+def store_generator(
+    state: Any, store: ArtifactStore, tenant: str, upload_id: str, data: bytes, retention_s: float
+) -> UploadRecord:
+    """Store generator bytes as the tenant's upload `upload_id`, checked as an uploaded generator
+    is (a refused file leaves nothing behind)."""
     from service.jobs.uploads import check_generator_upload
+
+    tensors, metadata, sha256 = check_generator_upload(io.BytesIO(data), len(data))
+    folder = f"{tenant}/uploads/{upload_id}"
+    now = time.time()
+    record = UploadRecord(
+        id=upload_id,
+        tenant=tenant,
+        kind="generator",
+        key=f"{folder}/data.safetensors",
+        size=len(data),
+        sha256=sha256,
+        metadata=metadata,
+        tensors=tensors,
+        created_at=now,
+        expires_at=now + retention_s,
+    )
+    store.put_bytes(record.key, data)
+    try:
+        state.add_upload(record)
+    except BaseException:
+        store.delete_prefix(folder)
+        raise
+    return record
+
+
+def registrar(state: Any, store: ArtifactStore, tenant: str, retention_s: float) -> Register:
+    """`register` for a service run: stores the generator as the tenant's upload `upload_id`, or
+    returns that upload when an earlier try of the run made it."""
 
     def register(upload_id: str, data: bytes) -> UploadRecord:
         try:
@@ -284,27 +314,7 @@ def registrar(state: Any, store: ArtifactStore, tenant: str, retention_s: float)
             return existing
         except NotFoundError:
             pass
-        tensors, metadata, sha256 = check_generator_upload(io.BytesIO(data), len(data))
-        folder = f"{tenant}/uploads/{upload_id}"
-        now = time.time()
-        record = UploadRecord(
-            id=upload_id,
-            tenant=tenant,
-            kind="generator",
-            key=f"{folder}/data.safetensors",
-            size=len(data),
-            sha256=sha256,
-            metadata=metadata,
-            tensors=tensors,
-            created_at=now,
-            expires_at=now + retention_s,
-        )
-        store.put_bytes(record.key, data)
-        try:
-            state.add_upload(record)
-        except BaseException:
-            store.delete_prefix(folder)
-            raise
+        record = store_generator(state, store, tenant, upload_id, data, retention_s)
         log.info("generator upload %s made by a training run", upload_id)
         return record
 
