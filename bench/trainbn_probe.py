@@ -1,0 +1,111 @@
+"""Probes of the train-mode-BN failure (bench/ATTACKS.md, "Train-mode batch norm"): a plain
+gradient-matching loop on ResNet-18 (CIFAR stem, untrained, init seed 0), batch 1, 32x32, the
+client's BN in train mode, label known, outside the engine so that one thing changes at a time.
+
+The loop: start N(0, 1) in normalised space (seed 0), cosine distance over the matched
+parameters' gradients + 1e-4 TV, Adam (signed gradients unless --plain), step decay at 3/8, 5/8
+and 7/8, pixels kept in the valid range. Options: --lr, --layers (match only the gradients of
+parameters whose names start with these prefixes), --features W (add W x the relative squared
+error between the network's penultimate features and those recovered exactly from the fc
+gradient: at batch 1 the fc weight gradient's row i is (p_i - y_i) times the features, so
+features = row / bias gradient). Prints one JSON line: PSNR/SSIM of the reconstruction and the
+final cosine distance (0 = matched).
+
+  python -m bench.trainbn_probe astronaut --iterations 300 --lr 0.1 --features 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from service.data import load_images, normalize
+from service.metrics import score
+from service.models import build_model
+from service.specs import DataSpec, ModelSpec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("image")
+    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--features", type=float, default=0.0)
+    ap.add_argument("--layers", default=None, help="comma-separated parameter-name prefixes")
+    ap.add_argument("--plain", action="store_true", help="Adam on the raw gradient, not its sign")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    data = DataSpec(shape=(3, 32, 32), num_classes=10, normalization="cifar10")
+    model = build_model(ModelSpec(arch="resnet18", knobs={"stem": "cifar"}, init_seed=0), data).train()
+    norm = data.resolved_normalization()
+    truth, _ = load_images("photos", [a.image], size=32, channels=3)
+    y = torch.tensor([1])
+    feats: dict[str, torch.Tensor] = {}
+    model.fc.register_forward_hook(lambda m, i, o: feats.__setitem__("h", i[0]))
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    prefixes = a.layers.split(",") if a.layers else None
+    keep = [k for k, n in enumerate(names) if prefixes is None or any(n.startswith(q) for q in prefixes)]
+
+    def grads(x: torch.Tensor, create: bool) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=create)
+
+    target = [g.detach() for g in grads(normalize(truth, norm), False)]
+    g_w, g_b = target[names.index("fc.weight")], target[names.index("fc.bias")]
+    row = int(g_b.abs().argmax())
+    h_star = g_w[row] / g_b[row]
+    t_keep = [target[k] for k in keep]
+    t_norm = torch.sqrt(sum((t * t).sum() for t in t_keep))
+    lo, hi = normalize(torch.zeros(1, 3, 1, 1), norm), normalize(torch.ones(1, 3, 1, 1), norm)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=a.lr)
+    its = a.iterations
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [its * 3 // 8, its * 5 // 8, its * 7 // 8], 0.1)
+    t0 = time.perf_counter()
+    cos = torch.tensor(1.0)
+    for _ in range(its):
+        opt.zero_grad()
+        g = grads(x, True)
+        g_keep = [g[k] for k in keep]
+        dot = sum((u * v).sum() for u, v in zip(g_keep, t_keep, strict=True))
+        cos = 1 - dot / (torch.sqrt(sum((u * u).sum() for u in g_keep)) * t_norm)
+        tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        loss = cos + 1e-4 * tv
+        if a.features > 0:
+            loss = loss + a.features * ((feats["h"][0] - h_star) ** 2).sum() / (h_star**2).sum()
+        loss.backward()
+        assert x.grad is not None
+        if not a.plain:
+            x.grad.sign_()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            x.copy_(torch.max(torch.min(x, hi), lo))
+    mean = torch.tensor(norm.mean).view(1, -1, 1, 1)
+    std = torch.tensor(norm.std).view(1, -1, 1, 1)
+    m = score((x.detach() * std + mean).clamp(0, 1), truth)
+    print(
+        json.dumps(
+            {
+                "image": a.image,
+                "iterations": its,
+                "lr": a.lr,
+                "features": a.features,
+                "layers": prefixes,
+                "signed": not a.plain,
+                "psnr": m["mean"]["psnr"],
+                "ssim": m["mean"]["ssim"],
+                "final_cosine_distance": float(cos.detach()),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
