@@ -110,20 +110,24 @@ def load_safetensors_file(
     check_finite: bool = True,
 ) -> dict[str, torch.Tensor]:
     """`load_safetensors` on a local file; messages name the file."""
+    return load_safetensors(
+        read_local(path),
+        max_header_bytes=max_header_bytes,
+        allowed_dtypes=allowed_dtypes,
+        check_finite=check_finite,
+        name=str(path),
+    )
+
+
+def read_local(path: str | Path) -> bytes:
+    """A local file's bytes; a missing or unreadable file is an ArtifactError that names it."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        return p.read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"no such file: {p}") from None
     except OSError as e:
         raise ArtifactError(f"cannot read {p}: {e.strerror or e}") from None
-    return load_safetensors(
-        data,
-        max_header_bytes=max_header_bytes,
-        allowed_dtypes=allowed_dtypes,
-        check_finite=check_finite,
-        name=str(p),
-    )
 
 
 SCAN_CHUNK_BYTES = 4 * 2**20

@@ -17,13 +17,14 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from service.errors import ArtifactError, ShapeMismatchError
+from service.errors import ShapeMismatchError
 from service.generators.archs import build_generator
 from service.generators.manifest import GeneratorManifest
 from service.tensorio import (
     STATE_DTYPES,
     load_safetensors,
     match_state,
+    read_local,
     safetensors_metadata,
     save_safetensors,
     scan_safetensors,
@@ -98,14 +99,7 @@ def load_generator(data: bytes, name: str = "generator") -> LoadedGenerator:
 
 
 def load_generator_file(path: str | Path) -> LoadedGenerator:
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"no such file: {p}") from None
-    except OSError as e:
-        raise ArtifactError(f"cannot read {p}: {e.strerror or e}") from None
-    return load_generator(data, name=str(p))
+    return load_generator(read_local(path), name=str(path))
 
 
 def check_generator_file(f: BinaryIO, size: int) -> tuple[GeneratorManifest, int, str]:
