@@ -3,30 +3,16 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from jobtools import REDIS_URL, redis_client
+from jobtools import REDIS_URL, arq_settings, redis_prefix  # noqa: F401 (shared fixtures)
 
 from service.jobs.state import StateStore
 from service.jobs.state_redis import RedisStateStore
 from service.jobs.state_sqlite import SQLiteStateStore
 from service.settings import Settings
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A fresh key prefix on the test Redis; every key under it is deleted afterwards."""
-    client = redis_client()
-    if client is None:
-        pytest.skip(f"no Redis server answers at {REDIS_URL} (CI starts one)")
-    prefix = f"gltest-{secrets.token_hex(6)}"
-    yield prefix
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
-    client.close()
 
 
 @pytest.fixture(params=["sqlite", "redis"])

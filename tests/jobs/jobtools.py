@@ -1,18 +1,21 @@
-"""Helpers for the job tests: a tiny spec, jobs in a store, a stand-in runner, waiting."""
+"""Helpers for the job tests: a tiny spec, jobs in a store, a stand-in runner, waiting; the Redis
+fixtures the job and study tests share (their conftests import them)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
+import pytest
 import redis
 
 from service.jobs.records import JobRecord, UploadRecord, new_id
@@ -32,6 +35,44 @@ def redis_client() -> redis.Redis | None:
     except redis.exceptions.ConnectionError:
         return None
     return client
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A fresh key prefix on the test Redis; every key under it is deleted afterwards."""
+    client = redis_client()
+    if client is None:
+        pytest.skip(f"no Redis server answers at {REDIS_URL} (CI starts one)")
+    prefix = f"gltest-{secrets.token_hex(6)}"
+    yield prefix
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def arq_settings(redis_prefix: str, tmp_path: Path) -> Iterator[Settings]:
+    """Settings of an arq deployment on the test Redis, under `redis_prefix`."""
+    from service.jobs.state_redis import RedisStateStore
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+        queue_name=f"{redis_prefix}:queue",
+        s3_endpoint=None,
+    )
+    yield settings
+    # arq keeps its own keys (arq:job:<id>, arq:result:<id>, ...); ours carry our records' ids.
+    client = redis_client()
+    assert client is not None
+    state = RedisStateStore(client, redis_prefix)
+    kinds = ("job", "fed", "std", "gtr")
+    ids = {j.id for kind in kinds for j in state.list_jobs("acme", limit=200, kind=kind)}
+    for key in client.scan_iter("arq:*_*"):
+        if any(i in key for i in ids):
+            client.delete(key)
+    client.close()
 
 
 TINY_SPEC = {

@@ -31,27 +31,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def arq_settings(redis_prefix: str, tmp_path: Path) -> Iterator[Settings]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        redis_url=REDIS_URL,
-        redis_prefix=redis_prefix,
-        queue_name=f"{redis_prefix}:queue",
-        s3_endpoint=None,
-    )
-    yield settings
-    # arq keeps its own keys (arq:job:<id>, arq:result:<id>, ...); ours carry our job ids.
-    client = redis_client()
-    assert client is not None
-    state = RedisStateStore(client, redis_prefix)
-    ids = {j.id for kind in ("job", "fed", "gtr") for j in state.list_jobs("acme", limit=200, kind=kind)}
-    for key in client.scan_iter("arq:*job_*"):
-        if any(i in key for i in ids):
-            client.delete(key)
-    client.close()
-
-
-@pytest.fixture
 def state(arq_settings: Settings) -> Iterator[RedisStateStore]:
     store = RedisStateStore.from_url(REDIS_URL, prefix=arq_settings.redis_prefix)
     yield store

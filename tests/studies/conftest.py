@@ -1,8 +1,7 @@
-"""Fixtures for the study tests: a SQLite store and settings, a Redis key prefix, a tiny study."""
+"""Fixtures for the study tests: a SQLite store and settings; the Redis fixtures are the job tests' (jobtools)."""
 
 from __future__ import annotations
 
-import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "jobs"))
 
-from jobtools import REDIS_URL, redis_client
+from jobtools import arq_settings, redis_prefix  # noqa: F401 (shared fixtures)
 
 from service.jobs.state_sqlite import SQLiteStateStore
 from service.settings import Settings
@@ -27,15 +26,3 @@ def sqlite_state(tmp_path: Path) -> Iterator[SQLiteStateStore]:
     store = SQLiteStateStore(tmp_path / "state.db")
     yield store
     store.close()
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    client = redis_client()
-    if client is None:
-        pytest.skip(f"no Redis server answers at {REDIS_URL} (CI starts one)")
-    prefix = f"gltest-{secrets.token_hex(6)}"
-    yield prefix
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
-    client.close()

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from jobtools import REDIS_URL, redis_client
+from jobtools import REDIS_URL
 from studytools import PointRunner, tiny_study
 
 from service.jobs import worker
@@ -21,26 +19,6 @@ from service.studies.spec import StudySpec
 from service.studies.submit import create_study, enqueue_study
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def arq_settings(redis_prefix: str, tmp_path: Path) -> Iterator[Settings]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        redis_url=REDIS_URL,
-        redis_prefix=redis_prefix,
-        queue_name=f"{redis_prefix}:queue",
-        s3_endpoint=None,
-    )
-    yield settings
-    client = redis_client()
-    assert client is not None
-    state = RedisStateStore(client, redis_prefix)
-    ids = {j.id for kind in ("job", "std") for j in state.list_jobs("acme", limit=200, kind=kind)}
-    for key in client.scan_iter("arq:*_*"):
-        if any(i in key for i in ids):
-            client.delete(key)
-    client.close()
 
 
 class SlowPointRunner(PointRunner):
