@@ -1,4 +1,4 @@
-"""Fixtures for the study tests: a SQLite store and settings; the Redis fixtures are the job tests' (jobtools)."""
+"""Fixtures for the study tests: a SQLite store and settings; Redis fixtures come from jobtools."""
 
 from __future__ import annotations
 
