@@ -28,8 +28,9 @@ class TrainingImages(Frozen):
         description="source images: a ground-truth upload (POST /v1/ground-truth) of this tenant; "
         "its labels, if any, are the classes of a conditional generator",
     )
-    per_class: Annotated[int, Field(ge=1, le=5_000)] = Field(
-        default=500, description="patches: crops per photo"
+    per_class: Annotated[int, Field(ge=1, le=2_000)] = Field(
+        default=500,
+        description="patches: crops per photo (all held in memory: 2000 x 10 photos at 64x64 is 1 GB)",
     )
 
     @model_validator(mode="after")
