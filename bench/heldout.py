@@ -332,6 +332,11 @@ def main() -> None:
         "--peer", action="append", default=None, help=f"breaching configurations: {', '.join(PEER_TV)}"
     )
     ap.add_argument("--wallclock", action="store_true", help="`report`: also gradleak at breaching's time")
+    ap.add_argument(
+        "--wallclock-sets",
+        default="heldout,tuning",
+        help="`report`: the sets --wallclock runs on (comma-separated)",
+    )
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument(
         "--heldout-variants", type=int, default=1, help="`report`: leading variants run on held-out"
@@ -416,6 +421,8 @@ def main() -> None:
     if a.wallclock and peers:  # gradleak's default with breaching's attack time on each image
         extra = []
         for name, images in sets.items():
+            if name not in a.wallclock_sets.split(","):
+                continue
             took = {r["image"]: r["attack_s"] for r in rows[name] if key(r) == f"breaching {peers[0]}"}
             extra += [
                 (name, ours_task(i, label_of(i, images), 10**6, variants[0], a.seed, took[i])) for i in images
@@ -432,7 +439,7 @@ def main() -> None:
                 versus[f"{mine} vs {p}, iteration-matched"] = head_to_head(rows[name], mine, f"breaching {p}")
             if v != variants[0]:
                 versus[f"{mine} vs {ours}"] = head_to_head(rows[name], mine, ours)
-        if a.wallclock and peers:
+        if a.wallclock and peers and name in a.wallclock_sets.split(","):
             versus[f"{ours} vs {peers[0]}, equal wall-clock"] = head_to_head(
                 rows[name], ours + " equal wall-clock", f"breaching {peers[0]}"
             )
