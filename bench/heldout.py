@@ -87,9 +87,10 @@ def spec_for(
     from service.specs import JobSpec
 
     source, name, path = image_source(ref)
-    budget: dict[str, Any] = {"restarts": 1, "time_limit_s": time_limit}
-    if time_limit is None:
-        budget["iterations"] = iterations
+    # with a time limit, `iterations` is only a cap far above what the time allows (the job
+    # runner takes the budget as given: the server's time_bound is not applied to it), so that the
+    # run and its schedule follow the clock
+    budget: dict[str, Any] = {"restarts": 1, "time_limit_s": time_limit, "iterations": iterations}
     return JobSpec.model_validate(
         {
             "model": {"arch": CASE["arch"], "knobs": CASE["knobs"], "init_seed": 0},
