@@ -98,5 +98,14 @@ def test_the_cli_trains_a_generator_and_downloads_it(
     assert generator_id.startswith("gen_")
     assert load_generator_file(out / "generator.safetensors").manifest.steps == 2
     assert (out / "samples.png").read_bytes().startswith(b"\x89PNG")
+    run_id = main(["train-generator", "--steps", "2", "--batch-size", "4", "--width", "4", *url])
+    run_id = capsys.readouterr().out.strip()
+    assert run_id.startswith("gtr_")
+    assert main(["wait", run_id, "--no-progress", *url]) == 0  # status, wait, fetch, cancel take any run id
+    assert "succeeded" in capsys.readouterr().out
+    assert main(["fetch", run_id, "samples.png", "-o", str(tmp_path / "f"), *url]) == 0
+    assert (tmp_path / "f" / "samples.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["cancel", run_id, *url]) == 2  # finished: a 409
+    capsys.readouterr()
     assert main(["train-generator", "--conditional", *url]) == 2  # the faces have no labels: a 422
     assert "labels" in capsys.readouterr().err

@@ -196,7 +196,21 @@ def _verdict(args: argparse.Namespace) -> dict[str, Any] | None:
     return out or None
 
 
-def _summary(job: Job) -> str:
+def _runs(client: Client, run_id: str) -> Any:
+    """The resource a run's id belongs to, told by its prefix: federations (fed_), studies (std_),
+    generator training runs (gtr_), else jobs."""
+    by_prefix = {"fed": client.federations, "std": client.studies, "gtr": client.generator_trainings}
+    return by_prefix.get(run_id.split("_", 1)[0], client.jobs)
+
+
+def _artifacts(client: Client, run_id: str) -> Any:
+    runs = _runs(client, run_id)
+    return client.artifacts if runs is client.jobs else runs.artifacts
+
+
+def _summary(job: Any) -> str:
+    if not isinstance(job, Job):
+        return describe(job)
     lines = [describe(job)]
     scores = job.scores
     if scores is not None:
@@ -215,7 +229,7 @@ def _summary(job: Job) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        job = client.jobs.get(args.job_id)
+        job = _runs(client, args.job_id).get(args.job_id)
     _echo(job.model_dump_json(indent=2) if args.json else _summary(job))
     return EXIT_OK
 
@@ -223,7 +237,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     with _client(args) as client:
         try:
-            job = client.jobs.wait(args.job_id, timeout=args.wait_timeout, progress=not args.no_progress)
+            job = _runs(client, args.job_id).wait(
+                args.job_id, timeout=args.wait_timeout, progress=not args.no_progress
+            )
         except WaitTimeoutError as e:
             raise UsageError(str(e)) from None
     _echo(job.model_dump_json(indent=2) if args.json else _summary(job))
@@ -234,17 +250,18 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     with _client(args) as client:
-        names = args.names or [a.name for a in client.artifacts.list(args.job_id)]
+        artifacts = _artifacts(client, args.job_id)
+        names = args.names or [a.name for a in artifacts.list(args.job_id)]
         if not names:
-            raise UsageError(f"job {args.job_id} has no artifacts (yet)")
+            raise UsageError(f"{args.job_id} has no artifacts (yet)")
         for name in names:
-            _echo(str(client.artifacts.download(args.job_id, name, out)))
+            _echo(str(artifacts.download(args.job_id, name, out)))
     return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        job = client.jobs.cancel(args.job_id)
+        job = _runs(client, args.job_id).cancel(args.job_id)
     _echo(job.model_dump_json(indent=2) if args.json else describe(job))
     return EXIT_OK
 
