@@ -246,6 +246,21 @@ def peer_run(case: str, config: str, iterations: int) -> dict:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def report_header(module: str, load_before: tuple[float, ...] | list[float]) -> dict[str, Any]:
+    """The machine (one torch thread per run), the date and the command of a benchmark report."""
+    return {
+        "machine": {
+            **machine(),
+            "torch_threads": 1,
+            "note": "2 cores, possibly shared with other benchmark runs: see the load averages",
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", "-m", module, *sys.argv[1:]]),
+    }
+
+
 def machine() -> dict[str, Any]:
     import torch
 

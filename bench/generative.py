@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -65,23 +64,12 @@ OOD_SETS = {"faces": ["texture", "text", "natural"], "patches": ["faces"]}
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bench.attacks import machine as this_machine
+
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        **this_machine(),
         "note": "shared with other work (about 8 concurrent workers on 2 cores): wall-clock budgets "
         "buy fewer iterations under load; see iterations per row",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": None,
     }
 
 

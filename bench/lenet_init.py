@@ -18,11 +18,10 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from bench.attacks import RESULTS, machine, quality_fields, run_spec
+from bench.attacks import RESULTS, quality_fields, report_header, run_spec
 
 IMAGES = ["astronaut", "coffee", "chelsea", "rocket"]
 LABELS = [1, 3, 5, 8]
@@ -114,15 +113,7 @@ def main() -> None:
                 }
             )
     report = {
-        "machine": {
-            **machine(),
-            "torch_threads": 1,
-            "note": "2 cores shared with other work",
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["python", "-m", "bench.lenet_init", *sys.argv[1:]]),
+        **report_header("bench.lenet_init", load_before),
         "case": {
             "arch": "lenet",
             "images": IMAGES,

@@ -2,7 +2,8 @@
 
 Audits meet trained models, while the other attack benchmarks attack untrained ones. This one
 trains the registry's `convnet` (defaults: width 64, three conv-ReLU-maxpool blocks, no batch
-norm) on the photo-patch task (service.data.patches: 10 classes, 32x32 crops, seed 0, 20 % held
+norm), or with `--arch resnet18` the CIFAR-stem ResNet-18 (its BN in train mode while training),
+on the photo-patch task (service.data.patches: 10 classes, 32x32 crops, seed 0, 20 % held
 out for testing) with plain minibatch SGD, deterministically (seeded initialisation and batch
 order, one thread), and keeps checkpoints after a few step counts as safetensors files in a
 cache directory outside the repository ($TMPDIR/gradleak-bench/trained; the same arguments give
@@ -13,6 +14,9 @@ single test images from a FedSGD gradient, labels known, the weights given as th
 
   python -m bench.trained --steps 0,30,300 --images 4 --seeds 0 \\
       --out bench/results/attacks-cpu-trained.json
+
+`--bn train` makes the attacked client normalise with its own batch statistics (BN in train mode,
+a batch of one), `--bn eval` with the checkpoint's running statistics; it matters for resnet18 only.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.attacks import RESULTS, machine, quality_fields
+from bench.attacks import RESULTS, quality_fields, report_header
 
-ARCH = "convnet"
+ARCHES: dict[str, dict[str, Any]] = {
+    "convnet": {"arch": "convnet", "knobs": {}},
+    "resnet18": {"arch": "resnet18", "knobs": {"stem": "cifar"}},
+}
 LR = 0.01
 MOMENTUM = 0.9
 BATCH = 32
@@ -46,15 +53,15 @@ def task() -> tuple[Any, Any, Any, Any]:
     return train_test_split(images, labels, test_fraction=0.2, seed=0)
 
 
-def model_and_data_spec(weights: str | None) -> tuple[Any, Any]:
+def model_and_data_spec(arch: str, weights: str | None) -> tuple[Any, Any]:
     from service.specs import DataSpec, ModelSpec
 
-    return ModelSpec(arch=ARCH, weights=weights, init_seed=0), DataSpec(
+    return ModelSpec(**ARCHES[arch], weights=weights, init_seed=0), DataSpec(
         shape=(3, 32, 32), num_classes=10, normalization="cifar10"
     )
 
 
-def train(steps: list[int]) -> list[dict[str, Any]]:
+def train(steps: list[int], arch: str = "convnet") -> list[dict[str, Any]]:
     """Checkpoints after each step count in `steps` (0: the initialisation), with test accuracy."""
     import torch
     import torch.nn.functional as F
@@ -65,7 +72,7 @@ def train(steps: list[int]) -> list[dict[str, Any]]:
     from service.tensorio import save_safetensors
 
     train_x, train_y, test_x, test_y = task()
-    mspec, dspec = model_and_data_spec(None)
+    mspec, dspec = model_and_data_spec(arch, None)
     norm = dspec.resolved_normalization()
     train_x, test_x = normalize(train_x, norm), normalize(test_x, norm)
     model = build_model(mspec, dspec)
@@ -89,7 +96,7 @@ def train(steps: list[int]) -> list[dict[str, Any]]:
             opt.step()
             done += 1
         accuracy, loss = _evaluate(model, test_x, test_y)
-        path = folder / f"{ARCH}-patches-step{target}.safetensors"
+        path = folder / f"{arch}-patches-step{target}.safetensors"
         path.write_bytes(save_safetensors({k: v.detach() for k, v in model.state_dict().items()}))
         out.append({"steps": target, "test_accuracy": accuracy, "test_loss": loss, "weights": str(path)})
         print(json.dumps(out[-1]), file=sys.stderr, flush=True)
@@ -114,7 +121,9 @@ def victims(count: int) -> list[tuple[str, int]]:
     return out
 
 
-def attack(weights: str, image: str, label: int, iterations: int, seed: int) -> dict[str, Any]:
+def attack(
+    weights: str, image: str, label: int, iterations: int, seed: int, arch: str = "convnet", bn: str = "eval"
+) -> dict[str, Any]:
     from service.jobs.runner import run_job
     from service.jobs.types import JobContext
     from service.specs import JobSpec
@@ -122,14 +131,16 @@ def attack(weights: str, image: str, label: int, iterations: int, seed: int) -> 
 
     spec = JobSpec.model_validate(
         {
-            "model": {"arch": ARCH, "weights": weights, "init_seed": 0},
+            "model": {**ARCHES[arch], "weights": weights, "init_seed": 0},
             "update": {
                 "simulate": {
                     "source": "folder",
                     "path": str(cache_dir() / "images"),
                     "images": [image],
                     "labels": [label],
-                }
+                    "training": {"bn_mode": bn},
+                },
+                "client": {"bn_mode": bn},
             },
             "data": {"shape": [3, 32, 32], "num_classes": 10, "normalization": "cifar10", "labels": [label]},
             "knowledge": 1,
@@ -160,6 +171,8 @@ def main() -> None:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="convnet", choices=sorted(ARCHES))
+    ap.add_argument("--bn", default="eval", choices=["eval", "train"], help="the attacked client's BN mode")
     ap.add_argument("--steps", default="0,30,300", help="SGD steps of each checkpoint (0: initialisation)")
     ap.add_argument("--images", type=int, default=4, help="test images attacked (one per class)")
     ap.add_argument("--iterations", type=int, default=1000)
@@ -179,7 +192,7 @@ def main() -> None:
         json.loads(line) for f in a.reuse for line in f.read_text().splitlines() if line.startswith("{")
     ]
     trained = {r["steps"]: r for r in logged if "test_accuracy" in r}
-    checkpoints = [dict(trained[s]) for s in steps] if set(steps) <= set(trained) else train(steps)
+    checkpoints = [dict(trained[s]) for s in steps] if set(steps) <= set(trained) else train(steps, a.arch)
     images = victims(a.images)
     if a.image_index is not None:
         images = images[a.image_index : a.image_index + 1]
@@ -195,7 +208,7 @@ def main() -> None:
                 if done or a.skip_missing:
                     runs += done[:1]
                     continue
-                r = attack(ck["weights"], image, label, a.iterations, seed)
+                r = attack(ck["weights"], image, label, a.iterations, seed, a.arch, a.bn)
                 print(json.dumps({"steps": ck["steps"], **r}), file=sys.stderr, flush=True)
                 runs.append(r)
         ck["runs"] = runs
@@ -206,18 +219,10 @@ def main() -> None:
         ck["ssim_median"] = statistics.median(r["ssim_mean"] for r in runs)
         ck["weights"] = Path(ck["weights"]).name  # a cache file, regenerated by the same command
     report = {
-        "machine": {
-            **machine(),
-            "torch_threads": 1,
-            "note": "2 cores shared with other work",
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["python", "-m", "bench.trained", *sys.argv[1:]]),
+        **report_header("bench.trained", load_before),
         "training": {
-            "arch": ARCH,
-            "knobs": "registry defaults",
+            "arch": a.arch,
+            "knobs": ARCHES[a.arch]["knobs"] or "registry defaults",
             "task": f"photo_patches(size=32, per_class={PER_CLASS}, seed=0), 20 % test split (seed 0)",
             "optimiser": f"SGD lr {LR} momentum {MOMENTUM}, batch {BATCH}, seeded order",
             "init_seed": 0,
@@ -226,6 +231,7 @@ def main() -> None:
         "case": {
             "batch": 1,
             "protocol": "fedsgd",
+            "bn_mode": a.bn if a.arch == "resnet18" else "no batch norm",
             "labels": "known",
             "images": "test patches, one per class",
         },
