@@ -137,8 +137,14 @@ def run_ours(ref: str, label: int, iterations: int, variant: dict[str, Any], see
     }
 
 
-def run_peer(ref: str, label: int, iterations: int, config: str, seed: int) -> dict[str, Any]:
-    """breaching's Inverting Gradients on gradleak's model and gradient for this image."""
+def run_peer(
+    ref: str, label: int, iterations: int, config: str, seed: int, bn: str = CASE["bn"]
+) -> dict[str, Any]:
+    """breaching's Inverting Gradients on gradleak's model and gradient for this image.
+
+    `bn` is the client's BN mode; breaching attacks a train-mode client when the server's payload
+    carries no buffers (it then keeps its copy of the model in train mode).
+    """
     import contextlib
     import io
 
@@ -159,7 +165,7 @@ def run_peer(ref: str, label: int, iterations: int, config: str, seed: int) -> d
     norm = spec.data.resolved_normalization()
     truth, _ = load_images(sim.source, sim.images, size=32, channels=3, path=sim.path)
     labels = torch.tensor(sim.labels)
-    with training_mode(model, CASE["bn"]):
+    with training_mode(model, bn):
         grads = torch.autograd.grad(
             F.cross_entropy(model(normalize(truth, norm)), labels), list(model.parameters())
         )
@@ -184,7 +190,7 @@ def run_peer(ref: str, label: int, iterations: int, config: str, seed: int) -> d
     payload = [
         {
             "parameters": [p.detach() for p in model.parameters()],
-            "buffers": [b.detach().clone() for b in model.buffers()],
+            "buffers": [b.detach().clone() for b in model.buffers()] if bn == "eval" else None,
             "metadata": metadata,
         }
     ]
@@ -208,6 +214,7 @@ def run_peer(ref: str, label: int, iterations: int, config: str, seed: int) -> d
         "image": ref,
         "config": config,
         "breaching_config": ["invertinggradients", f"regularization.total_variation.scale={tv}"],
+        "bn_mode": bn,
         "seed": seed,
         "iterations": iterations,
         "attack_s": attack_s,

@@ -9,6 +9,10 @@ and held-out ones no setting was chosen on (faces, a grayscale photo, scientific
 
   python -m bench.trainbn --iterations 1500 --seeds 0,1 --parallel 2
 
+`--configs` may also name `breaching`: breaching 0.1.2's Inverting Gradients (TV 5e-4, its best on
+the eval-mode tuning images, bench.heldout) on the same model, gradient and batch-1 images, with
+its model in train mode too (`make bench-peer` installs it).
+
 Every run is its own subprocess; `--parallel` runs that many at once (the machine is shared, so
 per-iteration times are noisy; the comparison is iteration-matched). Writes
 bench/results/attacks-cpu-trainbn.json with the machine, the load, every run and the medians.
@@ -87,32 +91,60 @@ def run_one(images: list[str], config: str, iterations: int, seed: int) -> dict[
     }
 
 
+PEER = "breaching"
+
+
+def run_peer_one(images: list[str], iterations: int, seed: int) -> dict[str, Any]:
+    from bench.heldout import run_peer
+
+    (image,) = images
+    r = run_peer(image, LABELS[0], iterations, "ig_tv5e-4", seed, bn="train")
+    return {
+        "images": images,
+        "config": PEER,
+        "seed": seed,
+        "iterations": iterations,
+        "attack_s": r["attack_s"],
+        "s_per_iteration": r["s_per_iteration"],
+        "breaching_config": r["breaching_config"],
+        "psnr_mean": r["psnr_mean"],
+        "ssim_mean": r["ssim_mean"],
+        "load_average_after": list(os.getloadavg()),
+    }
+
+
 def subprocess_run(images: list[str], config: str, iterations: int, seed: int) -> dict[str, Any]:
+    from bench import peer
+
     cmd = [sys.executable, "-m", "bench.trainbn", "one", ",".join(images), config, str(iterations), str(seed)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if config == PEER:
+        env["PYTHONPATH"] = os.pathsep.join([str(peer.PEER_DIR), env.get("PYTHONPATH", ""), str(ROOT)])
+        env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians and means of mean PSNR per (batch, image set, config), and after - before per run."""
+    """Medians and means of mean PSNR per (batch, image set, iterations, config); `after` and
+    `breaching` minus `before` at the same iterations, as a median of the groups' medians."""
     out: dict[str, Any] = {}
-    groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[int, str, int, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((len(r["images"]), r["set"], r["config"]), []).append(r)
-    for (n, image_set, config), rs in sorted(groups.items()):
+        groups.setdefault((len(r["images"]), r["set"], r["iterations"], r["config"]), []).append(r)
+    for (n, image_set, its, config), rs in sorted(groups.items()):
         psnrs = [r["psnr_mean"] for r in rs]
-        out[f"b{n}/{image_set}/{config}"] = {
+        out[f"b{n}/{image_set}/{its} iterations/{config}"] = {
             "runs": len(rs),
             "psnr_mean_median": statistics.median(psnrs),
             "psnr_mean_mean": statistics.fmean(psnrs),
             "ssim_mean_median": statistics.median(r["ssim_mean"] for r in rs),
-            "iterations": sorted({r["iterations"] for r in rs}),
         }
     for key in list(out):
-        if key.endswith("/after"):
-            before = out.get(key.replace("/after", "/before"))
-            if before:
-                out[key]["gain_db_median"] = out[key]["psnr_mean_median"] - before["psnr_mean_median"]
+        head, config = key.rsplit("/", 1)
+        before = out.get(f"{head}/before")
+        if config != "before" and before:
+            out[key]["gain_db_median"] = out[key]["psnr_mean_median"] - before["psnr_mean_median"]
     return out
 
 
@@ -126,7 +158,7 @@ def main() -> None:
     ap.add_argument("--batch1-held-out", default=",".join(HELD_OUT[:2]))
     ap.add_argument("--batch4-tuning", default=",".join(TUNING))
     ap.add_argument("--batch4-held-out", default=",".join(HELD_OUT[:4]))
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="before, after or both")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"before, after, {PEER}")
     ap.add_argument(
         "--append", action="store_true", help="keep the runs already in --out (another day's load)"
     )
@@ -143,8 +175,17 @@ def main() -> None:
     a = ap.parse_args()
     if a.mode == "one":
         images, config, its, seed = a.args
-        print(json.dumps(run_one(images.split(","), config, int(its), int(seed))))
+        one = run_peer_one if config == PEER else lambda i, n, s: run_one(i, config, n, s)
+        print(json.dumps(one(images.split(","), int(its), int(seed))))
         return
+    configs = a.configs.split(",")
+    if unknown := [c for c in configs if c not in (*CONFIGS, PEER)]:
+        ap.error(f"unknown --configs {', '.join(unknown)}; valid: {', '.join([*CONFIGS, PEER])}")
+    if PEER in configs:
+        from bench import peer
+
+        if not peer.available():
+            ap.error("breaching is not installed: run `make bench-peer`")
 
     plan: list[tuple[str, list[str]]] = []
     for image_set, names in (("tuning", a.batch1_tuning), ("held_out", a.batch1_held_out)):
@@ -156,7 +197,8 @@ def main() -> None:
         (s, imgs, c, seed)
         for s, imgs in plan
         for seed in map(int, a.seeds.split(","))
-        for c in a.configs.split(",")
+        for c in configs
+        if c != PEER or len(imgs) == 1
     ]
     started = time.time()
     load_before = list(os.getloadavg())
@@ -181,10 +223,12 @@ def main() -> None:
     for r in rows if not a.from_logs else []:  # runs from logs: the report's note says how
         r.setdefault("command", "python -m bench.trainbn " + " ".join(sys.argv[1:]))
     commands = ["python -m bench.trainbn " + " ".join(sys.argv[1:])]
+    kept: dict[str, Any] = {}
     if a.append and a.out.exists():
         old = json.loads(a.out.read_text())
         rows = old["runs"] + rows
         commands = old["commands"] + commands
+        kept = {k: v for k, v in old.items() if k in ("exploration", "probes", "sensitivity", "notes")}
     report = {
         "machine": {
             **machine(),
@@ -204,6 +248,7 @@ def main() -> None:
         "summary": summarise(rows),
         "runs": rows,
     }
+    report.update(kept)
     if a.extra is not None:
         report.update(json.loads(a.extra.read_text()))
     a.out.parent.mkdir(parents=True, exist_ok=True)

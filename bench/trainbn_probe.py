@@ -12,13 +12,26 @@ features = row / bias gradient). Prints one JSON line: PSNR/SSIM of the reconstr
 final cosine distance (0 = matched).
 
   python -m bench.trainbn_probe astronaut --iterations 300 --lr 0.1 --features 1
+
+`--sensitivity` runs no attack: it measures how far the client's gradient moves when its image
+moves a little (noise of RMS eps in the normalised space, three noise draws), as the cosine
+distance between the two gradients over all parameters and per stage (stem, layer1..4, fc), and
+its IGSA (service.metrics.igsa: 8 moves of 5 % of the image's norm, higher = smoother), with
+the model's BN in train mode and in eval mode; `--steps N` takes the ResNet-18 trained N SGD steps
+on the photo-patch task (bench.trained's checkpoints, 0 = the initialisation). An attack descends
+from afar only if small moves of the image make small moves of the gradient.
+
+  python -m bench.trainbn_probe astronaut --sensitivity 0.001,0.01,0.03,0.1 --steps 0,100,300
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +41,73 @@ from service.metrics import score
 from service.models import build_model
 from service.specs import DataSpec, ModelSpec
 
+STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
+
+
+def _gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    return [t.detach() for t in g]
+
+
+def _cosine_distance(u: list[torch.Tensor], v: list[torch.Tensor]) -> float:
+    dot = sum(float((a * b).sum()) for a, b in zip(u, v, strict=True))
+    nu = sum(float((a * a).sum()) for a in u) ** 0.5
+    nv = sum(float((b * b).sum()) for b in v) ** 0.5
+    return 1 - dot / (nu * nv)
+
+
+def sensitivity(image: str, eps_list: list[float], steps: list[int]) -> dict[str, Any]:
+    """Cosine distance between the gradient at the image and at the image plus noise of RMS eps."""
+    from bench.trained import train
+    from service.metrics.igsa import igsa
+
+    data = DataSpec(shape=(3, 32, 32), num_classes=10, normalization="cifar10")
+    truth, _ = load_images("photos", [image], size=32, channels=3)
+    x = normalize(truth, data.resolved_normalization())
+    y = torch.tensor([1])
+    weights = {c["steps"]: c for c in train(steps, "resnet18")}
+    out: dict[str, Any] = {}
+    for step in steps:
+        path = weights[step]["weights"]
+        spec = ModelSpec(arch="resnet18", knobs={"stem": "cifar"}, init_seed=0, weights=path)
+        for mode in ("train", "eval"):
+            # a fresh copy per mode: train-mode passes move the running statistics eval mode uses
+            model = build_model(spec, data, lambda p: Path(p).read_bytes()).train(mode == "train")
+            stage_of = [n.split(".")[0] for n, _ in model.named_parameters()]
+            g0 = _gradient(model, x, y)
+            total = sum(float((t * t).sum()) for t in g0)
+            share = {
+                st: sum(float((t * t).sum()) for s, t in zip(stage_of, g0, strict=True) if s == st) / total
+                for st in STAGES
+            }
+            rows = []
+            for eps in eps_list:
+                draws: dict[str, list[float]] = {k: [] for k in ("all", *STAGES)}
+                for draw in range(3):
+                    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(draw))
+                    g1 = _gradient(model, x + eps * noise, y)
+                    draws["all"].append(_cosine_distance(g0, g1))
+                    for st in STAGES:
+                        pick = [k for k, s in enumerate(stage_of) if s == st]
+                        draws[st].append(_cosine_distance([g0[k] for k in pick], [g1[k] for k in pick]))
+                rows.append({"eps": eps, **{k: statistics.median(v) for k, v in draws.items()}})
+            smooth = igsa(model, x, y, bn_mode=mode, generator=torch.Generator().manual_seed(0))
+            out[f"steps {step}, bn {mode}"] = {
+                "test_accuracy": weights[step]["test_accuracy"],
+                "igsa": smooth.score,
+                "gradient_share": share,
+                "cosine_distance": rows,
+            }
+    return out
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("image")
+    ap.add_argument(
+        "--sensitivity", default=None, help="comma-separated noise RMS values: measure, no attack"
+    )
+    ap.add_argument("--steps", default="0", help="with --sensitivity: checkpoints (SGD steps)")
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--features", type=float, default=0.0)
@@ -39,6 +115,11 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="Adam on the raw gradient, not its sign")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.sensitivity:
+        eps = [float(e) for e in a.sensitivity.split(",")]
+        steps = [int(t) for t in a.steps.split(",")]
+        print(json.dumps({"image": a.image, "sensitivity": sensitivity(a.image, eps, steps)}))
+        return
     data = DataSpec(shape=(3, 32, 32), num_classes=10, normalization="cifar10")
     model = build_model(ModelSpec(arch="resnet18", knobs={"stem": "cifar"}, init_seed=0), data).train()
     norm = data.resolved_normalization()
