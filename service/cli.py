@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import TypeAdapter, ValidationError
@@ -32,6 +32,10 @@ from service.specs import (
     ModelSpec,
     SimulatedClient,
 )
+
+if TYPE_CHECKING:
+    from service.jobs.types import JobContext
+    from service.storage import LocalStore
 
 app = typer.Typer(
     name="gradleak",
@@ -162,6 +166,24 @@ def own_model(text: str) -> dict[str, str]:
     if is_import_path(text) and not Path(text).exists():
         return {"arch": "module", "source": text}
     return {"arch": "onnx", "source": str(Path(text).expanduser())}
+
+
+def local_context(run_id: str, store: LocalStore, device: str | None, progress: Any) -> JobContext:
+    """The JobContext of a run on this machine: artifacts in `store` under `run_id`, local files
+    as references, the device given or the settings' default."""
+    from service.jobs.types import JobContext
+    from service.settings import get_settings
+
+    settings = get_settings()
+    return JobContext(
+        job_id=run_id,
+        store=store,
+        prefix=run_id,
+        resolve=local_resolve,
+        progress=progress,
+        device=device or settings.device,
+        lpips_weights_dir=str(settings.lpips_weights_dir) if settings.lpips_weights_dir else None,
+    )
 
 
 def local_resolve(ref: str) -> bytes:
@@ -457,13 +479,11 @@ def local_modules(spec: JobSpec) -> Iterator[None]:
 
 def run_local(spec: JobSpec, out: Path, device: str | None, as_json: bool) -> None:
     from service.jobs.runner import run_job
-    from service.jobs.types import JobContext, Progress
-    from service.settings import get_settings
+    from service.jobs.types import Progress
     from service.storage import LocalStore
 
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{spec.attack.name}-{secrets.token_hex(3)}"
     store = LocalStore(out)
-    settings = get_settings()
     show_bar = sys.stderr.isatty() and not as_json
 
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
@@ -487,15 +507,7 @@ def run_local(spec: JobSpec, out: Path, device: str | None, as_json: bool) -> No
             elif not show_bar and not as_json:
                 typer.echo(f"[{p.stage}] {p.message}".rstrip(), err=True)
 
-        ctx = JobContext(
-            job_id=job_id,
-            store=store,
-            prefix=job_id,
-            resolve=local_resolve,
-            progress=on_progress,
-            device=device or settings.device,
-            lpips_weights_dir=str(settings.lpips_weights_dir) if settings.lpips_weights_dir else None,
-        )
+        ctx = local_context(job_id, store, device, on_progress)
         with local_modules(spec):
             result = run_job(spec, ctx)
     if as_json:

@@ -158,15 +158,13 @@ def run_local_federation(spec: Any, out: Path, device: str | None, as_json: bool
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as Bar
 
-    from service.cli import local_resolve
+    from service.cli import local_context
     from service.jobs.runner import run_job
-    from service.jobs.types import JobContext, Progress
-    from service.settings import get_settings
+    from service.jobs.types import Progress
     from service.storage import LocalStore
 
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-federation-{secrets.token_hex(3)}"
     store = LocalStore(out)
-    settings = get_settings()
     show_bar = sys.stderr.isatty() and not as_json
     bar = Bar(
         TextColumn("[bold]rounds"),
@@ -186,15 +184,7 @@ def run_local_federation(spec: Any, out: Path, device: str | None, as_json: bool
             if not show_bar and not as_json and p.stage in ("setup", "training"):
                 typer.echo(f"[{p.stage}] {p.message}".rstrip(), err=True)
 
-        ctx = JobContext(
-            job_id=run_id,
-            store=store,
-            prefix=run_id,
-            resolve=local_resolve,
-            progress=on_progress,
-            device=device or settings.device,
-            lpips_weights_dir=str(settings.lpips_weights_dir) if settings.lpips_weights_dir else None,
-        )
+        ctx = local_context(run_id, store, device, on_progress)
         result = run_job(spec, ctx)
     if as_json:
         typer.echo(json.dumps(result.manifest, indent=2))
