@@ -157,8 +157,8 @@ def report(
             **machine(),
             "torch_threads": 1,
             "parallel_runs": jobs,
-            "note": "shared with other work (about 8 concurrent workers on 2 cores); quality is "
-            "iteration-matched, so the load only affects wall_s",
+            "note": "2 cores, possibly shared with other benchmark runs (see the load averages); "
+            "quality is iteration-matched, so the load only affects wall_s",
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
         },
