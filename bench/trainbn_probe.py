@@ -8,8 +8,10 @@ and 7/8, pixels kept in the valid range. Options: --lr, --layers (match only the
 parameters whose names start with these prefixes), --features W (add W x the relative squared
 error between the network's penultimate features and those recovered exactly from the fc
 gradient: at batch 1 the fc weight gradient's row i is (p_i - y_i) times the features, so
-features = row / bias gradient). Prints one JSON line: PSNR/SSIM of the reconstruction and the
-final cosine distance (0 = matched).
+features = row / bias gradient), --features-only (match those features alone, no gradient: a
+feature inversion), --tv, --start-near EPS (start at the truth plus noise of RMS EPS instead of
+far away: does the loop stay there?). Prints one JSON line: PSNR/SSIM of the reconstruction and
+the final cosine distance (0 = matched).
 
   python -m bench.trainbn_probe astronaut --iterations 300 --lr 0.1 --features 1
 
@@ -113,6 +115,16 @@ def main() -> None:
     ap.add_argument("--features", type=float, default=0.0)
     ap.add_argument("--layers", default=None, help="comma-separated parameter-name prefixes")
     ap.add_argument("--plain", action="store_true", help="Adam on the raw gradient, not its sign")
+    ap.add_argument(
+        "--features-only", action="store_true", help="match the recovered features alone (no gradient)"
+    )
+    ap.add_argument("--tv", type=float, default=1e-4, help="TV weight")
+    ap.add_argument(
+        "--start-near",
+        type=float,
+        default=None,
+        help="start at the truth plus noise of this RMS",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.sensitivity:
@@ -143,7 +155,13 @@ def main() -> None:
     t_norm = torch.sqrt(sum((t * t).sum() for t in t_keep))
     lo, hi = normalize(torch.zeros(1, 3, 1, 1), norm), normalize(torch.ones(1, 3, 1, 1), norm)
     torch.manual_seed(0)
-    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    x = torch.randn(1, 3, 32, 32)
+    if a.start_near is not None:
+        x = normalize(truth, norm) + a.start_near * x
+    x = x.clamp(lo, hi).requires_grad_(True)
+    mean = torch.tensor(norm.mean).view(1, -1, 1, 1)
+    std = torch.tensor(norm.std).view(1, -1, 1, 1)
+    start_psnr = score((x.detach() * std + mean).clamp(0, 1), truth)["mean"]["psnr"]
     opt = torch.optim.Adam([x], lr=a.lr)
     its = a.iterations
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [its * 3 // 8, its * 5 // 8, its * 7 // 8], 0.1)
@@ -151,14 +169,18 @@ def main() -> None:
     cos = torch.tensor(1.0)
     for _ in range(its):
         opt.zero_grad()
-        g = grads(x, True)
-        g_keep = [g[k] for k in keep]
-        dot = sum((u * v).sum() for u, v in zip(g_keep, t_keep, strict=True))
-        cos = 1 - dot / (torch.sqrt(sum((u * u).sum() for u in g_keep)) * t_norm)
         tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-        loss = cos + 1e-4 * tv
-        if a.features > 0:
-            loss = loss + a.features * ((feats["h"][0] - h_star) ** 2).sum() / (h_star**2).sum()
+        if a.features_only:
+            model(x)
+            loss = ((feats["h"][0] - h_star) ** 2).sum() / (h_star**2).sum() + a.tv * tv
+        else:
+            g = grads(x, True)
+            g_keep = [g[k] for k in keep]
+            dot = sum((u * v).sum() for u, v in zip(g_keep, t_keep, strict=True))
+            cos = 1 - dot / (torch.sqrt(sum((u * u).sum() for u in g_keep)) * t_norm)
+            loss = cos + a.tv * tv
+            if a.features > 0:
+                loss = loss + a.features * ((feats["h"][0] - h_star) ** 2).sum() / (h_star**2).sum()
         loss.backward()
         assert x.grad is not None
         if not a.plain:
@@ -167,16 +189,22 @@ def main() -> None:
         sched.step()
         with torch.no_grad():
             x.copy_(torch.max(torch.min(x, hi), lo))
-    mean = torch.tensor(norm.mean).view(1, -1, 1, 1)
-    std = torch.tensor(norm.std).view(1, -1, 1, 1)
     m = score((x.detach() * std + mean).clamp(0, 1), truth)
+    if a.features_only:  # the gradient's distance at the end, for the record
+        g = grads(x.detach(), False)
+        g_keep = [g[k] for k in keep]
+        dot = sum((u * v).sum() for u, v in zip(g_keep, t_keep, strict=True))
+        cos = 1 - dot / (torch.sqrt(sum((u * u).sum() for u in g_keep)) * t_norm)
     print(
         json.dumps(
             {
                 "image": a.image,
                 "iterations": its,
                 "lr": a.lr,
-                "features": a.features,
+                "features": "only" if a.features_only else a.features,
+                "tv": a.tv,
+                "start_near": a.start_near,
+                "start_psnr": start_psnr,
                 "layers": prefixes,
                 "signed": not a.plain,
                 "psnr": m["mean"]["psnr"],
