@@ -525,10 +525,14 @@ def summarize(manifest: dict[str, Any], paths: dict[str, Path]) -> None:
     m = manifest.get("metrics")
     if m:
         mean, worst = m["mean"], m["worst_case"]
-        lp = "n/a" if mean.get("lpips") is None else f"{mean['lpips']:.3f}"
+
+        def num(v: float | None, spec: str) -> str:  # a metric an image too small has none of
+            return "n/a" if v is None else format(v, spec)
+
         typer.echo(
-            f"PSNR mean {mean['psnr']:.2f} dB, worst case {worst['psnr']:.2f} dB; "
-            f"SSIM mean {mean['ssim']:.3f}, worst case {worst['ssim']:.3f}; LPIPS mean {lp}"
+            f"PSNR mean {num(mean['psnr'], '.2f')} dB, worst case {num(worst['psnr'], '.2f')} dB; "
+            f"SSIM mean {num(mean['ssim'], '.3f')}, worst case {num(worst['ssim'], '.3f')}; "
+            f"LPIPS mean {num(mean.get('lpips'), '.3f')}"
         )
         if m.get("label_accuracy") is not None:
             acc = m["label_accuracy"]
@@ -545,6 +549,8 @@ def summarize(manifest: dict[str, Any], paths: dict[str, Path]) -> None:
             f"warning: not converged: {conv['iterations']} iterations, fewer than the "
             f"{conv['needed_iterations']} the attack needs ({conv['basis']}); a larger budget may leak more"
         )
+    for limit in a.get("limits") or []:
+        typer.echo(f"caution: {limit['message']}")
     estimate = manifest.get("estimate")
     if estimate:
         labels = estimate["labels"]

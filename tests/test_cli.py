@@ -376,3 +376,19 @@ def test_verdict_flags_set_the_estimate_and_layer_over_a_spec_file(tmp_path):
     )  # a time limit alone runs until it is up
     bad = invoke("attack", "--spec", str(spec_path), "--shadows", "1", "--out", str(tmp_path))
     assert bad.exit_code == 2 and "verdict.shadows" in bad.output
+
+
+def test_the_summary_cautions_when_a_known_limit_of_the_attack_applies(tmp_path):
+    """A simulated client trains with its batch norm in train mode by default: the attack's known
+    limit there is said beside the scores, and not said for a model without batch norm."""
+    args = ["--images", "astronaut,coffee", "--labels", "1,3", "--size", "8", "--iterations", "2"]
+    r = invoke(
+        "attack", "--arch", "convnet", "--knob", "batchnorm=true", "--knob", "depth=1", "--knob", "width=4",
+        *args, "--out", str(tmp_path / "bn"),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "caution: the client normalises with its own batch statistics" in r.stdout
+    assert "SSIM mean n/a" in r.stdout  # 8 pixels a side are too few for SSIM: said, not a crash
+    r = invoke("attack", "--arch", "convnet", "--knob", "depth=1", *args, "--out", str(tmp_path / "plain"))
+    assert r.exit_code == 0, r.output
+    assert "caution:" not in r.stdout

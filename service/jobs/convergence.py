@@ -1,5 +1,5 @@
 """Was the attack's budget enough? Judged against how many iterations the attack was measured to
-need on the same architecture.
+need on the same architecture. And does a known limit of the attack apply (`limits`)?
 
 A run's own loss history cannot say it: the learning-rate schedule is stretched over the budget,
 so a short run anneals and flattens as a long one does (bench/results/convergence-cpu.json: the
@@ -43,3 +43,28 @@ def convergence(attack: str, arch: str, iterations: int) -> dict[str, Any]:
         f"on {arch} to come within {SHORT_DB:g} dB of its PSNR at the largest budget measured "
         f"({RESULTS_FILE})",
     }
+
+
+# A client that normalises with its own batch statistics (BN in train mode): measured in
+# bench/ATTACKS.md, "Train-mode batch norm" (bench/results/attacks-cpu-trainbn.json,
+# attacks-cpu-trained-resnet18.json).
+TRAIN_MODE_BN = (
+    "the client normalises with its own batch statistics (batch norm in train mode); on such "
+    "clients gradient matching, gradleak's and breaching's alike, has rebuilt nothing recognisable "
+    "in our benchmarks (ResNet-18, a batch of one: 8-10 dB at 1500 iterations untrained, 8-10 dB "
+    "at 1000 on a trained checkpoint; bench/ATTACKS.md), because the gradient is a far rougher "
+    "function of the images than in eval mode. A low score here is the attack's limit, not "
+    "evidence that the update is safe"
+)
+
+
+def limits(bn_mode: str, model: Any) -> list[dict[str, str]]:
+    """The manifest's `attack.limits`: known limits of the attacks that apply to this run, each a
+    `kind` and a `message`; a low score under one says little about the update's safety."""
+    from torch import nn
+
+    found = []
+    has_bn = any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules())
+    if bn_mode == "train" and has_bn:
+        found.append({"kind": "train_mode_batch_norm", "message": TRAIN_MODE_BN})
+    return found

@@ -315,6 +315,8 @@ def _attack_section(spec: JobSpec, manifest: dict[str, Any], loss_png: bytes | N
         judged = f"<p>Enough iterations to converge: {conv['iterations']} ({basis}).</p>"
     else:
         judged = f"<p>Convergence not judged: {basis}.</p>"
+    for limit in a.get("limits") or []:
+        judged += f"<p class=warn>Caution: {html.escape(limit['message'])}.</p>"
     params = spec.attack.model_dump(exclude={"name"})
     facts = [
         ("attack", f"{spec.attack.name}: {ATTACKS.get(spec.attack.name).description}"),

@@ -27,7 +27,7 @@ from service.errors import ArtifactError, SpecError
 from service.federations.spec import FederationSpec
 from service.fl import batch_bn_statistics_from_update, delta_to_pseudo_gradient, simulate_client
 from service.jobs.allocator import keep_freed_memory
-from service.jobs.convergence import convergence
+from service.jobs.convergence import convergence, limits
 from service.jobs.report import render_grid_png, render_report_html
 from service.jobs.types import (
     CONTENT_TYPES,
@@ -223,6 +223,7 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
             "best_loss": _finite(result.best_loss),
             "restart_losses": [_finite(v) for v in result.restart_losses],
             "convergence": convergence(spec.attack.name, spec.model.arch, result.iterations),
+            "limits": limits(problem.bn_mode, model),
             "num_images": problem.num_images,
             "num_images_source": problem.num_images_source,
             "labels": result.labels.tolist(),

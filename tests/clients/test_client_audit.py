@@ -441,3 +441,15 @@ def test_a_real_tiny_run_warns_in_the_gate(tmp_path: Path) -> None:
     )
     [(outcome, message)] = budget_checks(job)
     assert outcome == "warn" and "not converged" in message
+
+
+def test_a_known_limit_of_the_attack_is_a_warning_that_leaves_the_verdict() -> None:
+    """The service lists the attack's known limits that apply (`attack.limits`, e.g. a client
+    whose batch norm runs in train mode); the gate says each once per job, as a warning."""
+    limit = {"kind": "train_mode_batch_norm", "message": "a low score here is the attack's limit"}
+    job = job_with(METRICS).model_copy(update={"result": {"attack": {"limits": [limit]}}})
+    checks = evaluate_job(job, [Threshold(metric="psnr", max=40)], "s", "a", True)
+    [warned] = [c for c in checks if c.rule == "attack limit"]
+    assert warned.outcome == "warn" and warned.message == limit["message"] and warned.job_id == job.id
+    assert AuditReport(Policy.from_data(policy()), [], checks).verdict == "pass"
+    assert not [c for c in evaluate_job(job_with(METRICS), [], "s", "a", True) if c.rule == "attack limit"]

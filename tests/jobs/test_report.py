@@ -188,6 +188,42 @@ def test_the_manifest_records_convergence_and_the_grid_is_labelled(job: tuple[di
     manifest, html, grid = job
     conv = manifest["attack"]["convergence"]
     assert conv["iterations"] == 12 and conv["converged"] is None  # fedavg_unroll is not measured
+    assert manifest["attack"]["limits"] == []  # no batch norm: no known limit applies
+    assert "Caution" not in html
     assert "Convergence not judged: no measurement of the iterations fedavg_unroll needs" in html
     arr = _png(grid)
     assert arr.shape[0] > 2 * MIN_TILE and arr.shape[1] > 2 * MIN_TILE
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_a_train_mode_batch_norm_client_is_flagged_as_beyond_the_attack(tmp_path: Path, bn_mode: str) -> None:
+    """Gradient matching rebuilds nothing of clients whose BN runs in train mode (bench/ATTACKS.md):
+    the manifest and the report say so, so that a low score is not read as safety."""
+    spec = JobSpec.model_validate(
+        {
+            "model": {"arch": "convnet", "knobs": {"batchnorm": True, "depth": 1, "width": 4}},
+            "update": {
+                "simulate": {
+                    "images": ["astronaut", "coffee"],
+                    "labels": [1, 3],
+                    "training": {"bn_mode": bn_mode},
+                },
+                "client": {"bn_mode": bn_mode},
+            },
+            "data": {"shape": [3, 8, 8], "labels": [1, 3]},
+            "budget": {"iterations": 2},
+        }
+    )
+    store = LocalStore(tmp_path)
+    result = run_job(spec, JobContext(job_id="j", store=store, prefix="j", resolve=bytes))
+    html = Path(store.path(result.artifacts["report.html"])).read_text()
+    found = result.manifest["attack"]["limits"]
+    if bn_mode == "eval":
+        assert found == [] and "Caution" not in html
+        return
+    [limit] = found
+    assert (
+        limit["kind"] == "train_mode_batch_norm"
+        and "not evidence that the update is safe" in limit["message"]
+    )
+    assert "<p class=warn>Caution: the client normalises with its own batch statistics" in html

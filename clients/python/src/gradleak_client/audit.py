@@ -181,6 +181,18 @@ def convergence_check(job: Job, policy: Convergence, scenario: str, attack: str,
     return Check(scenario, attack, "budget", weak, message, gated, job.id, float(iterations))
 
 
+def limits_checks(job: Job, scenario: str, attack: str, gated: bool) -> list[Check]:
+    """A warning for each known limit of the attack that the service found in this run
+    (`attack.limits`, e.g. a client whose batch norm runs in train mode): a pass under one says
+    little about the update's safety."""
+    found = ((job.result or {}).get("attack") or {}).get("limits") or []
+    return [
+        Check(scenario, attack, "attack limit", "warn", str(limit.get("message", limit)), gated, job.id)
+        for limit in found
+        if isinstance(limit, dict)
+    ]
+
+
 def _estimated(estimate: Estimate, rule: Threshold) -> tuple[list[tuple[int | None, float]] | None, str]:
     """The estimate a threshold applies to when there is no ground truth, or None and why."""
     if rule.metric not in ESTIMATED_METRICS or rule.over == "per_image":
@@ -245,7 +257,7 @@ def evaluate_job(
             outcome = "pass" if passed else "fail"
             checks.append(Check(scenario, attack, name, outcome, message, gated, job.id, value, image))
     budget = convergence_check(job, convergence or Convergence(), scenario, attack, gated)
-    return checks if budget is None else [*checks, budget]
+    return [*checks, *([] if budget is None else [budget]), *limits_checks(job, scenario, attack, gated)]
 
 
 # ---------------------------------------------------------------------------------------------
