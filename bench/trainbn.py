@@ -9,7 +9,8 @@ and held-out ones no setting was chosen on (faces, a grayscale photo, scientific
 
   python -m bench.trainbn --iterations 1500 --seeds 0,1 --parallel 2
 
-`--configs` may also name `breaching`: breaching 0.1.2's Inverting Gradients (TV 5e-4, its best on
+`--configs` may also name the GradInversion variants (CONFIGS: the client's batch statistics as a
+prior, knowledge level 4) and `breaching`: breaching 0.1.2's Inverting Gradients (TV 5e-4, its best on
 the eval-mode tuning images, bench.heldout) on the same model, gradient and batch-1 images, with
 its model in train mode too (`make bench-peer` installs it).
 
@@ -51,6 +52,11 @@ LABELS = [1, 3, 5, 8]
 CONFIGS: dict[str, dict[str, Any]] = {
     "before": {"name": "inverting_gradients", "scale_invariance": "off"},
     "after": {"name": "inverting_gradients"},
+    # GradInversion pulls the reconstruction's BN statistics towards the client's batch's (at
+    # knowledge level 4: a FedAvg update's running statistics imply them), at three weights
+    "gradinversion": {"name": "gradinversion"},
+    "gradinversion_bn0.1": {"name": "gradinversion", "bn_weight": 0.1},
+    "gradinversion_bn1": {"name": "gradinversion", "bn_weight": 1.0},
 }
 
 
@@ -66,7 +72,7 @@ def spec_for(images: list[str], config: str, iterations: int, seed: int) -> Any:
                 "client": {"bn_mode": "train"},
             },
             "data": {"shape": [3, 32, 32], "num_classes": 10, "normalization": "cifar10", "labels": labels},
-            "knowledge": 1,
+            "knowledge": 4 if CONFIGS[config]["name"] == "gradinversion" else 1,
             "attack": CONFIGS[config],
             "budget": {"iterations": iterations, "restarts": 1},
             "seed": seed,
