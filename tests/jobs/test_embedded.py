@@ -122,7 +122,8 @@ def test_worker_process_killed_mid_job_is_retried_and_succeeds(
     sqlite_state: SQLiteStateStore, store: LocalStore, settings: Settings
 ) -> None:
     """The real runner in the worker process; SIGKILL the process mid-attack: the job runs again."""
-    spec = {**TINY_SPEC, "budget": {"iterations": 400, "time_limit_s": 2}}
+    # long enough that a loaded machine's poller still sees the attack running before it ends
+    spec = {**TINY_SPEC, "budget": {"iterations": 4000, "time_limit_s": 5}}
     job = make_job(sqlite_state, settings, spec=spec)
 
     async def scenario() -> None:
