@@ -132,8 +132,8 @@ def subprocess_run(images: list[str], config: str, iterations: int, seed: int) -
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians and means of mean PSNR per (batch, image set, iterations, config); `after` and
-    `breaching` minus `before` at the same iterations, as a median of the groups' medians."""
+    """Medians and means of mean PSNR per (batch, image set, iterations, config); each config minus
+    `before` at the same iterations on the same images, as a difference of the groups' medians."""
     out: dict[str, Any] = {}
     groups: dict[tuple[int, str, int, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -145,11 +145,12 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "psnr_mean_median": statistics.median(psnrs),
             "psnr_mean_mean": statistics.fmean(psnrs),
             "ssim_mean_median": statistics.median(r["ssim_mean"] for r in rs),
+            "images": sorted({",".join(r["images"]) for r in rs}),
         }
     for key in list(out):
         head, config = key.rsplit("/", 1)
         before = out.get(f"{head}/before")
-        if config != "before" and before:
+        if config != "before" and before and before["images"] == out[key]["images"]:
             out[key]["gain_db_median"] = out[key]["psnr_mean_median"] - before["psnr_mean_median"]
     return out
 
