@@ -47,14 +47,14 @@ def convergence(attack: str, arch: str, iterations: int) -> dict[str, Any]:
 
 # A client that normalises with its own batch statistics (BN in train mode): measured in
 # bench/ATTACKS.md, "Train-mode batch norm" (bench/results/attacks-cpu-trainbn.json,
-# attacks-cpu-trained-resnet18.json).
+# attacks-cpu-trained-resnet18.json: 7.6-10.6 dB in train mode over both files' batch-1 runs).
 TRAIN_MODE_BN = (
     "the client normalises with its own batch statistics (batch norm in train mode); on such "
     "clients gradient matching, gradleak's and breaching's alike, has rebuilt nothing recognisable "
-    "in our benchmarks (ResNet-18, a batch of one: 8-10 dB at 1500 iterations untrained, 8-10 dB "
-    "at 1000 on a trained checkpoint; bench/ATTACKS.md), because the gradient is a far rougher "
-    "function of the images than in eval mode. A low score here is the attack's limit, not "
-    "evidence that the update is safe"
+    "in our benchmarks (a ResNet-18 with a batch of one: 7.6 to 10.6 dB untrained or trained, where "
+    "the untrained one in eval mode gave 21.6 to 26.7 dB; bench/ATTACKS.md), because its gradient "
+    "is a far rougher function of the images than in eval mode. A low score here is the attack's "
+    "limit, not evidence that the update is safe"
 )
 
 
