@@ -524,15 +524,13 @@ def summarize(manifest: dict[str, Any], paths: dict[str, Path]) -> None:
     )
     m = manifest.get("metrics")
     if m:
+        from service.jobs.report import fmt_num
+
         mean, worst = m["mean"], m["worst_case"]
-
-        def num(v: float | None, spec: str) -> str:  # a metric an image too small has none of
-            return "n/a" if v is None else format(v, spec)
-
         typer.echo(
-            f"PSNR mean {num(mean['psnr'], '.2f')} dB, worst case {num(worst['psnr'], '.2f')} dB; "
-            f"SSIM mean {num(mean['ssim'], '.3f')}, worst case {num(worst['ssim'], '.3f')}; "
-            f"LPIPS mean {num(mean.get('lpips'), '.3f')}"
+            f"PSNR mean {fmt_num(mean['psnr'], 2)} dB, worst case {fmt_num(worst['psnr'], 2)} dB; "
+            f"SSIM mean {fmt_num(mean['ssim'], 3)}, worst case {fmt_num(worst['ssim'], 3)}; "
+            f"LPIPS mean {fmt_num(mean.get('lpips'), 3)}"
         )
         if m.get("label_accuracy") is not None:
             acc = m["label_accuracy"]

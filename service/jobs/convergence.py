@@ -64,7 +64,7 @@ def limits(bn_mode: str, model: Any) -> list[dict[str, str]]:
     from torch import nn
 
     found = []
-    has_bn = any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules())
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if bn_mode == "train" and has_bn:
         found.append({"kind": "train_mode_batch_norm", "message": TRAIN_MODE_BN})
     return found

@@ -53,7 +53,8 @@ def _scale(h: int, w: int) -> int:
     return max(1, math.ceil(MIN_TILE / max(h, w)))
 
 
-def _fmt_num(v: float | None, digits: int, unit: str = "") -> str:
+def fmt_num(v: float | None, digits: int, unit: str = "") -> str:
+    """A number to `digits` decimals, or n/a for a metric that has none (e.g. SSIM of a tiny image)."""
     return "n/a" if v is None else f"{v:.{digits}f}{unit}"
 
 
@@ -116,8 +117,8 @@ def grid_layout(
                         p = None if psnr is None else psnr[i]
                         s = None if ssim is None else ssim[i]
                         colour = LEAK_COLOUR if leaked else TEXT_COLOUR
-                        layout.texts.append((x, ty, f"PSNR {_fmt_num(p, 1, ' dB')}", colour))
-                        layout.texts.append((x, ty + LINE_H, f"SSIM {_fmt_num(s, 3)}", colour))
+                        layout.texts.append((x, ty, f"PSNR {fmt_num(p, 1, ' dB')}", colour))
+                        layout.texts.append((x, ty + LINE_H, f"SSIM {fmt_num(s, 3)}", colour))
                         ty += 2 * LINE_H
                     if recon_labels is not None:
                         layout.texts.append((x, ty, f"label {recon_labels[j]}", MUTED_COLOUR))
