@@ -123,10 +123,9 @@ def subprocess_run(images: list[str], config: str, iterations: int, seed: int) -
     from bench import peer
 
     cmd = [sys.executable, "-m", "bench.trainbn", "one", ",".join(images), config, str(iterations), str(seed)]
-    env = dict(os.environ)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per run, gradleak's and breaching's alike
     if config == PEER:
         env["PYTHONPATH"] = os.pathsep.join([str(peer.PEER_DIR), env.get("PYTHONPATH", ""), str(ROOT)])
-        env["OMP_NUM_THREADS"] = "1"
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -165,7 +164,7 @@ def main() -> None:
     ap.add_argument("--batch1-held-out", default=",".join(HELD_OUT[:2]))
     ap.add_argument("--batch4-tuning", default=",".join(TUNING))
     ap.add_argument("--batch4-held-out", default=",".join(HELD_OUT[:4]))
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"before, after, {PEER}")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"any of {', '.join([*CONFIGS, PEER])}")
     ap.add_argument(
         "--append", action="store_true", help="keep the runs already in --out (another day's load)"
     )
