@@ -183,7 +183,11 @@ def all_cases(offset: int = 0) -> list[dict[str, Any]]:
     return cases
 
 
-def run_case(case: dict[str, Any], size: int, iterations: int, shadows: int, work: Path) -> dict[str, Any]:
+def case_spec(
+    case: dict[str, Any], size: int, iterations: int, shadows: int, work: Path
+) -> tuple[JobSpec, list]:
+    """The case's client update, weights and truth written under `work`, and the audit's spec
+    (the verdict always on); and the true labels."""
     data = DataSpec(shape=(3, size, size), num_classes=10)
     gen = torch.Generator().manual_seed(1000 + case["id"])
     model_spec = ModelSpec(arch=case["arch"], knobs=ARCHS[case["arch"]], init_seed=case["id"])
@@ -228,6 +232,11 @@ def run_case(case: dict[str, Any], size: int, iterations: int, shadows: int, wor
             "verdict": {"when": "always", "shadows": shadows},
         }
     )
+    return spec, labels.tolist()
+
+
+def run_case(case: dict[str, Any], size: int, iterations: int, shadows: int, work: Path) -> dict[str, Any]:
+    spec, labels = case_spec(case, size, iterations, shadows, work)
     started = time.monotonic()
     out = run_job(
         spec, JobContext(f"case{case['id']}", LocalStore(work / "store"), "j", lambda r: Path(r).read_bytes())
@@ -248,7 +257,9 @@ def run_case(case: dict[str, Any], size: int, iterations: int, shadows: int, wor
         "floor_truth": e["floor_truth"]["psnr"],
         "floor_shadows": e["floor"]["psnr"],
         "labels": e["labels"],
-        "true_labels": labels.tolist(),
+        "true_labels": labels,
+        "execution": e["execution"],
+        "igsa": e["igsa"],
     }
 
 
@@ -423,9 +434,10 @@ def main() -> None:
         "--split", help="name the cases' split (e.g. holdout-32px: reported apart, never used to tune)"
     )
     ap.add_argument("--summarize", action="store_true")
+    ap.add_argument("--log", help="append the cases here instead (runs in parallel: one file each)")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    log = RESULTS / "verdict-cpu.jsonl"
+    log = Path(args.log) if args.log else RESULTS / "verdict-cpu.jsonl"
     if not args.summarize:
         torch.set_num_threads(1)
         make = federation_cases if args.offset >= FED_CALIBRATION else all_cases

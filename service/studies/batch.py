@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from service.attacks.points import BATCHED_ATTACKS
 from service.jobs.execute import Runner, execute_job, record_spec
 from service.jobs.records import JobRecord
 from service.jobs.state import StateStore
@@ -36,7 +37,6 @@ from service.storage import ArtifactStore
 
 log = logging.getLogger("gradleak.studies")
 
-BATCHED_ATTACKS = ("inverting_gradients",)
 
 
 def batch_key(spec: Any) -> str | None:
@@ -125,62 +125,13 @@ class PointBatch:
 def _run_all(
     entries: dict[int, tuple[Any, Any, Any, Any]],
 ) -> tuple[dict[int, Any], dict[int, BaseException]]:
-    from service.attacks import ATTACKS
-    from service.attacks.inverting import points_objective
-    from service.attacks.optimize import optimise_points
+    from service.attacks.points import run_points
 
     slots = sorted(entries)
-    problems = [entries[s][0] for s in slots]
-    params = entries[slots[0]][1]
-    if len(slots) > 1 and _share_a_computation([entries[s] for s in slots]):
-        controls = [entries[s][2] for s in slots]
-        generators = [entries[s][3] for s in slots]
-        try:
-            out = optimise_points(problems, params, controls, generators, points_objective(problems, params))
-        except Exception as e:  # every point fails as it would alone
-            return {}, dict.fromkeys(slots, e)
-        return dict(zip(slots, out, strict=True)), {}
-    results: dict[int, Any] = {}
-    errors: dict[int, BaseException] = {}
-    for s in slots:  # one after another, each as it would run alone
-        problem, p, control, generator = entries[s]
-        try:
-            results[s] = ATTACKS.get(p.name).run(problem, p, control, generator)
-        except Exception as e:
-            errors[s] = e
+    out, failed, _ = run_points([entries[s] for s in slots])
+    results = {s: r for s, r in zip(slots, out, strict=True) if r is not None}
+    errors = {s: e for s, e in zip(slots, failed, strict=True) if e is not None}
     return results, errors
-
-
-def _share_a_computation(entries: list[tuple[Any, Any, Any, Any]]) -> bool:
-    import torch
-
-    from service.attacks.inverting import fixed_scale_for
-
-    first, params = entries[0][0], entries[0][1]
-    if params.name not in BATCHED_ATTACKS:
-        return False
-    if fixed_scale_for(first, params) is not None:  # the scale-blind path runs each point alone
-        return False
-    for problem, p, control, _ in entries:
-        same = (
-            p == params
-            and control.budget == entries[0][2].budget
-            and problem.labels is not None
-            and problem.param_names == first.param_names
-            and problem.match_names == first.match_names
-            and problem.num_images == first.num_images
-            and problem.image_shape == first.image_shape
-            and problem.normalization == first.normalization
-            and problem.bn_mode == first.bn_mode
-            and problem.device == first.device
-            and problem.matching_cost(p.cost) == first.matching_cost(params.cost)
-        )
-        if not same:
-            return False
-        mine, theirs = dict(problem.model.named_parameters()), dict(first.model.named_parameters())
-        if problem is not first and not all(torch.equal(mine[n], theirs[n]) for n in first.param_names):
-            return False
-    return True
 
 
 def run_batch(

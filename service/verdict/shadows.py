@@ -4,8 +4,9 @@ A shadow is the real job's spec with a simulated victim: the same model, declare
 (update.client), defenses, attack, knowledge and image count, its labels the histogram inferred
 from the real update, its images drawn from the proxy data by a seeded generator. It goes through
 the runner's own code (simulated_victim, problem_for, the registered attack), so there is no
-second engine. Shadows run one after another: each has its own target update, and the attacks
-batch restarts, not targets.
+second engine. The shadows share the model, so where the attack allows (Inverting Gradients with
+the labels fixed) they run as one batched computation (service.attacks.points: their restarts
+stacked, each matched against its own target); otherwise one after another.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.attacks import ATTACKS, AttackProblem, Control
+from service.attacks import AttackProblem, Control
 from service.data.patches import photo_patches
 from service.data.photos import photo_names
 from service.errors import ArtifactError
@@ -94,6 +95,8 @@ class Shadow:
     problem: AttackProblem
     loss: float
     metrics: dict[str, Any]
+    reconstruction: torch.Tensor  # the attack's images, (N, C, H, W) in [0, 1], on the CPU
+    reconstructed_labels: torch.Tensor
 
 
 def shadow_spec(spec: JobSpec, num_images: int, k: int) -> JobSpec:
@@ -110,6 +113,77 @@ def shadow_spec(spec: JobSpec, num_images: int, k: int) -> JobSpec:
     )
 
 
+@dataclass
+class ShadowClient:
+    """A shadow client made and its attack set up, not yet run."""
+
+    images: torch.Tensor  # (N, C, H, W) in [0, 1], on the CPU
+    labels: torch.Tensor
+    spec: JobSpec
+    problem: AttackProblem
+    control: Control
+    generator: torch.Generator
+
+
+def make_shadow(
+    spec: JobSpec,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    training: ClientTraining,
+    k: int,
+    ctx: JobContext,
+    device: torch.device,
+) -> ShadowClient:
+    """Simulate shadow k's client and set up its attack exactly as the real update's was."""
+    from service.jobs.runner import attack_generator, problem_for, simulated_victim
+
+    s = shadow_spec(spec, len(images), k)
+    generator = torch.Generator().manual_seed(s.seed)
+    victim = simulated_victim(s, model, images.to(device), labels.to(device), training)
+    problem = problem_for(s, model, victim, generator, device, image_generator=attack_generator(s, ctx))
+    control = Control(s.budget, should_stop=ctx.should_stop)
+    return ShadowClient(images.cpu(), labels.cpu(), s, problem, control, generator)
+
+
+def attack_shadows(
+    clients: list[ShadowClient], ctx: JobContext, device: torch.device, batch: bool = True
+) -> tuple[list[Shadow], bool]:
+    """Attack every shadow (as one batched computation where they share it: service.attacks.points)
+    and score each against its own images; and whether they ran batched. A shadow's attack that
+    fails fails the verdict, as it would have alone."""
+    from service.attacks.points import run_points
+
+    results, errors, together = run_points(
+        [(c.problem, c.spec.attack, c.control, c.generator) for c in clients], batch=batch
+    )
+    shadows = []
+    for c, result, error in zip(clients, results, errors, strict=True):
+        if error is not None:
+            raise error
+        assert result is not None
+        metrics = score(
+            result.images.cpu(),
+            c.images,
+            recon_labels=result.labels.tolist(),
+            true_labels=c.labels.tolist(),
+            lpips_weights_dir=ctx.lpips_weights_dir,
+            device=device,
+        )
+        shadows.append(
+            Shadow(
+                c.images,
+                c.labels,
+                c.problem,
+                float(result.best_loss),
+                metrics,
+                result.images.detach().cpu(),
+                result.labels.detach().cpu(),
+            )
+        )
+    return shadows, together
+
+
 def run_shadow(
     spec: JobSpec,
     model: nn.Module,
@@ -121,23 +195,8 @@ def run_shadow(
     device: torch.device,
 ) -> Shadow:
     """Simulate shadow k, attack its update exactly as the real one was attacked, and score it."""
-    from service.jobs.runner import attack_generator, problem_for, simulated_victim
-
-    s = shadow_spec(spec, len(images), k)
-    generator = torch.Generator().manual_seed(s.seed)
-    victim = simulated_victim(s, model, images.to(device), labels.to(device), training)
-    problem = problem_for(s, model, victim, generator, device, image_generator=attack_generator(s, ctx))
-    control = Control(s.budget, should_stop=ctx.should_stop)
-    result = ATTACKS.get(s.attack.name).run(problem, s.attack, control, generator)
-    metrics = score(
-        result.images.cpu(),
-        images.cpu(),
-        recon_labels=result.labels.tolist(),
-        true_labels=labels.tolist(),
-        lpips_weights_dir=ctx.lpips_weights_dir,
-        device=device,
-    )
-    return Shadow(images.cpu(), labels.cpu(), problem, float(result.best_loss), metrics)
+    client = make_shadow(spec, model, images, labels, training, k, ctx, device)
+    return attack_shadows([client], ctx, device)[0][0]
 
 
 def draw_images(pool: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

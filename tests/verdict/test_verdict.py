@@ -31,7 +31,14 @@ from service.verdict.estimate import (
     spread_factor,
 )
 from service.verdict.histogram import label_histogram
-from service.verdict.shadows import draw_images, proxy_pool, run_shadow, shadow_training
+from service.verdict.shadows import (
+    attack_shadows,
+    draw_images,
+    make_shadow,
+    proxy_pool,
+    run_shadow,
+    shadow_training,
+)
 
 SIZE = 16
 DATA = DataSpec(shape=(3, SIZE, SIZE), num_classes=10)
@@ -104,6 +111,42 @@ def test_shadows_reproduce_the_declared_protocol_and_defenses(tmp_path: Path) ->
     assert 0.15 < kept.float().mean() < 0.25
     assert torch.allclose(shared[kept], undefended[kept], rtol=1e-4, atol=1e-7)
     assert set(shadow.metrics["mean"]) >= {"psnr", "ssim"}
+
+
+@pytest.mark.parametrize("kind", ["gradient", "delta"])
+def test_batched_shadows_get_the_results_they_get_one_by_one(tmp_path: Path, kind: str) -> None:
+    training = (
+        ClientTraining(protocol="fedsgd")
+        if kind == "gradient"
+        else ClientTraining(protocol="fedavg", lr=0.05, local_epochs=1, batch_size=1, num_samples=2)
+    )
+    spec, ctx, _ = make_job(tmp_path, kind, training, [2, 6], knowledge=3 if kind == "delta" else 1)
+    model = build_model(spec.model, spec.data, resolve=ctx.resolve)
+    pool, _ = proxy_pool(spec, ctx.resolve)
+    told, _ = shadow_training(spec, 2)
+    cpu = torch.device("cpu")
+
+    def clients() -> list:
+        draw = torch.Generator().manual_seed(0)
+        y = torch.tensor([2, 6])
+        return [make_shadow(spec, model, draw_images(pool, 2, draw), y, told, k, ctx, cpu) for k in range(3)]
+
+    alone, batched_alone = attack_shadows(clients(), ctx, cpu, batch=False)
+    together, batched = attack_shadows(clients(), ctx, cpu)
+    assert batched and not batched_alone
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert math.isclose(a.loss, b.loss, rel_tol=1e-3, abs_tol=1e-9)
+        assert a.metrics["mean"]["psnr"] == pytest.approx(b.metrics["mean"]["psnr"], abs=1e-3)
+    # the shadows differ from one another: each was matched against its own target
+    assert len({round(s.loss, 9) for s in together}) == 3
+
+
+def test_the_manifest_says_how_the_shadows_ran(tmp_path: Path) -> None:
+    spec, ctx, _ = make_job(tmp_path, "gradient", ClientTraining(protocol="fedsgd"), [3])
+    assert run_job(spec, ctx).manifest["estimate"]["execution"].startswith("batched (3 shadows")
+    dlg = JobSpec.model_validate({**spec.model_dump(mode="json"), "attack": {"name": "dlg"}, "knowledge": 0})
+    assert run_job(dlg, ctx).manifest["estimate"]["execution"].startswith("sequential")
 
 
 def test_a_missing_declared_fact_is_assumed_and_said(tmp_path: Path) -> None:
@@ -180,6 +223,9 @@ def test_the_estimate_is_deterministic_for_a_seed_and_has_a_floor_without_truth(
     assert other.manifest["estimate"]["psnr"] != est["psnr"]
 
     assert est["shadows_run"] == 3 and est["proxy_data"] == "uploaded proxy data"
+    ig = est["igsa"]  # around the shadows' images, their reconstructions and the real reconstruction
+    assert len(ig["shadows"]) == len(ig["shadow_reconstructions"]) == 3 and ig["score"] == ig["shadows"][0]
+    assert all(0 < x <= 1 for x in [*ig["shadows"], *ig["shadow_reconstructions"], ig["real_reconstruction"]])
     floor = est["floor"]
     assert est["floor_truth"] is None and set(floor["baselines"]) == {"proxy mean image", "attack start"}
     for metric in ("psnr", "ssim"):
