@@ -320,6 +320,42 @@ def pooled_slopes(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
+def igsa_check(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Whether IGSA could refine the PSNR estimate: the correlation, over the cases below CAP_DB
+    (truth and estimate), between the estimate's error (truth - estimate) and the log-ratio of the
+    real reconstruction's IGSA to the shadows' (their reconstructions', and their own images'); and
+    the least-squares coefficient (dB per unit of log-ratio) a refinement would use."""
+    rows = [r for r in rows if isinstance(r.get("igsa"), dict) and "real_reconstruction" in r["igsa"]]
+    if len(rows) < 3:
+        return None
+    out: dict[str, Any] = {"cases": len(rows)}
+    for scope in ("mean", "worst_case"):
+        errors, ratios = [], {"vs_shadow_reconstructions": [], "vs_shadow_images": []}
+        for r in rows:
+            logs = [float(np.log(max(x, 1e-30))) for x in r["shadow_losses"]]
+            real = None if not r["real_loss"] else float(np.log(r["real_loss"]))
+            e = extrapolate_psnr(r["estimate"][scope]["shadows"], logs, real)["value"]
+            t = r["truth"][scope]
+            if e >= CAP_DB or t >= CAP_DB:
+                continue
+            ig = r["igsa"]
+            errors.append(t - e)
+            mine = float(np.log(ig["real_reconstruction"]))
+            ratios["vs_shadow_reconstructions"].append(
+                mine - float(np.mean(np.log(ig["shadow_reconstructions"])))
+            )
+            ratios["vs_shadow_images"].append(mine - float(np.mean(np.log(ig["shadows"]))))
+        err = np.array(errors)
+        out[scope] = {
+            name: {
+                "correlation": float(np.corrcoef(err, np.array(d))[0, 1]),
+                "coefficient_db": float((err * np.array(d)).sum() / max((np.array(d) ** 2).sum(), 1e-12)),
+            }
+            for name, d in ratios.items()
+        } | {"cases_below_40": len(errors)}
+    return out
+
+
 def previous_method(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The method this estimate replaced (the shadows' mean moved by r^2 along their own line of
     PSNR against log loss, clipped to their range), scored the same way: the baseline."""
@@ -438,8 +474,8 @@ def main() -> None:
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     log = Path(args.log) if args.log else RESULTS / "verdict-cpu.jsonl"
+    torch.set_num_threads(1)  # every case runs on one thread (and the summary's machine says so)
     if not args.summarize:
-        torch.set_num_threads(1)
         make = federation_cases if args.offset >= FED_CALIBRATION else all_cases
         for case in make(args.offset)[args.skip : args.cases]:
             if args.split:
@@ -461,9 +497,8 @@ def main() -> None:
         "name": "verdict",
         "machine": {
             **machine(),
-            "note": "shared with other work (about 8 concurrent jobs on 2 cores); the figures are "
-            "qualities, not timings; each case's 1-minute load average is in its row (rows without one "
-            "ran in an earlier session, on a 2-core AMD EPYC); this is the machine of the summary",
+            "note": "the figures are qualities, not timings (two case runs at once, torch on one thread "
+            "each); each case's 1-minute load average is in its row; this is the machine of the summary",
             "load_avg_now": list(os.getloadavg()),
             "load_avg_1min_over_cases": {"median": float(np.median(loads)), "max": max(loads)}
             if loads
@@ -471,7 +506,9 @@ def main() -> None:
         },
         "command": "python -m bench.verdict --offset 0 --cases 30; --offset 100 --skip 18 --cases 36; "
         "--offset 200 --cases 18; --offset 300 --cases 24 (each --iterations 200 --shadows 3); "
-        "--offset 400 --cases 12 --size 32 --split holdout-32px (after the constants were fixed); "
+        "--offset 400 --cases 12 --size 32 --split holdout-32px (each with --log to a file of its own, "
+        "the files then joined into verdict-cpu.jsonl; the constants were fixed on an earlier run of "
+        "the same cases, and their refit on this run's calibration cases is in slopes_db_per_efold); "
         "then python -m bench.verdict --summarize",
         "settings": {
             "iterations": args.iterations,
@@ -503,9 +540,16 @@ def main() -> None:
             "calibration": pooled_slopes([r for r in rows if r.get("split", "calibration") == "calibration"]),
             "holdout_check_only": pooled_slopes(held),
         },
+        "igsa_refinement": {
+            "note": "IGSA would refine the estimate if its log-ratio explained the estimate's error on the "
+            "calibration cases; it does not (correlation near 0), so the estimate does not use it",
+            "calibration": igsa_check([r for r in rows if r.get("split", "calibration") == "calibration"]),
+            "holdout_check_only": igsa_check(held),
+            "holdout-32px_check_only": igsa_check([r for r in rows if r.get("split") == "holdout-32px"]),
+        },
         "baselines_holdout": {
             "shadow_mean": "summary.holdout.*.shadow_mean_mae_db(_capped): the shadows' plain mean",
-            "previous_method": previous_method(held),
+            "previous_method": previous_method(held) if held else None,
         },
         "rows": rows,
     }
