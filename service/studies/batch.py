@@ -38,7 +38,6 @@ from service.storage import ArtifactStore
 log = logging.getLogger("gradleak.studies")
 
 
-
 def batch_key(spec: Any) -> str | None:
     """Points with equal keys can share one computation; None: this point cannot be batched."""
     if not isinstance(spec, JobSpec) or spec.attack.name not in BATCHED_ATTACKS or spec.data.labels is None:
