@@ -696,7 +696,11 @@ class VerdictSpec(Frozen):
         "marked as proxy data by naming it here; none: the shipped photos",
     )
     seed: int = Field(default=0, ge=0, description="seeds the proxy images drawn and the shadows' attacks")
-    igsa: bool = Field(default=True, description="report IGSA of the model on the proxy data (cheap)")
+    igsa: bool = Field(
+        default=True,
+        description="report IGSA around the shadows' images, their reconstructions and the real "
+        "reconstruction (cheap)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,14 +202,19 @@ def _result(
 
 
 class _PointsControl(Control):
-    """The control of points run together: their common budget; they stop together once every
-    point has asked to stop (a study's cancel or shutdown asks them all; a point cancelled alone
-    runs on with the others and is then recorded as cancelled, unscored); progress goes to each
-    point's own control."""
+    """The control of points run together: their common budget, a time limit multiplied by the
+    number of points (each would have had the whole limit alone, so together none gets less
+    computation than alone and the total stays what one after another could take); they stop
+    together once every point has asked to stop (a study's cancel or shutdown asks them all; a
+    point cancelled alone runs on with the others and is then recorded as cancelled, unscored);
+    progress goes to each point's own control."""
 
     def __init__(self, controls: list[Control]) -> None:
+        budget = controls[0].budget
+        if budget.time_limit_s is not None:
+            budget = budget.model_copy(update={"time_limit_s": budget.time_limit_s * len(controls)})
         super().__init__(
-            controls[0].budget,
+            budget,
             should_stop=lambda: all(c.should_stop is not None and c.should_stop() for c in controls),
         )
         self.controls = controls

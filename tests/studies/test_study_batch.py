@@ -158,3 +158,14 @@ def test_the_batch_stops_when_every_point_asks_not_when_one_does() -> None:
     assert [r.iterations for r in one] == [12, 12] and one[1].stop_reason == "iterations"
     both = run([True, True])  # the study stopped: the batch stops at once
     assert [r.iterations for r in both] == [0, 0] and both[0].stop_reason == "stopped"
+
+
+def test_points_run_together_share_the_time_each_would_have_alone() -> None:
+    from service.attacks.base import Control
+    from service.attacks.optimize import _PointsControl
+    from service.specs import Budget
+
+    timed = _PointsControl([Control(Budget(iterations=50, time_limit_s=2.0)) for _ in range(3)])
+    assert timed.budget.time_limit_s == 6.0 and timed.budget.iterations == 50
+    counted = _PointsControl([Control(Budget(iterations=50)) for _ in range(3)])
+    assert counted.budget.time_limit_s is None and counted.budget.iterations == 50
