@@ -184,21 +184,6 @@ def attack_shadows(
     return shadows, together
 
 
-def run_shadow(
-    spec: JobSpec,
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    training: ClientTraining,
-    k: int,
-    ctx: JobContext,
-    device: torch.device,
-) -> Shadow:
-    """Simulate shadow k, attack its update exactly as the real one was attacked, and score it."""
-    client = make_shadow(spec, model, images, labels, training, k, ctx, device)
-    return attack_shadows([client], ctx, device)[0][0]
-
-
 def draw_images(pool: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     """n proxy images, without replacement while the pool lasts."""
     m = len(pool)

@@ -36,7 +36,6 @@ from service.verdict.shadows import (
     draw_images,
     make_shadow,
     proxy_pool,
-    run_shadow,
     shadow_training,
 )
 
@@ -97,7 +96,8 @@ def test_shadows_reproduce_the_declared_protocol_and_defenses(tmp_path: Path) ->
     assert source == "uploaded proxy data" and pool.shape == (12, 3, SIZE, SIZE)
     x = draw_images(pool, 2, torch.Generator().manual_seed(0))
     y = torch.tensor([1, 4])
-    shadow = run_shadow(spec, model, x, y, training, 0, ctx, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    (shadow,), _ = attack_shadows([make_shadow(spec, model, x, y, training, 0, ctx, cpu)], ctx, cpu)
     problem = shadow.problem
     # the attacker of the shadow is told what the real one is told, and sees a pseudo-gradient
     assert problem.client == declared and problem.target_scale_known
