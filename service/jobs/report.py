@@ -66,9 +66,12 @@ def grid_layout(
     metrics: dict[str, Any] | None = None,
     recon_labels: Sequence[int] | None = None,
     true_labels: Sequence[int] | None = None,
+    row_names: dict[str, tuple[str, str]] | None = None,
+    column_heads: Sequence[str] | None = None,
 ) -> GridLayout:
     """Columns are ground-truth images (with truth) or reconstructions; under each reconstruction
-    its PSNR and SSIM against its matched truth, the most leaked column framed in red."""
+    its PSNR and SSIM against its matched truth, the most leaked column framed in red. `row_names`
+    (two lines for "truth" and "recon") and `column_heads` replace the rows' and columns' titles."""
     h, w = image_hw
     k = _scale(h, w)
     tw, th = w * k, h * k
@@ -88,7 +91,7 @@ def grid_layout(
     width = LABEL_W + cols * (tw + PAD) + PAD
     height = blocks * (block_h + PAD) + PAD
     layout = GridLayout(width, height, (tw, th), most_leaked=most)
-    names = {
+    names = row_names or {
         "truth": ("client's images", "(ground truth)"),
         "recon": ("reconstructed", "by the attack"),
     }
@@ -103,7 +106,7 @@ def grid_layout(
             i = b * MAX_COLUMNS + c
             x = LABEL_W + c * (tw + PAD)
             leaked = has_truth and i == most
-            head = f"image {i}" + (" - most leaked" if leaked else "")
+            head = (column_heads[i] if column_heads else f"image {i}") + (" - most leaked" if leaked else "")
             layout.texts.append((x, top + 3, head, LEAK_COLOUR if leaked else TEXT_COLOUR))
             y = top + HEADER_H
             for r in rows:
@@ -148,10 +151,12 @@ def render_grid_png(
     *,
     recon_labels: Sequence[int] | None = None,
     true_labels: Sequence[int] | None = None,
+    row_names: dict[str, tuple[str, str]] | None = None,
+    column_heads: Sequence[str] | None = None,
 ) -> bytes:
     """The client's images above their matched reconstructions (metrics["permutation"][i] is the
     reconstruction matched to truth image i), each reconstruction with its PSNR and SSIM, the
-    most leaked image framed; without ground truth, the reconstructions alone."""
+    most leaked image framed; without ground truth, the reconstructions alone (titles: grid_layout)."""
     n, _, h, w = recon.shape
     has_truth = truth is not None
     layout = grid_layout(
@@ -161,6 +166,8 @@ def render_grid_png(
         metrics=metrics if has_truth else None,
         recon_labels=recon_labels,
         true_labels=true_labels if has_truth else None,
+        row_names=row_names,
+        column_heads=column_heads,
     )
     canvas = Image.new("RGB", (layout.width, layout.height), "white")
     draw = ImageDraw.Draw(canvas)
@@ -438,14 +445,14 @@ def _run_section(spec: JobSpec, manifest: dict[str, Any]) -> str:
     return f"<h2>Run</h2>{_kv_table(facts)}"
 
 
-def estimate_section(estimate: dict[str, Any] | None) -> str:
+def estimate_section(estimate: dict[str, Any] | None, shadows_png: bytes | None = None) -> str:
     """The verdict and the no-leak floor (an estimate made without the ground truth), shown when a
     job has one; an empty string otherwise."""
     if not estimate:
         return ""
     from service.verdict.render import render_estimate_html
 
-    return render_estimate_html(estimate)
+    return render_estimate_html(estimate, shadows_png)
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5rem auto;max-width:62rem;padding:0 1rem;
@@ -465,6 +472,7 @@ def render_report_html(
     *,
     true_labels: Sequence[int] | None = None,
     estimate: dict[str, Any] | None = None,
+    shadows_png: bytes | None = None,
 ) -> str:
     """The whole job on one page: what leaked (grid, metrics, per image), how the attack ran, what
     the client did and was said to have done, the defenses, and where and when it ran."""
@@ -497,7 +505,7 @@ def render_report_html(
 <h1>gradleak leakage report</h1>
 <p class=note>Job {_fmt(manifest.get("job_id"))}, {_fmt(date)}, gradleak {_fmt(version)}</p>
 <p class=lead>{lead}</p>
-{estimate_section(estimate)}
+{estimate_section(estimate, shadows_png)}
 <figure><img alt="the client's images and their reconstructions" src="{_data_uri(grid_png)}">
 <figcaption class=note>{caption}</figcaption></figure>
 {_metrics_section(metrics, manifest.get("metrics_unavailable"))}

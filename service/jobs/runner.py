@@ -196,13 +196,13 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
         unavailable = None
     timings["scoring_s"] = time.monotonic() - t
 
-    estimate = None
+    estimate, shadows_png = None, None
     wanted = spec.verdict.when == "always" or (spec.verdict.when == "auto" and victim.truth_images is None)
     if wanted and not stopped:
         from service.verdict import estimate_leakage
 
         t = time.monotonic()
-        estimate = estimate_leakage(
+        estimate, shadows_png = estimate_leakage(
             spec, model, problem, result, victim.truth_images, metrics, ctx, device, progress=emit
         )
         timings["estimate_s"] = time.monotonic() - t
@@ -240,7 +240,7 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
         "metrics_unavailable": unavailable,
         "estimate": estimate,
     }
-    artifacts = _write_artifacts(spec, ctx, result, victim, manifest)
+    artifacts = _write_artifacts(spec, ctx, result, victim, manifest, shadows_png)
     timings["total_s"] = time.monotonic() - started
     manifest["artifacts"] = artifacts
     key = f"{ctx.prefix}/{METRICS_JSON}"
@@ -579,7 +579,12 @@ def _bn_targets(
 
 
 def _write_artifacts(
-    spec: JobSpec, ctx: JobContext, result: AttackResult, victim: Victim, manifest: dict
+    spec: JobSpec,
+    ctx: JobContext,
+    result: AttackResult,
+    victim: Victim,
+    manifest: dict,
+    shadows_png: bytes | None = None,
 ) -> dict[str, str]:
     images = result.images.detach().float().cpu().contiguous()
     tensors = {
@@ -597,7 +602,13 @@ def _write_artifacts(
         RECONSTRUCTION: save_safetensors(tensors, {"job_id": ctx.job_id, "attack": spec.attack.name}),
         GRID_PNG: grid,
         REPORT_HTML: render_report_html(
-            spec, result, manifest, grid, true_labels=truth_labels, estimate=manifest.get("estimate")
+            spec,
+            result,
+            manifest,
+            grid,
+            true_labels=truth_labels,
+            estimate=manifest.get("estimate"),
+            shadows_png=shadows_png,
         ).encode(),
     }
     keys = {}

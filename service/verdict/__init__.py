@@ -116,8 +116,9 @@ def estimate_leakage(
     ctx: JobContext,
     device: torch.device,
     progress: Callable[[Progress], None] | None = None,
-) -> dict[str, Any]:
-    """The verdict on the real update (the manifest's `estimate`); deterministic for verdict.seed."""
+) -> tuple[dict[str, Any], bytes | None]:
+    """The verdict on the real update (the manifest's `estimate`; deterministic for verdict.seed),
+    and the picture of the shadows' proxy images above their reconstructions (for the report)."""
     started = time.monotonic()
     v = spec.verdict
     n = problem.num_images
@@ -194,7 +195,38 @@ def estimate_leakage(
         out["igsa"] = igsa_context(spec, problem, result, shadows, v.seed, device)
     out["summary"] = summary(out)
     out["elapsed_s"] = time.monotonic() - started
-    return out
+    return out, shadows_png(shadows) if shadows else None
+
+
+def shadows_png(shadows: list[Shadow]) -> bytes:
+    """A column per shadow: its most leaked proxy image above the reconstruction matched to it, with
+    their PSNR and SSIM, the shadow that leaked most framed (service.jobs.report's grid)."""
+    from service.jobs.report import render_grid_png
+
+    truth, recon, psnr, ssim = [], [], [], []
+    for s in shadows:
+        m = s.metrics
+        i = m["worst_case"]["image"]
+        truth.append(s.images[i])
+        recon.append(s.reconstruction[m["permutation"][i]])
+        psnr.append(m["per_image"]["psnr"][i])
+        ssim.append(None if m["per_image"].get("ssim") is None else m["per_image"]["ssim"][i])
+    most = max(range(len(shadows)), key=lambda k: psnr[k])
+    metrics = {
+        "per_image": {"psnr": psnr, "ssim": ssim},
+        "permutation": list(range(len(shadows))),
+        "worst_case": {"image": most},
+    }
+    return render_grid_png(
+        torch.stack(recon),
+        torch.stack(truth),
+        metrics,
+        row_names={
+            "truth": ("proxy images", "(shadow clients)"),
+            "recon": ("reconstructed", "by the attack"),
+        },
+        column_heads=[f"shadow {k}" for k in range(len(shadows))],
+    )
 
 
 def igsa_context(

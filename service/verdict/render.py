@@ -1,8 +1,13 @@
-"""The estimate as an HTML section of report.html (self-contained; every value escaped)."""
+"""The estimate as an HTML section of report.html (self-contained; every value escaped), with two
+pictures: how the PSNR estimate was made (render_estimate_png) and the shadows' proxy images above
+their reconstructions (service.verdict.shadows_png)."""
 
 from __future__ import annotations
 
+import base64
 import html
+import io
+import math
 from typing import Any
 
 from service.verdict.estimate import EXACT_DB, METRICS, SCOPES
@@ -12,9 +17,64 @@ def _num(v: Any, unit: str = "") -> str:
     return "n/a" if v is None else f"{v:.3g}{unit}" if isinstance(v, float) else html.escape(str(v))
 
 
-def render_estimate_html(estimate: dict[str, Any] | None) -> str:
-    """A <section> with the estimate, its intervals, the gain over the no-leak floor and the label
-    histogram; empty when there is no estimate."""
+def render_estimate_png(estimate: dict[str, Any]) -> bytes | None:
+    """Worst-case PSNR against the attack's final matching loss: each shadow where its attack ended,
+    moved along the fixed line to the real attack's loss, the weighted estimate there with its
+    interval, the no-leak floor and the exactness ceiling. None without a PSNR estimate."""
+    psnr = estimate.get("psnr", {}).get("worst_case")
+    losses = estimate.get("shadow_losses") or []
+    if not psnr or len(losses) != len(psnr["shadows"]) or not all(x > 0 for x in losses):
+        return None
+    from matplotlib.figure import Figure
+
+    real = estimate.get("real_loss")
+    at = real if real is not None and real > 0 else math.exp(sum(math.log(x) for x in losses) / len(losses))
+    fig = Figure(figsize=(6.4, 3.4), dpi=100)
+    ax = fig.subplots()
+    moved = psnr.get("shadows_moved") or psnr["shadows"]
+    for i, (x, y, m) in enumerate(zip(losses, psnr["shadows"], moved, strict=True)):
+        ax.plot([x, at], [y, m], color="#9aa9c8", lw=1, ls="--", zorder=1)
+        ax.scatter([x], [y], color="#3b5ba9", s=28, zorder=3, label="shadow audits" if i == 0 else None)
+        ax.scatter([at], [m], facecolors="none", edgecolors="#3b5ba9", s=28, zorder=3)
+    lo, hi = psnr["interval"]
+    value = psnr["value"]
+    ax.errorbar(
+        [at], [value], yerr=[[value - lo], [hi - value]], fmt="D", color="#c0392b", ms=7, capsize=5,
+        lw=2, zorder=4, label=f"estimate {value:.1f} dB [{lo:.1f}, {hi:.1f}]",
+    )  # fmt: skip
+    if real is not None:
+        ax.axvline(real, color="#c0392b", lw=1, alpha=0.5, label="the real attack's loss")
+    floor = (estimate.get("floor") or {}).get("psnr", {}).get("worst_case")
+    if floor is not None:
+        ax.axhline(floor, color="#777", lw=1, ls=":", label=f"no-leak floor {floor:.1f} dB")
+    top = max(hi, *psnr["shadows"], *moved)
+    if top >= EXACT_DB - 5:
+        ax.axhline(EXACT_DB, color="#2e7d32", lw=1, ls="-.", label=f"{EXACT_DB:g} dB: exact")
+    ax.set_xscale("log")
+    ax.set_xlabel("attack's final matching loss")
+    ax.set_ylabel("worst-case PSNR (dB)")
+    ax.set_title("How the estimate was made", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _figure(png: bytes | None, alt: str, caption: str) -> str:
+    if png is None:
+        return ""
+    src = "data:image/png;base64," + base64.b64encode(png).decode()
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="{src}">'
+        f"<figcaption class=note>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def render_estimate_html(estimate: dict[str, Any] | None, shadows_png: bytes | None = None) -> str:
+    """A <section> with the estimate, its intervals, the gain over the no-leak floor, the label
+    histogram and the two pictures (the shadows' grid when given); empty when there is no estimate."""
     if not estimate:
         return ""
     rows = ""
@@ -39,10 +99,22 @@ def render_estimate_html(estimate: dict[str, Any] | None) -> str:
         f"<p>{html.escape(m)} unavailable: {html.escape(why)}</p>"
         for m, why in estimate.get("unavailable", {}).items()
     )
+    plot = _figure(
+        render_estimate_png(estimate),
+        "worst-case PSNR of the shadow audits against their matching loss, and the estimate",
+        "Each shadow audit (filled) where its attack ended, moved along the fixed line to the real "
+        "attack's loss (hollow); the estimate is their weighted mean there, with its interval.",
+    )
+    grid = _figure(
+        shadows_png,
+        "the shadows' proxy images and their reconstructions",
+        "Each shadow's most leaked proxy image (top) and the reconstruction the same attack made "
+        "of it (below): what the estimate is made of.",
+    )
     return f"""<section id="estimate"><h2>Leakage estimate (without the client's images)</h2>
 <p>{html.escape(estimate.get("summary", ""))}. {estimate["shadows_run"]} shadow audits on
 {html.escape(estimate["proxy_data"])}; method: {html.escape(estimate["method"])}.</p>
 <table><tr><th>metric</th><th>over</th><th>estimate</th><th>interval</th><th>gain over floor</th>
 <th>no-leak floor</th></tr>{rows}</table>{unavailable}
 <p>Labels the update reveals ({html.escape(labels["certainty"])}): {counts}. {html.escape(labels["why"])}.</p>
-</section>"""
+{plot}{grid}</section>"""

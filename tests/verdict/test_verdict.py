@@ -250,6 +250,9 @@ def test_the_estimate_is_made_only_when_asked_or_without_truth(tmp_path: Path) -
     assert math.isclose(gain, both["metrics"]["mean"]["psnr"] - est["floor_truth"]["psnr"]["mean"])
     html = (tmp_path / "store" / "t" / "report.html").read_text()
     assert 'id="estimate"' in html and "Leakage estimate" in html
+    # the two pictures: how the estimate was made, and the shadows' images and reconstructions
+    assert 'alt="worst-case PSNR of the shadow audits' in html
+    assert 'alt="the shadows&#x27; proxy images and their reconstructions"' in html
 
 
 def test_refine_moves_with_the_real_loss_and_keeps_a_floor_width() -> None:
@@ -327,6 +330,25 @@ def test_the_report_says_an_exact_estimate_is_at_least_40_db() -> None:
     }
     html = render_estimate_html(estimate)
     assert html.count("at least 40 dB: exact") == 1 and "21 dB" in html
+
+
+def test_the_estimate_plot_is_drawn_from_the_manifest_alone() -> None:
+    from service.verdict.render import render_estimate_png
+
+    losses = [1e-3, 1e-2, 5e-3]
+    e = extrapolate_psnr([20.0, 14.0, 17.0], [math.log(x) for x in losses], math.log(2e-3))
+    estimate = {"psnr": {"worst_case": e}, "shadow_losses": losses, "real_loss": 2e-3, "floor": {}}
+    png = render_estimate_png(estimate)
+    assert png is not None and png.startswith(b"\x89PNG")
+    import io
+
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(png)).size == (640, 340)
+    # no real loss: drawn at the shadows' geometric mean; no PSNR estimate or losses: nothing
+    assert render_estimate_png({**estimate, "real_loss": None}) is not None
+    assert render_estimate_png({"shadow_losses": losses}) is None
+    assert render_estimate_png({**estimate, "shadow_losses": [1e-3]}) is None
 
 
 def test_a_shadow_time_limit_alone_runs_until_it_is_up_capped_by_the_server() -> None:
