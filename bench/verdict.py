@@ -40,7 +40,7 @@ from service.models import build_model
 from service.specs import ClientTraining, DataSpec, JobSpec, ModelSpec
 from service.storage import LocalStore
 from service.tensorio import load_safetensors, save_safetensors
-from service.verdict.estimate import SLOPE_EXACT, SLOPE_PARTIAL, extrapolate_psnr, refine
+from service.verdict.estimate import SLOPE_EXACT, SLOPE_PARTIAL, SPREAD_C, extrapolate_psnr, refine
 
 RESULTS = Path(__file__).parent / "results"
 CAP_DB = 40.0  # PSNRs above count as this in mae_db_capped (a fully recovered image)
@@ -356,6 +356,71 @@ def igsa_check(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return out
 
 
+def fit_spread_multiple(rows: list[dict[str, Any]], step: float = 0.05) -> float:
+    """The smallest multiple (in `step`s) of the Student prediction half-width that, with the
+    HALF_WIDTH_FLOOR, covers 85 % of `rows` in both scopes: how SPREAD_C was fitted (calibration)."""
+    import service.verdict.estimate as estimate
+
+    def coverage(c: float, scope: str) -> float:
+        hits = 0
+        for r in rows:
+            logs = [float(np.log(max(x, 1e-30))) for x in r["shadow_losses"]]
+            real = None if not r["real_loss"] else float(np.log(r["real_loss"]))
+            e = extrapolate_psnr(r["estimate"][scope]["shadows"], logs, real)
+            k = len(logs)
+            sd = float(np.std(e["shadows_moved"], ddof=1)) if k > 1 else 0.0
+            half = max(
+                estimate.HALF_WIDTH_FLOOR["psnr"],
+                c / estimate.SPREAD_C * estimate.psnr_spread_multiple(k) * sd,
+            )
+            hits += abs(r["truth"][scope] - e["value"]) <= half
+        return hits / len(rows)
+
+    c = step
+    while min(coverage(c, s) for s in ("mean", "worst_case")) < 0.85 and c < 10:
+        c = round(c + step, 6)
+    return c
+
+
+SHADOW_COUNTS = {3: "verdict-cpu-k3.jsonl", 8: "verdict-cpu-k8.jsonl"}  # the other K, beside this run's
+
+
+def by_shadow_count(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """The same cases audited with other shadow counts (files beside the log), scored the same way:
+    how the default K was chosen (on the calibration split) and how the interval follows K."""
+    out: dict[str, Any] = {}
+    for count, name in sorted({**SHADOW_COUNTS, k: None}.items()):
+        part = rows if name is None else _rows(RESULTS / name)
+        if not part:
+            continue
+        out[f"K={count}"] = {
+            split: {
+                scope: {
+                    key: summarize(sel)[scope][key]
+                    for key in ("mae_db", "mae_db_capped", "spearman", "coverage", "median_interval_width_db")
+                }
+                for scope in ("mean", "worst_case")
+            }
+            for split, sel in (
+                ("calibration", [r for r in part if r.get("split", "calibration") == "calibration"]),
+                ("holdout", [r for r in part if r.get("split") == "holdout"]),
+                ("holdout-32px", [r for r in part if r.get("split") == "holdout-32px"]),
+            )
+            if sel
+        } | {
+            "spread_multiple_fit_on_calibration": fit_spread_multiple(
+                [r for r in part if r.get("split", "calibration") == "calibration"]
+            )
+        }
+    return out
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def previous_method(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The method this estimate replaced (the shadows' mean moved by r^2 along their own line of
     PSNR against log loss, clipped to their range), scored the same way: the baseline."""
@@ -459,7 +524,7 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=0, help="start at this case (to resume)")
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--size", type=int, default=16)
-    ap.add_argument("--shadows", type=int, default=3)
+    ap.add_argument("--shadows", type=int, default=5)
     ap.add_argument(
         "--offset",
         type=int,
@@ -490,7 +555,7 @@ def main() -> None:
                 f"({row['seconds']:.0f}s)",
                 flush=True,
             )
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = _rows(log)
     held = [r for r in rows if r.get("split") == "holdout"]
     loads = [r["load_avg"][0] for r in rows if "load_avg" in r]
     result = {
@@ -505,11 +570,12 @@ def main() -> None:
             else None,
         },
         "command": "python -m bench.verdict --offset 0 --cases 30; --offset 100 --skip 18 --cases 36; "
-        "--offset 200 --cases 18; --offset 300 --cases 24 (each --iterations 200 --shadows 3); "
-        "--offset 400 --cases 12 --size 32 --split holdout-32px (each with --log to a file of its own, "
-        "the files then joined into verdict-cpu.jsonl; the constants were fixed on an earlier run of "
-        "the same cases, and their refit on this run's calibration cases is in slopes_db_per_efold); "
-        "then python -m bench.verdict --summarize",
+        "--offset 200 --cases 18; --offset 300 --cases 24 (each --iterations 200, the default K = 5 "
+        "shadows); --offset 400 --cases 12 --size 32 --split holdout-32px (each with --log to a file of "
+        "its own, the files then joined into verdict-cpu.jsonl); the same with --shadows 3 and 8 into "
+        "verdict-cpu-k3.jsonl and verdict-cpu-k8.jsonl; then python -m bench.verdict --summarize. The "
+        "slopes were fitted on an earlier run's calibration cases (their refit on this run's is in "
+        "slopes_db_per_efold); K and SPREAD_C on this run's calibration cases",
         "settings": {
             "iterations": args.iterations,
             "size": args.size,
@@ -534,6 +600,13 @@ def main() -> None:
         },
         "federations": {
             p.parent.name: json.loads(p.read_text()) for p in sorted(CACHE.glob("fed-*/accuracy.json"))
+        },
+        "shadow_counts": by_shadow_count(rows, args.shadows),
+        "spread_multiple": {
+            "used": SPREAD_C,
+            "calibration_fit": fit_spread_multiple(
+                [r for r in rows if r.get("split", "calibration") == "calibration"]
+            ),
         },
         "slopes_db_per_efold": {
             "used": {"exact": SLOPE_EXACT, "partial": SLOPE_PARTIAL},

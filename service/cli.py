@@ -300,7 +300,7 @@ def attack(
         str | None,
         typer.Option(help="leakage estimate without ground truth: auto (default: only then), always, never"),
     ] = None,
-    shadows: Annotated[int | None, typer.Option(help="K, the estimate's shadow audits (default 3)")] = None,
+    shadows: Annotated[int | None, typer.Option(help="K, the estimate's shadow audits (default 5)")] = None,
     shadow_iterations: Annotated[int | None, typer.Option(help="each shadow attack's iterations")] = None,
     shadow_time_limit: Annotated[float | None, typer.Option(help="each shadow attack's seconds")] = None,
     proxy_data: Annotated[

@@ -687,7 +687,9 @@ class VerdictSpec(Frozen):
         "and the K shadow attacks cost K times the attack); always; never",
     )
     shadows: Annotated[int, Field(ge=2, le=16)] = Field(
-        default=3, description="K, the number of shadow clients (each one attack of the budget)"
+        default=5,
+        description="K, the number of shadow clients (each one attack of the budget; with the default "
+        "attack they run as one batched computation)",
     )
     budget: Budget | None = Field(default=None, description="each shadow attack's budget; none: the attack's")
     proxy_data: str | None = Field(

@@ -32,6 +32,7 @@ from service.verdict.estimate import (
     SLOPE_PARTIAL,
     SPREAD_C,
     combine,
+    psnr_spread_multiple,
     spread_factor,
 )
 from service.verdict.histogram import label_histogram
@@ -52,8 +53,9 @@ METHOD = (
     "shadows' PSNRs (weighted by how near their loss is to the real one), each moved to the real "
     "attack's final matching loss along a fixed line "
     f"({SLOPE_EXACT:g} dB per e-fold of loss for a shadow at or above {EXACT_DB:g} dB, "
-    f"{SLOPE_PARTIAL:g} below); interval = +- max({HALF_WIDTH_FLOOR['psnr']:g} dB, {SPREAD_C:g} x the "
-    f"moved PSNRs' sd); at or above {EXACT_DB:g} dB the reconstruction is exact (the dB figure is "
+    f"{SLOPE_PARTIAL:g} below); interval = +- max({HALF_WIDTH_FLOOR['psnr']:g} dB, "
+    f"{SPREAD_C:g} x t x sqrt(1 + 1/K) x the moved PSNRs' sd, t the two-sided 90 % Student "
+    f"quantile); at or above {EXACT_DB:g} dB the reconstruction is exact (the dB figure is "
     "indicative); SSIM/LPIPS: the shadows' mean moved by r^2 along their own line of score against log loss"
 )
 
@@ -167,7 +169,7 @@ def estimate_leakage(
         "assumed": assumed,
         "half_width_floor": HALF_WIDTH_FLOOR,
         "psnr_slopes_db_per_efold": {"exact": SLOPE_EXACT, "partial": SLOPE_PARTIAL},
-        "psnr_spread_multiple": SPREAD_C,
+        "psnr_spread_multiple": psnr_spread_multiple(max(len(shadows), 2)),
         "exact_db": EXACT_DB,
         "spread_factor": spread_factor(max(len(shadows), 2)),
         "real_loss": real_loss,

@@ -11,8 +11,10 @@ pooled within-case slopes of bench/verdict.py's calibration cases. The estimate 
 the moved scores, each weighted by exp(-d^2 / 2 LOSS_WIDTH^2), d the e-folds between its loss
 and the real one (LOSS_WIDTH = 2: a shadow that reached the real attack's loss needs the least
 moving); the interval is +- the larger of a floor (HALF_WIDTH_FLOOR, the proxy-to-real
-gap the shadows cannot see) and SPREAD_C times the moved scores' standard deviation, SPREAD_C the
-smallest multiple (in steps of 0.25) that covers 85 % of the calibration cases. At or above
+gap the shadows cannot see) and a Student prediction half-width of the moved scores, SPREAD_C x
+t x sqrt(1 + 1/K) x their standard deviation (t the two-sided 90 % Student quantile with K - 1
+degrees of freedom, so the width follows K), SPREAD_C the smallest multiple (in steps of 0.05)
+that covers 85 % of the calibration cases at the default K = 5. At or above
 EXACT_DB the estimate says "exact reconstruction": PSNRs up there differ by float rounding, not by
 what is visible, so the verdict reads "at least 40 dB" and the dB figure is indicative only.
 SSIM and LPIPS have no such pooled line: their estimate is the shadows' mean moved by r^2 along
@@ -38,7 +40,7 @@ EXACT_DB = 40.0  # a reconstruction this good is exact: the verdict says "at lea
 SLOPE_EXACT = -4.0  # dB of PSNR per e-fold of matching loss, for a shadow reconstructed exactly
 SLOPE_PARTIAL = -1.1  # the same below EXACT_DB (pooled within-case slopes, calibration cases)
 LOSS_WIDTH = 2.0  # e-folds: shadows whose loss is near the real one weigh more (Gaussian weight)
-SPREAD_C = 2.0  # PSNR half-width: max(floor, SPREAD_C x the moved shadow scores' sd)
+SPREAD_C = 0.45  # PSNR half-width: max(floor, SPREAD_C x t x sqrt(1 + 1/K) x the moved scores' sd)
 CONFIDENCE = 0.90  # two-sided, of the Student quantile that scales the shadows' spread
 BOUNDS: dict[str, tuple[float, float]] = {"psnr": (0.0, 100.0), "ssim": (-1.0, 1.0), "lpips": (0.0, 2.0)}
 METRICS = ("psnr", "ssim", "lpips")
@@ -60,6 +62,11 @@ def _sd(v: Sequence[float]) -> float:
 def spread_factor(k: int) -> float:
     """The two-sided CONFIDENCE Student quantile with k - 1 degrees of freedom."""
     return float(student_t.ppf(0.5 + CONFIDENCE / 2, max(k - 1, 1)))
+
+
+def psnr_spread_multiple(k: int) -> float:
+    """What multiplies the moved PSNRs' standard deviation in the interval: SPREAD_C x t x sqrt(1 + 1/K)."""
+    return SPREAD_C * spread_factor(k) * math.sqrt(1 + 1 / max(k, 1))
 
 
 def refine(
@@ -117,7 +124,7 @@ def extrapolate_psnr(
         if sum(weights) < 1e-12:  # every shadow far from the real loss: weigh them alike
             weights = [1.0] * len(values)
     point = sum(w * m for w, m in zip(weights, moved, strict=True)) / sum(weights)
-    half = max(HALF_WIDTH_FLOOR["psnr"], SPREAD_C * _sd(moved))
+    half = max(HALF_WIDTH_FLOOR["psnr"], psnr_spread_multiple(len(moved)) * _sd(moved))
     lo_b, hi_b = BOUNDS["psnr"]
     point = min(max(point, lo_b), hi_b)
     return {

@@ -50,7 +50,7 @@ def test_the_sdk_and_the_upload_form_carry_the_verdict(service: EmbeddedService)
         assert done.estimate is not None and done.estimate["budget"]["iterations"] == 3
         # the default when nothing is said: three shadows on the shipped photos
         plain = client.jobs.create(update_id=update.id, attack=DLG, budget={"iterations": 1})
-        assert plain.spec["verdict"]["shadows"] == 3 and plain.spec["verdict"]["proxy_data"] is None
+        assert plain.spec["verdict"]["shadows"] == 5 and plain.spec["verdict"]["proxy_data"] is None
         # a bad option is the API's clear refusal, not a job
         with pytest.raises(Exception, match="shadows"):
             client.jobs.create(update_id=update.id, verdict={"shadows": 1})

@@ -27,6 +27,7 @@ from service.verdict.estimate import (
     SLOPE_PARTIAL,
     SPREAD_C,
     extrapolate_psnr,
+    psnr_spread_multiple,
     refine,
     spread_factor,
 )
@@ -291,7 +292,10 @@ def test_psnr_moves_each_shadow_to_the_real_loss_along_its_regimes_line() -> Non
         [14.0 - SLOPE_PARTIAL, 16.0 - SLOPE_PARTIAL, 50.0 - SLOPE_EXACT]
     )
     assert e["value"] == pytest.approx(sum(e["shadows_moved"]) / 3)  # equally near: equal weights
-    half = max(HALF_WIDTH_FLOOR["psnr"], SPREAD_C * statistics.stdev(e["shadows_moved"]))
+    # a Student prediction half-width: SPREAD_C x t(90 %, K - 1) x sqrt(1 + 1/K) x the moved scores' sd
+    multiple = SPREAD_C * 2.919986 * math.sqrt(1 + 1 / 3)
+    assert psnr_spread_multiple(3) == pytest.approx(multiple, rel=1e-5)
+    half = max(HALF_WIDTH_FLOOR["psnr"], multiple * statistics.stdev(e["shadows_moved"]))
     assert e["interval"] == pytest.approx([max(0.0, e["value"] - half), e["value"] + half])  # PSNR >= 0
     # a lower real loss than every shadow's: more leakage, beyond the shadows' own range
     lower = extrapolate_psnr([20.0, 21.0, 22.0], [0.0, 0.0, 0.0], -3.0)

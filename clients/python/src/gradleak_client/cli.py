@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "always", "never"],
         help="when to estimate (default auto: without ground truth)",
     )
-    estimate.add_argument("--shadows", type=int, help="K, the shadow audits (default 3)")
+    estimate.add_argument("--shadows", type=int, help="K, the shadow audits (default 5)")
     estimate.add_argument("--shadow-iterations", type=int, help="each shadow attack's iterations")
     estimate.add_argument("--shadow-time-limit", type=float, help="each shadow attack's seconds")
     estimate.add_argument(
