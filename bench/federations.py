@@ -1,5 +1,5 @@
 """Federation benchmark: seconds per round, IGSA's cost against one attack iteration, peak memory,
-and the per-round accuracy, IGSA and attack quality the README shows.
+and the per-round accuracy, IGSA and attack quality docs/federations.md shows.
 
 Each case runs in a fresh process (so its peak RSS is its own) through the one runner, as
 `gradleak federation run` would run it, and writes bench/results/federations-cpu.json with the

@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tables(report: dict[str, Any]) -> str:
-    """The README's tables: PSNR / SSIM medians (iterations) per case and attack."""
+    """docs/generators.md's tables: PSNR / SSIM medians (iterations) per case and attack."""
     attacks = list(ATTACKS)
     lines = ["| model | batch | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
     grid = {(r["model"], r["batch"], r["attack"]): r for r in report["grid_medians"]}

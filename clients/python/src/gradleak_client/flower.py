@@ -221,7 +221,7 @@ class FlowerAuditor:
     such as "lr" or "local-epochs", take precedence). `ground_truth(round, config)` returns the
     images (N, C, H, W in [0, 1]) and labels the client trained on, to score the reconstruction;
     without it the thresholds apply to the job's leakage estimate (shadow audits on proxy data,
-    see the README's "Leakage verdict"), and the verdict is "unscored" only when there is none;
+    see docs/verdict.md), and the verdict is "unscored" only when there is none;
     `verdict` sets that estimate like the job request's field (e.g. ``{"shadows": 5, "budget":
     {"iterations": 500}, "proxy_data": "gt_..."}``). The model is a registered `arch`, or your
     own `model`: an ONNX file (each round's weights are written into its initializers), or with

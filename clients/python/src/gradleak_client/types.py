@@ -288,7 +288,7 @@ class LabelHistogram(_Model):
 
 class Estimate(_Model):
     """What the update leaks, estimated without the client's images from shadow audits on proxy
-    data (see the README's "Leakage verdict"): per metric (psnr, ssim, lpips) and scope (mean,
+    data (see docs/verdict.md): per metric (psnr, ssim, lpips) and scope (mean,
     worst_case) a value with an interval; the label histogram; the no-leak floor."""
 
     summary: str
