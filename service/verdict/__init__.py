@@ -38,6 +38,7 @@ from service.verdict.estimate import (
 from service.verdict.histogram import label_histogram
 from service.verdict.shadows import (
     Shadow,
+    ShadowProgress,
     attack_shadows,
     draw_images,
     make_shadow,
@@ -135,9 +136,7 @@ def estimate_leakage(
         make_shadow(spec, model, draw_images(pool, n, draw), labels, training, k, ctx, device)
         for k in range(v.shadows)
     ]
-    if progress is not None:
-        progress(Progress(stage="scoring", message=f"{v.shadows} shadow audits"))
-    shadows, together = attack_shadows(clients, ctx, device)
+    shadows, together = attack_shadows(clients, ctx, device, progress=_shadow_progress(progress, v.shadows))
     if ctx.should_stop is not None and ctx.should_stop():
         shadows = []  # stopped part-way: no estimate from attacks cut short
     shadow_scores = [{"loss": s.loss, "metrics": s.metrics} for s in shadows]
@@ -198,6 +197,26 @@ def estimate_leakage(
     out["summary"] = summary(out)
     out["elapsed_s"] = time.monotonic() - started
     return out, shadows_png(shadows) if shadows else None
+
+
+PROGRESS_INTERVAL_S = 0.25  # as the attack's progress: listeners hear at most four events a second
+
+
+def _shadow_progress(progress: Callable[[Progress], None] | None, k: int) -> ShadowProgress | None:
+    """The shadow audits' iterations as the job's progress (stage "scoring"), throttled."""
+    if progress is None:
+        return None
+    last = [-math.inf]
+
+    def report(iteration: int, total: int, shadow: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_INTERVAL_S and iteration < total:
+            return
+        last[0] = now
+        which = f"{k} shadow audits, batched" if shadow is None else f"shadow audit {shadow + 1} of {k}"
+        progress(Progress(stage="scoring", iteration=iteration, total=total, message=which))
+
+    return report
 
 
 def shadows_png(shadows: list[Shadow]) -> bytes:

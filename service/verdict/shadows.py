@@ -146,17 +146,34 @@ def make_shadow(
     return ShadowClient(images.cpu(), labels.cpu(), s, problem, control, generator)
 
 
+ShadowProgress = Callable[[int, int, int | None], None]  # iteration, total, shadow (None: all, batched)
+
+
 def attack_shadows(
-    clients: list[ShadowClient], ctx: JobContext, device: torch.device, batch: bool = True
+    clients: list[ShadowClient],
+    ctx: JobContext,
+    device: torch.device,
+    batch: bool = True,
+    progress: ShadowProgress | None = None,
 ) -> tuple[list[Shadow], bool]:
     """Attack every shadow (as one batched computation where they share it: service.attacks.points)
-    and score each against its own images; and whether they ran batched. A shadow's attack that
-    fails fails the verdict, as it would have alone."""
-    from service.attacks.points import run_points
+    and score each against its own images; and whether they ran batched. `progress` hears each
+    iteration (of the batch, or of each shadow in turn). A shadow's attack that fails fails the
+    verdict, as it would have alone."""
+    from service.attacks.points import run_points, share_a_computation
 
-    results, errors, together = run_points(
-        [(c.problem, c.spec.attack, c.control, c.generator) for c in clients], batch=batch
-    )
+    entries = [(c.problem, c.spec.attack, c.control, c.generator) for c in clients]
+    batch = batch and len(entries) > 1 and share_a_computation(entries)
+    if progress is not None:
+        for k, c in enumerate(clients):
+            if batch and k > 0:
+                continue  # the batch reports the same iteration to every shadow: hear it once
+
+            def report(iteration: int, total: int, _loss: float, _restart: int | None, k: int = k) -> None:
+                progress(iteration, total, None if batch else k)
+
+            c.control.progress = report
+    results, errors, together = run_points(entries, batch=batch)
     shadows = []
     for c, result, error in zip(clients, results, errors, strict=True):
         if error is not None:

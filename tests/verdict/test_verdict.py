@@ -150,6 +150,24 @@ def test_the_manifest_says_how_the_shadows_ran(tmp_path: Path) -> None:
     assert run_job(dlg, ctx).manifest["estimate"]["execution"].startswith("sequential")
 
 
+def test_the_shadow_audits_show_their_progress(tmp_path: Path) -> None:
+    import dataclasses
+
+    spec, ctx, _ = make_job(
+        tmp_path, "gradient", ClientTraining(protocol="fedsgd"), [3], budget={"iterations": 6}
+    )
+    events: list = []
+    run_job(spec, dataclasses.replace(ctx, progress=events.append))
+    shadows = [e for e in events if e.stage == "scoring" and "shadow audits" in e.message]
+    assert shadows and shadows[0].message == "3 shadow audits, batched"
+    assert shadows[-1].iteration == shadows[-1].total == 6  # the last iteration is always heard
+    dlg = JobSpec.model_validate({**spec.model_dump(mode="json"), "attack": {"name": "dlg"}, "knowledge": 0})
+    events.clear()
+    run_job(dlg, dataclasses.replace(ctx, progress=events.append))
+    heard = {e.message for e in events if e.stage == "scoring" and "shadow audit" in e.message}
+    assert heard == {f"shadow audit {k} of 3" for k in (1, 2, 3)}
+
+
 def test_a_missing_declared_fact_is_assumed_and_said(tmp_path: Path) -> None:
     spec, _, _ = make_job(
         tmp_path, "delta", ClientTraining(protocol="fedavg", lr=0.1, local_epochs=1, batch_size=1), [2]
