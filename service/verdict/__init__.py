@@ -136,7 +136,10 @@ def estimate_leakage(
         make_shadow(spec, model, draw_images(pool, n, draw), labels, training, k, ctx, device)
         for k in range(v.shadows)
     ]
-    shadows, together = attack_shadows(clients, ctx, device, progress=_shadow_progress(progress, v.shadows))
+    per_batch = shadows_per_batch(clients[0].spec, problem, v.shadows, ctx.memory_limit_bytes)
+    shadows, execution = attack_shadows(
+        clients, ctx, device, progress=_shadow_progress(progress), per_batch=per_batch
+    )
     if ctx.should_stop is not None and ctx.should_stop():
         shadows = []  # stopped part-way: no estimate from attacks cut short
     shadow_scores = [{"loss": s.loss, "metrics": s.metrics} for s in shadows]
@@ -160,11 +163,7 @@ def estimate_leakage(
         "shadows_run": len(shadows),
         "proxy_data": proxy_source,
         "budget": (v.budget or spec.budget).model_dump(),
-        "execution": (
-            f"batched ({len(shadows)} shadows' attacks as one vectorised computation)"
-            if together
-            else "sequential (one attack per shadow; restarts batch within each)"
-        ),
+        "execution": execution,
         "assumed": assumed,
         "half_width_floor": HALF_WIDTH_FLOOR,
         "psnr_slopes_db_per_efold": {"exact": SLOPE_EXACT, "partial": SLOPE_PARTIAL},
@@ -202,21 +201,37 @@ def estimate_leakage(
 PROGRESS_INTERVAL_S = 0.25  # as the attack's progress: listeners hear at most four events a second
 
 
-def _shadow_progress(progress: Callable[[Progress], None] | None, k: int) -> ShadowProgress | None:
+def _shadow_progress(progress: Callable[[Progress], None] | None) -> ShadowProgress | None:
     """The shadow audits' iterations as the job's progress (stage "scoring"), throttled."""
     if progress is None:
         return None
     last = [-math.inf]
 
-    def report(iteration: int, total: int, shadow: int | None) -> None:
+    def report(iteration: int, total: int, which: str) -> None:
         now = time.monotonic()
         if now - last[0] < PROGRESS_INTERVAL_S and iteration < total:
             return
         last[0] = now
-        which = f"{k} shadow audits, batched" if shadow is None else f"shadow audit {shadow + 1} of {k}"
         progress(Progress(stage="scoring", iteration=iteration, total=total, message=which))
 
     return report
+
+
+def shadows_per_batch(shadow: JobSpec, problem: AttackProblem, k: int, limit_bytes: int | None) -> int:
+    """How many of the k shadow attacks fit one batched computation in the worker's memory (their
+    restarts stacked: service.jobs.budget's estimate with K x the restarts); all without a limit."""
+    if limit_bytes is None:
+        return k
+    from service.jobs.budget import estimate_memory
+    from service.specs import SOURCE_ARCHS
+
+    module = problem.model if shadow.model.arch in SOURCE_ARCHS else None
+    for size in range(k, 1, -1):
+        budget = shadow.budget.model_copy(update={"restarts": shadow.budget.restarts * size})
+        probe = shadow.model_copy(update={"budget": budget})
+        if estimate_memory(probe, problem.num_images, module=module).total_bytes <= limit_bytes:
+            return size
+    return 1
 
 
 def shadows_png(shadows: list[Shadow]) -> bytes:

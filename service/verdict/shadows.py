@@ -146,7 +146,7 @@ def make_shadow(
     return ShadowClient(images.cpu(), labels.cpu(), s, problem, control, generator)
 
 
-ShadowProgress = Callable[[int, int, int | None], None]  # iteration, total, shadow (None: all, batched)
+ShadowProgress = Callable[[int, int, str], None]  # iteration, total, which shadows
 
 
 def attack_shadows(
@@ -155,25 +155,54 @@ def attack_shadows(
     device: torch.device,
     batch: bool = True,
     progress: ShadowProgress | None = None,
-) -> tuple[list[Shadow], bool]:
-    """Attack every shadow (as one batched computation where they share it: service.attacks.points)
-    and score each against its own images; and whether they ran batched. `progress` hears each
-    iteration (of the batch, or of each shadow in turn). A shadow's attack that fails fails the
-    verdict, as it would have alone."""
+    per_batch: int | None = None,
+) -> tuple[list[Shadow], str]:
+    """Attack every shadow and score each against its own images; and how they ran. Shadows that
+    share a computation (service.attacks.points) run batched, at most `per_batch` at once (what
+    the worker's memory allows; None: all), the rest one after another. `progress` hears each
+    iteration of each batch or shadow. A shadow's attack that fails fails the verdict, as it
+    would have alone."""
     from service.attacks.points import run_points, share_a_computation
 
+    n = len(clients)
     entries = [(c.problem, c.spec.attack, c.control, c.generator) for c in clients]
-    batch = batch and len(entries) > 1 and share_a_computation(entries)
-    if progress is not None:
-        for k, c in enumerate(clients):
-            if batch and k > 0:
-                continue  # the batch reports the same iteration to every shadow: hear it once
+    size = max(1, min(per_batch or n, n)) if batch else 1
+    results: list = [None] * n
+    errors: list = [None] * n
+    groups_batched = 0
+    for first in range(0, n, size):
+        group = list(range(first, min(first + size, n)))
+        together = len(group) > 1 and share_a_computation([entries[i] for i in group])
+        if progress is not None:
+            for i in group:
+                if together and i != group[0]:
+                    continue  # a batch reports the same iteration to every shadow: hear it once
+                which = (
+                    (
+                        f"{n} shadow audits, batched"
+                        if len(group) == n
+                        else f"shadows {group[0] + 1}-{group[-1] + 1} of {n}, batched"
+                    )
+                    if together
+                    else f"shadow audit {i + 1} of {n}"
+                )
 
-            def report(iteration: int, total: int, _loss: float, _restart: int | None, k: int = k) -> None:
-                progress(iteration, total, None if batch else k)
+                def report(
+                    iteration: int, total: int, _loss: float, _restart: int | None, which: str = which
+                ) -> None:
+                    progress(iteration, total, which)
 
-            c.control.progress = report
-    results, errors, together = run_points(entries, batch=batch)
+                clients[i].control.progress = report
+        out, failed, ran_batched = run_points([entries[i] for i in group], batch=together)
+        groups_batched += ran_batched
+        for i, r, e in zip(group, out, failed, strict=True):
+            results[i], errors[i] = r, e
+    if groups_batched == 0:
+        execution = "sequential (one attack per shadow; restarts batch within each)"
+    elif size >= n:
+        execution = f"batched ({n} shadows' attacks as one vectorised computation)"
+    else:
+        execution = f"batched in groups of at most {size} (what the worker's memory allows), {n} shadows"
     shadows = []
     for c, result, error in zip(clients, results, errors, strict=True):
         if error is not None:
@@ -198,7 +227,7 @@ def attack_shadows(
                 result.labels.detach().cpu(),
             )
         )
-    return shadows, together
+    return shadows, execution
 
 
 def draw_images(pool: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

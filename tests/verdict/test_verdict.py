@@ -132,9 +132,9 @@ def test_batched_shadows_get_the_results_they_get_one_by_one(tmp_path: Path, kin
         y = torch.tensor([2, 6])
         return [make_shadow(spec, model, draw_images(pool, 2, draw), y, told, k, ctx, cpu) for k in range(3)]
 
-    alone, batched_alone = attack_shadows(clients(), ctx, cpu, batch=False)
+    alone, one_by_one = attack_shadows(clients(), ctx, cpu, batch=False)
     together, batched = attack_shadows(clients(), ctx, cpu)
-    assert batched and not batched_alone
+    assert batched.startswith("batched (3 shadows") and one_by_one.startswith("sequential")
     for a, b in zip(alone, together, strict=True):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
         assert math.isclose(a.loss, b.loss, rel_tol=1e-3, abs_tol=1e-9)
@@ -148,6 +148,26 @@ def test_the_manifest_says_how_the_shadows_ran(tmp_path: Path) -> None:
     assert run_job(spec, ctx).manifest["estimate"]["execution"].startswith("batched (3 shadows")
     dlg = JobSpec.model_validate({**spec.model_dump(mode="json"), "attack": {"name": "dlg"}, "knowledge": 0})
     assert run_job(dlg, ctx).manifest["estimate"]["execution"].startswith("sequential")
+
+
+def test_shadows_batch_only_as_many_as_the_workers_memory_allows(tmp_path: Path) -> None:
+    import dataclasses
+
+    from service.jobs.budget import estimate_memory
+
+    spec, ctx, _ = make_job(tmp_path, "gradient", ClientTraining(protocol="fedsgd"), [3])
+    two = spec.model_copy(update={"budget": spec.budget.model_copy(update={"restarts": 2})})
+    limit = estimate_memory(two, 1).total_bytes  # room for two shadows' attacks at once, not three
+    manifest = run_job(spec, dataclasses.replace(ctx, memory_limit_bytes=limit)).manifest
+    est = manifest["estimate"]
+    assert est["execution"].startswith("batched in groups of at most 2") and est["shadows_run"] == 3
+    unlimited = run_job(spec, ctx).manifest["estimate"]
+    assert unlimited["execution"].startswith("batched (3 shadows")
+    # the same shadows, grouped otherwise: the same estimate up to float rounding
+    assert est["psnr"]["mean"]["value"] == pytest.approx(unlimited["psnr"]["mean"]["value"], abs=1e-3)
+    one = estimate_memory(spec, 1).total_bytes  # room for one at a time: one after another
+    alone = run_job(spec, dataclasses.replace(ctx, memory_limit_bytes=one)).manifest["estimate"]
+    assert alone["execution"].startswith("sequential")
 
 
 def test_the_shadow_audits_show_their_progress(tmp_path: Path) -> None:
