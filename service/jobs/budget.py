@@ -279,6 +279,26 @@ def estimate_memory(
     )
 
 
+def batch_within_memory(
+    spec: JobSpec,
+    count: int,
+    limit_bytes: int | None,
+    num_images: int | None = None,
+    module: Any = None,
+) -> int:
+    """How many attacks of `spec` (a study's points, the verdict's shadows) fit one batched
+    computation, their restarts stacked, within `limit_bytes` by this module's estimate: at most
+    `count`, at least 1. Without a limit, or for a user's own model not built yet, `count`."""
+    if limit_bytes is None or count <= 1 or (spec.model.arch in SOURCE_ARCHS and module is None):
+        return max(count, 1)
+    for size in range(count, 1, -1):
+        budget = spec.budget.model_copy(update={"restarts": spec.budget.restarts * size})
+        probe = spec.model_copy(update={"budget": budget})
+        if estimate_memory(probe, num_images, module=module).total_bytes <= limit_bytes:
+            return size
+    return 1
+
+
 def check_memory(
     spec: JobSpec,
     limit_bytes: int,

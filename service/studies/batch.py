@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from service.attacks.points import BATCHED_ATTACKS
+from service.jobs.budget import batch_within_memory
 from service.jobs.execute import Runner, execute_job, record_spec
 from service.jobs.records import JobRecord
 from service.jobs.state import StateStore
@@ -59,13 +60,16 @@ def batch_key(spec: Any) -> str | None:
     return json.dumps(fields, sort_keys=True)
 
 
-def batchable(waiting: list[JobRecord], limit: int) -> list[JobRecord]:
-    """The first waiting point and up to `limit` - 1 more that can share its computation."""
+def batchable(waiting: list[JobRecord], limit: int, memory_bytes: int | None = None) -> list[JobRecord]:
+    """The first waiting point and up to `limit` - 1 more that can share its computation, no more
+    than the worker's memory estimate allows for one batch (service.jobs.budget)."""
     if limit < 2 or not waiting:
         return waiting[:1]
-    key = batch_key(record_spec(waiting[0]))
-    if key is None:
+    spec = record_spec(waiting[0])
+    key = batch_key(spec)
+    if key is None or not isinstance(spec, JobSpec):
         return waiting[:1]
+    limit = batch_within_memory(spec, limit, memory_bytes)
     group = [waiting[0]]
     for record in waiting[1:]:
         if len(group) >= limit:

@@ -18,6 +18,7 @@ from service.jobs.execute import Runner, Stopper, StopReason, execute_job
 from service.jobs.records import RUNNABLE, JobRecord
 from service.jobs.state import StateStore
 from service.jobs.types import JobContext, JobResult, Progress
+from service.settings import get_settings
 from service.storage import ArtifactStore
 from service.studies.batch import batchable, run_batch
 from service.studies.spec import StudyPlan
@@ -107,7 +108,7 @@ def run_study(
         if not waiting:
             time.sleep(POLL_S)  # the rest run on other workers
             continue
-        group = batchable(waiting, plan.study.batch_points)
+        group = batchable(waiting, plan.study.batch_points, get_settings().worker_memory_bytes)
         if len(group) > 1:
             run_batch(
                 group,

@@ -20,9 +20,10 @@ from torch import nn
 from service.attacks import AttackProblem, AttackResult
 from service.attacks.base import random_images
 from service.data import normalize
+from service.jobs.budget import batch_within_memory
 from service.jobs.types import JobContext, Progress
 from service.metrics import score
-from service.specs import JobSpec
+from service.specs import SOURCE_ARCHS, JobSpec
 from service.verdict.estimate import (
     EXACT_DB,
     HALF_WIDTH_FLOOR,
@@ -136,7 +137,10 @@ def estimate_leakage(
         make_shadow(spec, model, draw_images(pool, n, draw), labels, training, k, ctx, device)
         for k in range(v.shadows)
     ]
-    per_batch = shadows_per_batch(clients[0].spec, problem, v.shadows, ctx.memory_limit_bytes)
+    module = problem.model if spec.model.arch in SOURCE_ARCHS else None
+    per_batch = batch_within_memory(
+        clients[0].spec, v.shadows, ctx.memory_limit_bytes, problem.num_images, module=module
+    )
     shadows, execution = attack_shadows(
         clients, ctx, device, progress=_shadow_progress(progress), per_batch=per_batch
     )
@@ -215,23 +219,6 @@ def _shadow_progress(progress: Callable[[Progress], None] | None) -> ShadowProgr
         progress(Progress(stage="scoring", iteration=iteration, total=total, message=which))
 
     return report
-
-
-def shadows_per_batch(shadow: JobSpec, problem: AttackProblem, k: int, limit_bytes: int | None) -> int:
-    """How many of the k shadow attacks fit one batched computation in the worker's memory (their
-    restarts stacked: service.jobs.budget's estimate with K x the restarts); all without a limit."""
-    if limit_bytes is None:
-        return k
-    from service.jobs.budget import estimate_memory
-    from service.specs import SOURCE_ARCHS
-
-    module = problem.model if shadow.model.arch in SOURCE_ARCHS else None
-    for size in range(k, 1, -1):
-        budget = shadow.budget.model_copy(update={"restarts": shadow.budget.restarts * size})
-        probe = shadow.model_copy(update={"budget": budget})
-        if estimate_memory(probe, problem.num_images, module=module).total_bytes <= limit_bytes:
-            return size
-    return 1
 
 
 def shadows_png(shadows: list[Shadow]) -> bytes:

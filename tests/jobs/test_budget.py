@@ -109,3 +109,21 @@ def test_the_profiler_process_gives_the_same_profile_and_refusals() -> None:
             profiler(ModelSpec(arch="lenet", knobs={"nope": 1}), data)
     finally:
         profiler.close()
+
+
+def test_a_batch_holds_only_as_many_attacks_as_the_memory_allows() -> None:
+    from service.jobs.budget import batch_within_memory
+
+    spec = JobSpec.model_validate(
+        {
+            "model": {"arch": "lenet"},
+            "update": {"kind": "gradient", "artifact": "u"},
+            "data": {"shape": [3, 32, 32]},
+        }
+    )
+    three = spec.model_copy(update={"budget": spec.budget.model_copy(update={"restarts": 3})})
+    room = estimate_memory(three, 2).total_bytes
+    assert batch_within_memory(spec, 8, room, 2) == 3  # three attacks' restarts stacked fit, four do not
+    assert batch_within_memory(spec, 2, room, 2) == 2  # never more than asked
+    assert batch_within_memory(spec, 8, None, 2) == 8  # no limit
+    assert batch_within_memory(spec, 8, estimate_memory(spec, 2).total_bytes - 1, 2) == 1
