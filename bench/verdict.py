@@ -325,7 +325,13 @@ def igsa_check(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     (truth and estimate), between the estimate's error (truth - estimate) and the log-ratio of the
     real reconstruction's IGSA to the shadows' (their reconstructions', and their own images'); and
     the least-squares coefficient (dB per unit of log-ratio) a refinement would use."""
-    rows = [r for r in rows if isinstance(r.get("igsa"), dict) and "real_reconstruction" in r["igsa"]]
+
+    def complete(ig: Any) -> bool:  # every IGSA defined (None where a batch's gradient was zero)
+        if not isinstance(ig, dict) or ig.get("real_reconstruction") is None:
+            return False
+        return None not in (*ig["shadows"], *ig["shadow_reconstructions"])
+
+    rows = [r for r in rows if complete(r.get("igsa"))]
     if len(rows) < 3:
         return None
     out: dict[str, Any] = {"cases": len(rows)}

@@ -263,20 +263,25 @@ def igsa_context(
     """IGSA (service.metrics.igsa, 4 perturbations) of the model around each shadow's own images,
     around each shadow's reconstruction and around the real attack's reconstruction: the smoothness
     the shadows met against the one the real update's attack met (the real images are unknown, so
-    reconstructions are what compares like with like)."""
+    reconstructions are what compares like with like). None where IGSA is undefined (a batch whose
+    gradient is zero in every layer)."""
+    from service.errors import SpecError
     from service.metrics.igsa import igsa
 
     norm = spec.data.resolved_normalization()
 
-    def at(images: torch.Tensor, labels: torch.Tensor) -> float:
-        res = igsa(
-            problem.model,
-            normalize(images.to(device), norm),
-            labels.to(device),
-            samples=4,
-            bn_mode=problem.bn_mode,
-            generator=torch.Generator().manual_seed(seed),
-        )
+    def at(images: torch.Tensor, labels: torch.Tensor) -> float | None:
+        try:
+            res = igsa(
+                problem.model,
+                normalize(images.to(device), norm),
+                labels.to(device),
+                samples=4,
+                bn_mode=problem.bn_mode,
+                generator=torch.Generator().manual_seed(seed),
+            )
+        except SpecError:
+            return None
         return res.score
 
     real = at(result.images.detach(), result.labels.detach())
