@@ -234,7 +234,7 @@ def main() -> None:
         old = json.loads(a.out.read_text())
         rows = old["runs"] + rows
         commands = old["commands"] + commands
-        kept = {k: v for k, v in old.items() if k in ("exploration", "probes", "sensitivity", "notes")}
+        kept = {k: v for k, v in old.items() if k not in ("summary", "runs", "iterations", "commands")}
     report = {
         "machine": {
             **machine(),
@@ -250,11 +250,12 @@ def main() -> None:
         "parallel_runs": None if a.from_logs else a.parallel,
         "tuning_images": TUNING,
         "commands": commands,
-        "note": a.note,
+        "note": " ".join(n for n in (kept.pop("note", ""), a.note) if n),  # appended runs keep the old note
         "summary": summarise(rows),
         "runs": rows,
     }
-    report.update(kept)
+    for key, value in kept.items():  # what this run does not make again (probes, notes, ...)
+        report.setdefault(key, value)
     if a.extra is not None:
         report.update(json.loads(a.extra.read_text()))
     a.out.parent.mkdir(parents=True, exist_ok=True)
