@@ -149,6 +149,13 @@ def make_shadow(
 ShadowProgress = Callable[[int, int, str], None]  # iteration, total, which shadows
 
 
+def _which(group: list[int], n: int) -> str:
+    """What a batch's progress says it is running."""
+    if len(group) == n:
+        return f"{n} shadow audits, batched"
+    return f"shadows {group[0] + 1}-{group[-1] + 1} of {n}, batched"
+
+
 def attack_shadows(
     clients: list[ShadowClient],
     ctx: JobContext,
@@ -177,15 +184,7 @@ def attack_shadows(
             for i in group:
                 if together and i != group[0]:
                     continue  # a batch reports the same iteration to every shadow: hear it once
-                which = (
-                    (
-                        f"{n} shadow audits, batched"
-                        if len(group) == n
-                        else f"shadows {group[0] + 1}-{group[-1] + 1} of {n}, batched"
-                    )
-                    if together
-                    else f"shadow audit {i + 1} of {n}"
-                )
+                which = _which(group, n) if together else f"shadow audit {i + 1} of {n}"
 
                 def report(
                     iteration: int, total: int, _loss: float, _restart: int | None, which: str = which
