@@ -235,6 +235,7 @@ def test_a_worker_killed_mid_job_does_not_leave_it_running(deployment: Deploymen
         ids = upload(c)
         body = {"update_id": ids["update"], "attack": {"name": "inverting_gradients"}}
         body["budget"] = {"iterations": 20_000, "time_limit_s": 6}
+        body["verdict"] = {"when": "never"}  # the kill is the point: no shadow audits after the attack
         job_id = c.post("/v1/jobs", json=body).json()["id"]
 
         def running() -> dict[str, Any] | None:
