@@ -291,10 +291,11 @@ def batch_within_memory(
     `count`, at least 1. Without a limit, or for a user's own model not built yet, `count`."""
     if limit_bytes is None or count <= 1 or (spec.model.arch in SOURCE_ARCHS and module is None):
         return max(count, 1)
+    profile = model_profile(spec.model, spec.data, module)  # once: only the restarts change below
     for size in range(count, 1, -1):
         budget = spec.budget.model_copy(update={"restarts": spec.budget.restarts * size})
         probe = spec.model_copy(update={"budget": budget})
-        if estimate_memory(probe, num_images, module=module).total_bytes <= limit_bytes:
+        if estimate_memory(probe, num_images, profile_fn=lambda *_: profile).total_bytes <= limit_bytes:
             return size
     return 1
 
