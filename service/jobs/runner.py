@@ -203,7 +203,7 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
 
         t = time.monotonic()
         estimate, shadows_png = estimate_leakage(
-            spec, model, problem, result, victim.truth_images, metrics, ctx, device, progress=emit
+            spec, model, problem, result, victim.truth_images, metrics, ctx, device, progress=emit.throttled
         )
         timings["estimate_s"] = time.monotonic() - t
     status: Literal["succeeded", "cancelled"] = "cancelled" if stopped else "succeeded"
@@ -629,12 +629,18 @@ class _Emitter:
         if self.ctx.progress is not None:
             self.ctx.progress(p)
 
-    def attack_progress(self, iteration: int, total: int, loss: float, restart: int | None) -> None:
+    def throttled(self, p: Progress) -> None:
+        """`p` unless the last throttled event went out under PROGRESS_INTERVAL_S ago (the last
+        iteration always goes out)."""
         now = time.monotonic()
-        if now - self.last < PROGRESS_INTERVAL_S and iteration < total:
+        if now - self.last < PROGRESS_INTERVAL_S and p.iteration < p.total:
             return
         self.last = now
-        self(Progress("attack", iteration, total, _finite(loss), now - self.started, restart))
+        self(p)
+
+    def attack_progress(self, iteration: int, total: int, loss: float, restart: int | None) -> None:
+        elapsed = time.monotonic() - self.started
+        self.throttled(Progress("attack", iteration, total, _finite(loss), elapsed, restart))
 
 
 def _finite(v: float) -> float | None:

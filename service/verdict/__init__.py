@@ -37,6 +37,7 @@ from service.verdict.estimate import (
     spread_factor,
 )
 from service.verdict.histogram import label_histogram
+from service.verdict.render import shadows_png
 from service.verdict.shadows import (
     Shadow,
     ShadowProgress,
@@ -122,7 +123,9 @@ def estimate_leakage(
     progress: Callable[[Progress], None] | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
     """The verdict on the real update (the manifest's `estimate`; deterministic for verdict.seed),
-    and the picture of the shadows' proxy images above their reconstructions (for the report)."""
+    and the picture of the shadows' proxy images above their reconstructions (for the report).
+    `progress` hears every iteration of the shadow audits: give it a throttled listener (the
+    runner passes its emitter's `throttled`)."""
     started = time.monotonic()
     v = spec.verdict
     n = problem.num_images
@@ -202,54 +205,15 @@ def estimate_leakage(
     return out, shadows_png(shadows) if shadows else None
 
 
-PROGRESS_INTERVAL_S = 0.25  # as the attack's progress: listeners hear at most four events a second
-
-
 def _shadow_progress(progress: Callable[[Progress], None] | None) -> ShadowProgress | None:
-    """The shadow audits' iterations as the job's progress (stage "scoring"), throttled."""
+    """The shadow audits' iterations as the job's progress (stage "scoring"; the runner throttles)."""
     if progress is None:
         return None
-    last = [-math.inf]
 
     def report(iteration: int, total: int, which: str) -> None:
-        now = time.monotonic()
-        if now - last[0] < PROGRESS_INTERVAL_S and iteration < total:
-            return
-        last[0] = now
         progress(Progress(stage="scoring", iteration=iteration, total=total, message=which))
 
     return report
-
-
-def shadows_png(shadows: list[Shadow]) -> bytes:
-    """A column per shadow: its most leaked proxy image above the reconstruction matched to it, with
-    their PSNR and SSIM, the shadow that leaked most framed (service.jobs.report's grid)."""
-    from service.jobs.report import render_grid_png
-
-    truth, recon, psnr, ssim = [], [], [], []
-    for s in shadows:
-        m = s.metrics
-        i = m["worst_case"]["image"]
-        truth.append(s.images[i])
-        recon.append(s.reconstruction[m["permutation"][i]])
-        psnr.append(m["per_image"]["psnr"][i])
-        ssim.append(None if m["per_image"].get("ssim") is None else m["per_image"]["ssim"][i])
-    most = max(range(len(shadows)), key=lambda k: psnr[k])
-    metrics = {
-        "per_image": {"psnr": psnr, "ssim": ssim},
-        "permutation": list(range(len(shadows))),
-        "worst_case": {"image": most},
-    }
-    return render_grid_png(
-        torch.stack(recon),
-        torch.stack(truth),
-        metrics,
-        row_names={
-            "truth": ("proxy images", "(shadow clients)"),
-            "recon": ("reconstructed", "by the attack"),
-        },
-        column_heads=[f"shadow {k}" for k in range(len(shadows))],
-    )
 
 
 def igsa_context(

@@ -1,6 +1,6 @@
 """The estimate as an HTML section of report.html (self-contained; every value escaped), with two
 pictures: how the PSNR estimate was made (render_estimate_png) and the shadows' proxy images above
-their reconstructions (service.verdict.shadows_png)."""
+their reconstructions (shadows_png)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import base64
 import html
 import io
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.verdict.estimate import EXACT_DB, METRICS, SCOPES
+
+if TYPE_CHECKING:
+    from service.verdict.shadows import Shadow
 
 
 def _num(v: Any, unit: str = "") -> str:
@@ -118,3 +121,36 @@ def render_estimate_html(estimate: dict[str, Any] | None, shadows_png: bytes | N
 <th>no-leak floor</th></tr>{rows}</table>{unavailable}
 <p>Labels the update reveals ({html.escape(labels["certainty"])}): {counts}. {html.escape(labels["why"])}.</p>
 {plot}{grid}</section>"""
+
+
+def shadows_png(shadows: list[Shadow]) -> bytes:
+    """A column per shadow: its most leaked proxy image above the reconstruction matched to it, with
+    their PSNR and SSIM, the shadow that leaked most framed (service.jobs.report's grid)."""
+    import torch
+
+    from service.jobs.report import render_grid_png
+
+    truth, recon, psnr, ssim = [], [], [], []
+    for s in shadows:
+        m = s.metrics
+        i = m["worst_case"]["image"]
+        truth.append(s.images[i])
+        recon.append(s.reconstruction[m["permutation"][i]])
+        psnr.append(m["per_image"]["psnr"][i])
+        ssim.append(None if m["per_image"].get("ssim") is None else m["per_image"]["ssim"][i])
+    most = max(range(len(shadows)), key=lambda k: psnr[k])
+    metrics = {
+        "per_image": {"psnr": psnr, "ssim": ssim},
+        "permutation": list(range(len(shadows))),
+        "worst_case": {"image": most},
+    }
+    return render_grid_png(
+        torch.stack(recon),
+        torch.stack(truth),
+        metrics,
+        row_names={
+            "truth": ("proxy images", "(shadow clients)"),
+            "recon": ("reconstructed", "by the attack"),
+        },
+        column_heads=[f"shadow {k}" for k in range(len(shadows))],
+    )
