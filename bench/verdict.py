@@ -40,7 +40,7 @@ from service.models import build_model
 from service.specs import ClientTraining, DataSpec, JobSpec, ModelSpec
 from service.storage import LocalStore
 from service.tensorio import load_safetensors, save_safetensors
-from service.verdict.estimate import SLOPE_EXACT, SLOPE_PARTIAL, SPREAD_C, extrapolate_psnr, refine
+from service.verdict.estimate import SCOPES, SLOPE_EXACT, SLOPE_PARTIAL, SPREAD_C, extrapolate_psnr, refine
 
 RESULTS = Path(__file__).parent / "results"
 CAP_DB = 40.0  # PSNRs above count as this in mae_db_capped (a fully recovered image)
@@ -394,29 +394,21 @@ SHADOW_COUNTS = {3: "verdict-cpu-k3.jsonl", 8: "verdict-cpu-k8.jsonl"}  # the ot
 def by_shadow_count(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
     """The same cases audited with other shadow counts (files beside the log), scored the same way:
     how the default K was chosen (on the calibration split) and how the interval follows K."""
+    keys = ("mae_db", "mae_db_capped", "spearman", "coverage", "median_interval_width_db")
     out: dict[str, Any] = {}
     for count, name in sorted({**SHADOW_COUNTS, k: None}.items()):
         part = rows if name is None else _rows(RESULTS / name)
         if not part:
             continue
-        out[f"K={count}"] = {
-            split: {
-                scope: {
-                    key: summarize(sel)[scope][key]
-                    for key in ("mae_db", "mae_db_capped", "spearman", "coverage", "median_interval_width_db")
-                }
-                for scope in ("mean", "worst_case")
-            }
-            for split, sel in (
-                ("calibration", [r for r in part if r.get("split", "calibration") == "calibration"]),
-                ("holdout", [r for r in part if r.get("split") == "holdout"]),
-                ("holdout-32px", [r for r in part if r.get("split") == "holdout-32px"]),
-            )
-            if sel
-        } | {
-            "spread_multiple_fit_on_calibration": fit_spread_multiple(
-                [r for r in part if r.get("split", "calibration") == "calibration"]
-            )
+        by_split: dict[str, Any] = {}
+        for split in ("calibration", "holdout", "holdout-32px"):
+            sel = [r for r in part if r.get("split", "calibration") == split]
+            if sel:
+                scored = summarize(sel)  # once per split: it re-derives every estimate
+                by_split[split] = {scope: {key: scored[scope][key] for key in keys} for scope in SCOPES}
+        calibration = [r for r in part if r.get("split", "calibration") == "calibration"]
+        out[f"K={count}"] = by_split | {
+            "spread_multiple_fit_on_calibration": fit_spread_multiple(calibration)
         }
     return out
 
