@@ -70,6 +70,7 @@ class AttackProblem:
     # the shared update is update_scale times the target (lr x steps for a weight change turned
     # into a pseudo-gradient; 1 for a gradient or an unrolled delta); None when unknown
     update_scale: float | None = 1.0
+    update_kind: str = "gradient"  # what the client shared: "gradient", "delta" or "weights"
     defenses: list[DefenseSpec] = field(default_factory=list)  # post-processing of the update (what-if)
     # the generator the attacker holds (knowledge level 2): a service.generators.LoadedGenerator
     image_generator: Any = None

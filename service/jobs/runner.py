@@ -490,6 +490,7 @@ def _problem(
         target_scale_known=scale_known,
         match_names=select_parameters(names, spec.attack.match_layers) if spec.attack.match_layers else None,
         update_scale=update_scale,
+        update_kind=kind,
         defenses=list(spec.defenses),
     )
 

@@ -10,6 +10,7 @@ attack's starting point) as a no-leak floor, so every PSNR/SSIM is also read as 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from service.jobs.types import JobContext, Progress
 from service.metrics import score
 from service.specs import SOURCE_ARCHS, JobSpec
 from service.verdict.estimate import (
+    DIRECT_FLOOR,
     EXACT_DB,
     HALF_WIDTH_FLOOR,
     METRICS,
@@ -32,11 +34,13 @@ from service.verdict.estimate import (
     SLOPE_EXACT,
     SLOPE_PARTIAL,
     SPREAD_C,
+    apply_direct,
     combine,
     psnr_spread_multiple,
     spread_factor,
 )
 from service.verdict.histogram import label_histogram
+from service.verdict.newton import LocalEstimate, local_estimate
 from service.verdict.render import shadows_png
 from service.verdict.shadows import (
     Shadow,
@@ -59,7 +63,11 @@ METHOD = (
     f"{SLOPE_PARTIAL:g} below); interval = +- max({HALF_WIDTH_FLOOR['psnr']:g} dB, "
     f"{SPREAD_C:g} x t x sqrt(1 + 1/K) x the moved PSNRs' sd, t the two-sided 90 % Student "
     f"quantile); at or above {EXACT_DB:g} dB the reconstruction is exact (the dB figure is "
-    "indicative); SSIM/LPIPS: the shadows' mean moved by r^2 along their own line of score against log loss"
+    "indicative); SSIM/LPIPS: the shadows' mean moved by r^2 along their own line of score against log loss. "
+    "Direct estimate, where it holds: one Gauss-Newton step on the real attack's residual estimates its "
+    "error, and the reconstruction scored against the images it implies is the estimate of every metric "
+    f"(interval +- max({DIRECT_FLOOR['psnr']:g} dB, t x the RMS of the same estimate's errors on the "
+    "shadows where it held)"
 )
 
 
@@ -153,6 +161,11 @@ def estimate_leakage(
 
     real_loss = result.best_loss if math.isfinite(result.best_loss) else None
     estimates, unavailable = combine(shadow_scores, real_loss) if len(shadows) >= 2 else ({}, {})
+    direct = direct_estimate(problem, result, shadows, ctx.lpips_weights_dir, device) if shadows else None
+    if direct is not None and direct["scores"] is not None:
+        apply_direct(estimates, direct.pop("scores"), direct.pop("shadow_errors"))
+    elif direct is not None:
+        direct.pop("scores"), direct.pop("shadow_errors")
 
     start = random_images((n, c, h, w), getattr(spec.attack, "init", "randn"), draw, torch.device("cpu"))
     baselines = {
@@ -186,6 +199,7 @@ def estimate_leakage(
         "floor_truth": None,
         "metrics_gain": None,
         "igsa": None,
+        "direct": direct,
     }
     if truth_images is not None and len(truth_images) == n:
         floor_truth = no_leak_floor(baselines, [truth_images.cpu()], ctx.lpips_weights_dir)
@@ -203,6 +217,69 @@ def estimate_leakage(
     out["summary"] = summary(out)
     out["elapsed_s"] = time.monotonic() - started
     return out, shadows_png(shadows) if shadows else None
+
+
+def implied_scores(
+    recon: torch.Tensor,
+    labels: torch.Tensor,
+    local: LocalEstimate,
+    lpips_weights_dir: str | None,
+    device: torch.device,
+) -> dict[str, dict[str, float | None]]:
+    """Per scope and metric, the reconstruction scored against the images a Gauss-Newton step
+    implies; with declared noise, averaged over the step's draws of the error the noise leaves."""
+    targets = local.noisy_images or ([local.images] if local.images is not None else [])
+    y = labels.tolist()
+    scored = [score(recon, t, y, y, lpips_weights_dir, device=device) for t in targets]
+    out: dict[str, dict[str, float | None]] = {}
+    for scope in SCOPES:
+        out[scope] = {}
+        for metric in METRICS:
+            values = [s[scope].get(metric) for s in scored]
+            out[scope][metric] = None if any(v is None for v in values) else sum(values) / len(values)
+    return out
+
+
+def direct_estimate(
+    problem: AttackProblem,
+    result: AttackResult,
+    shadows: list[Shadow],
+    lpips_weights_dir: str | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The direct estimate (service.verdict.newton) of the real reconstruction, and how it fared
+    on the shadows: `real` and `shadows` (each step's numbers), `scores` (the real reconstruction
+    scored against the images its step implies; None where the step is not trusted) and
+    `shadow_errors[metric][scope]` (truth - direct estimate, on the shadows where it was trusted).
+    Where the step is applicable its estimate is recorded even when it is not trusted
+    (`real.estimate`, each shadow's `errors`), so that its rules can be checked against cases."""
+    real = local_estimate(problem, result.images, result.labels)
+    out: dict[str, Any] = {"real": real.record(), "shadows": [], "scores": None, "shadow_errors": {}}
+    if not real.applicable or real.images is None:
+        return out
+    scores = implied_scores(result.images.detach().cpu(), result.labels, real, lpips_weights_dir, device)
+    out["real"]["estimate"] = scores
+    if not real.valid and not os.environ.get("GRADLEAK_DIRECT_CHECK_ALL"):
+        return out  # the shadows only check a step that is trusted (the benchmark checks all)
+    if real.valid:
+        out["scores"] = scores
+    errors: dict[str, dict[str, list[float]]] = {m: {s: [] for s in SCOPES} for m in METRICS}
+    for s in shadows:
+        local = local_estimate(s.problem, s.reconstruction, s.reconstructed_labels)
+        record = local.record()
+        if local.images is not None:
+            est = implied_scores(s.reconstruction, s.reconstructed_labels, local, lpips_weights_dir, device)
+            record["errors"] = {}
+            for metric in METRICS:
+                for scope in SCOPES:
+                    truth, guess = s.metrics[scope].get(metric), est[scope].get(metric)
+                    if truth is not None and guess is not None:
+                        record["errors"][f"{metric}_{scope}"] = truth - guess
+                        if local.valid:
+                            errors[metric][scope].append(truth - guess)
+        out["shadows"].append(record)
+    out["shadow_errors"] = errors
+    return out
 
 
 def _shadow_progress(progress: Callable[[Progress], None] | None) -> ShadowProgress | None:
@@ -269,6 +346,8 @@ def summary(est: dict[str, Any]) -> str:
     lo, hi = psnr["interval"]
     gain = psnr.get("gain_over_floor")
     above = "" if gain is None else f", {gain:+.1f} dB over the no-leak floor"
+    if psnr.get("source") == "direct":
+        above += "; direct: a Gauss-Newton step on the real attack's residual"
     if psnr["value"] >= EXACT_DB:
         return (
             f"estimated worst-case PSNR at least {EXACT_DB:g} dB: exact reconstruction "

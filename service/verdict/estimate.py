@@ -22,6 +22,14 @@ the shadows' own least-squares line of score against log loss (no move when K < 
 not vary, or the line says a lower loss means less leakage), clipped to their range widened by one
 half-width, with +- max(floor, t x the shadows' sd about the line), t the two-sided 90 % Student
 quantile with K - 1 degrees of freedom.
+
+Direct estimate (service.verdict.newton): where one Gauss-Newton step on the real attack's final
+residual is trusted by its own numbers, the reconstruction scored against the images that step
+implies replaces the shadows' estimate for every metric (`source: direct`; the shadows' estimate
+stays beside it as `shadow_value`). Its interval is +- the larger of DIRECT_FLOOR and t x the
+root mean square of the same direct estimate's errors on the shadows where it was trusted too
+(their truth is known), t the two-sided 90 % Student quantile with (that count - 1) degrees of
+freedom.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from scipy.stats import t as student_t
 # Half-width floors: the gap between proxy and real images the shadows cannot see (PSNR: chosen
 # with SPREAD_C on bench/verdict.py's calibration cases; SSIM and LPIPS in proportion).
 HALF_WIDTH_FLOOR: dict[str, float] = {"psnr": 3.0, "ssim": 0.12, "lpips": 0.12}
+# Direct estimates' half-width floors (chosen on bench/verdict.py's calibration cases)
+DIRECT_FLOOR: dict[str, float] = {"psnr": 1.0, "ssim": 0.02, "lpips": 0.02}
 EXACT_DB = 40.0  # a reconstruction this good is exact: the verdict says "at least 40 dB"
 SLOPE_EXACT = -4.0  # dB of PSNR per e-fold of matching loss, for a shadow reconstructed exactly
 SLOPE_PARTIAL = -1.1  # the same below EXACT_DB (pooled within-case slopes, calibration cases)
@@ -100,6 +110,7 @@ def refine(
     return {
         "value": point,
         "interval": [max(lo_b, point - half), min(hi_b, point + half)],
+        "source": "shadows",
         "shadows": list(values),
         "shadow_mean": centre,
         "shadow_sd": spread,
@@ -131,6 +142,7 @@ def extrapolate_psnr(
         "value": point,
         "interval": [max(lo_b, point - half), min(hi_b, point + half)],
         "exact": point >= EXACT_DB,
+        "source": "shadows",
         "shadows": list(values),
         "shadows_moved": moved,
         "shadow_weights": [w / sum(weights) for w in weights],
@@ -161,3 +173,31 @@ def combine(shadow_scores: list[dict[str, Any]], real_loss: float | None) -> tup
         if metric not in unavailable:
             out[metric] = per_scope
     return out, unavailable
+
+
+def apply_direct(
+    estimates: dict[str, dict[str, Any]],
+    direct: dict[str, Any],
+    shadow_errors: dict[str, dict[str, list[float]]],
+) -> None:
+    """Replace each metric's shadow estimate, in place, by the direct one (`direct[scope][metric]`,
+    the reconstruction scored against the images the Gauss-Newton step implies), with the interval
+    of the module docstring; `shadow_errors[metric][scope]` are the direct estimate's errors
+    (truth - estimate) on the shadows where it was trusted."""
+    for metric, scopes in estimates.items():
+        for scope, est in scopes.items():
+            value = direct.get(scope, {}).get(metric)
+            if value is None:
+                continue
+            errors = shadow_errors.get(metric, {}).get(scope, [])
+            half = DIRECT_FLOOR[metric]
+            if len(errors) >= 2:
+                rms = math.sqrt(sum(e * e for e in errors) / len(errors))
+                half = max(half, spread_factor(len(errors)) * rms)
+            lo_b, hi_b = BOUNDS[metric]
+            est["shadow_value"], est["shadow_interval"] = est["value"], est["interval"]
+            est["value"] = value
+            est["interval"] = [max(lo_b, value - half), min(hi_b, value + half)]
+            est["source"] = "direct"
+            if metric == "psnr":
+                est["exact"] = value >= EXACT_DB

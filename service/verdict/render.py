@@ -41,16 +41,25 @@ def render_estimate_png(estimate: dict[str, Any]) -> bytes | None:
         ax.scatter([at], [m], facecolors="none", edgecolors="#3b5ba9", s=28, zorder=3)
     lo, hi = psnr["interval"]
     value = psnr["value"]
+    direct = psnr.get("source") == "direct"
+    if direct and psnr.get("shadow_value") is not None:
+        s_lo, s_hi = psnr.get("shadow_interval") or (psnr["shadow_value"],) * 2
+        sv = psnr["shadow_value"]
+        ax.errorbar(
+            [at], [sv], yerr=[[sv - s_lo], [s_hi - sv]], fmt="D", color="#9aa9c8", ms=6, capsize=4,
+            lw=1, zorder=3, label=f"the shadows alone {sv:.1f} dB",
+        )  # fmt: skip
+    what = "direct estimate (Gauss-Newton step)" if direct else "estimate"
     ax.errorbar(
         [at], [value], yerr=[[value - lo], [hi - value]], fmt="D", color="#c0392b", ms=7, capsize=5,
-        lw=2, zorder=4, label=f"estimate {value:.1f} dB [{lo:.1f}, {hi:.1f}]",
+        lw=2, zorder=4, label=f"{what} {value:.1f} dB [{lo:.1f}, {hi:.1f}]",
     )  # fmt: skip
     if real is not None:
         ax.axvline(real, color="#c0392b", lw=1, alpha=0.5, label="the real attack's loss")
     floor = (estimate.get("floor") or {}).get("psnr", {}).get("worst_case")
     if floor is not None:
         ax.axhline(floor, color="#777", lw=1, ls=":", label=f"no-leak floor {floor:.1f} dB")
-    top = max(hi, *psnr["shadows"], *moved)
+    top = max(hi, *psnr["shadows"], *moved, psnr.get("shadow_value") or 0.0)
     if top >= EXACT_DB - 5:
         ax.axhline(EXACT_DB, color="#2e7d32", lw=1, ls="-.", label=f"{EXACT_DB:g} dB: exact")
     ax.set_xscale("log")
@@ -91,8 +100,11 @@ def render_estimate_html(estimate: dict[str, Any] | None, shadows_png: bytes | N
             value = _num(e["value"], unit)
             if e.get("exact"):
                 value = f"at least {EXACT_DB:g} dB: exact ({value}, indicative)"
+            source = "shadows"
+            if e.get("source") == "direct":
+                source = f"direct (the shadows alone: {_num(e.get('shadow_value'), unit)})"
             rows += (
-                f"<tr><td>{metric}</td><td>{scope.replace('_', ' ')}</td><td>{value}</td>"
+                f"<tr><td>{metric}</td><td>{scope.replace('_', ' ')}</td><td>{value}</td><td>{source}</td>"
                 f"<td>[{_num(lo)}, {_num(hi)}]</td><td>{_num(e.get('gain_over_floor'), unit)}</td>"
                 f"<td>{_num(estimate['floor'][metric][scope], unit)}</td></tr>"
             )
@@ -106,7 +118,9 @@ def render_estimate_html(estimate: dict[str, Any] | None, shadows_png: bytes | N
         render_estimate_png(estimate),
         "worst-case PSNR of the shadow audits against their matching loss, and the estimate",
         "Each shadow audit (filled) where its attack ended, moved along the fixed line to the real "
-        "attack's loss (hollow); the estimate is their weighted mean there, with its interval.",
+        "attack's loss (hollow); the estimate is their weighted mean there, with its interval (or, "
+        "where a Gauss-Newton step on the real attack's residual holds, the direct estimate, with "
+        "the shadows' beside it).",
     )
     grid = _figure(
         shadows_png,
@@ -117,7 +131,7 @@ def render_estimate_html(estimate: dict[str, Any] | None, shadows_png: bytes | N
     return f"""<section id="estimate"><h2>Leakage estimate (without the client's images)</h2>
 <p>{html.escape(estimate.get("summary", ""))}. {estimate["shadows_run"]} shadow audits on
 {html.escape(estimate["proxy_data"])}; method: {html.escape(estimate["method"])}.</p>
-<table><tr><th>metric</th><th>over</th><th>estimate</th><th>interval</th><th>gain over floor</th>
+<table><tr><th>metric</th><th>over</th><th>estimate</th><th>from</th><th>interval</th><th>gain over floor</th>
 <th>no-leak floor</th></tr>{rows}</table>{unavailable}
 <p>Labels the update reveals ({html.escape(labels["certainty"])}): {counts}. {html.escape(labels["why"])}.</p>
 {plot}{grid}</section>"""

@@ -453,3 +453,15 @@ def test_a_known_limit_of_the_attack_is_a_warning_that_leaves_the_verdict() -> N
     assert warned.outcome == "warn" and warned.message == limit["message"] and warned.job_id == job.id
     assert AuditReport(Policy.from_data(policy()), [], checks).verdict == "pass"
     assert not [c for c in evaluate_job(job_with(METRICS), [], "s", "a", True) if c.rule == "attack limit"]
+
+
+def test_the_typed_verdict_says_where_each_estimate_came_from() -> None:
+    data = estimate(18.0, 15.5, 20.5)
+    direct = {**data["psnr"]["worst_case"], "value": 52.0, "source": "direct", "shadow_value": 41.0}
+    data["psnr"] = {"mean": data["psnr"]["mean"], "worst_case": direct}
+    data["direct"] = {"real": {"applicable": True, "valid": True, "why": "the linear model holds"}}
+    verdict = job_with(None).model_copy(update={"estimate": data}).verdict
+    assert verdict is not None and verdict.direct is not None and verdict.direct["real"]["valid"]
+    worst, mean = verdict.get("psnr"), verdict.get("psnr", "mean")
+    assert worst is not None and worst.source == "direct" and worst.shadow_value == 41.0
+    assert mean is not None and mean.source == "shadows" and mean.shadow_value is None

@@ -273,6 +273,12 @@ class EstimateValue(_Model):
         default=None,
         description="PSNR only: at least 40 dB, an exact reconstruction (the dB figure is then indicative)",
     )
+    source: str = Field(
+        default="shadows",
+        description="shadows: from the shadow audits; direct: from a Gauss-Newton step on the real "
+        "attack's residual, where it holds (docs/verdict.md)",
+    )
+    shadow_value: float | None = Field(default=None, description="direct only: what the shadows alone said")
 
 
 class LabelHistogram(_Model):
@@ -300,6 +306,9 @@ class Estimate(_Model):
     labels: LabelHistogram
     floor: dict[str, Any] = Field(default_factory=dict)
     unavailable: dict[str, str] = Field(default_factory=dict)
+    direct: dict[str, Any] | None = Field(
+        default=None, description="the Gauss-Newton step's numbers: whether it applied and held, and why"
+    )
 
     def get(self, metric: str, scope: str = "worst_case") -> EstimateValue | None:
         """The estimate of `metric` over `scope`, or None when it was not estimated."""
