@@ -471,7 +471,7 @@ def row_estimate(r: dict[str, Any], scope: str, direct: bool = True) -> dict[str
         if "unexplained" in s and trusted(s)[0] and f"psnr_{scope}" in s.get("errors", {})
     ]
     apply_direct(
-        {"psnr": {scope: e}}, {scope: {"psnr": d["estimate"][scope]["psnr"]}}, {"psnr": {scope: errors}}
+        {"psnr": {scope: e}}, {"psnr": {scope: d["estimate"]["psnr"][scope]}}, {"psnr": {scope: errors}}
     )
     return e
 

@@ -71,8 +71,8 @@ METHOD = (
 )
 
 
-def _trivial(scores: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """The mean over shadows (or the truth) of a trivial reconstruction's mean and worst-case scores."""
+def mean_scores(scores: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per metric and scope (mean, worst case), the mean of `score` results (None where any lacks it)."""
     out: dict[str, dict[str, float | None]] = {}
     for metric in METRICS:
         out[metric] = {}
@@ -95,7 +95,7 @@ def no_leak_floor(
             else score(image, t, lpips_weights_dir=lpips_weights_dir)
             for t in targets
         ]
-        by_baseline[name] = _trivial(scored)
+        by_baseline[name] = mean_scores(scored)
     floor: dict[str, Any] = {"baselines": by_baseline, "by": {}}
     for metric in METRICS:
         floor[metric] = {}
@@ -226,18 +226,11 @@ def implied_scores(
     lpips_weights_dir: str | None,
     device: torch.device,
 ) -> dict[str, dict[str, float | None]]:
-    """Per scope and metric, the reconstruction scored against the images a Gauss-Newton step
+    """Per metric and scope, the reconstruction scored against the images a Gauss-Newton step
     implies; with declared noise, averaged over the step's draws of the error the noise leaves."""
     targets = local.noisy_images or ([local.images] if local.images is not None else [])
     y = labels.tolist()
-    scored = [score(recon, t, y, y, lpips_weights_dir, device=device) for t in targets]
-    out: dict[str, dict[str, float | None]] = {}
-    for scope in SCOPES:
-        out[scope] = {}
-        for metric in METRICS:
-            values = [s[scope].get(metric) for s in scored]
-            out[scope][metric] = None if any(v is None for v in values) else sum(values) / len(values)
-    return out
+    return mean_scores([score(recon, t, y, y, lpips_weights_dir, device=device) for t in targets])
 
 
 def direct_estimate(
@@ -272,7 +265,7 @@ def direct_estimate(
             record["errors"] = {}
             for metric in METRICS:
                 for scope in SCOPES:
-                    truth, guess = s.metrics[scope].get(metric), est[scope].get(metric)
+                    truth, guess = s.metrics[scope].get(metric), est[metric][scope]
                     if truth is not None and guess is not None:
                         record["errors"][f"{metric}_{scope}"] = truth - guess
                         if local.valid:

@@ -180,13 +180,13 @@ def apply_direct(
     direct: dict[str, Any],
     shadow_errors: dict[str, dict[str, list[float]]],
 ) -> None:
-    """Replace each metric's shadow estimate, in place, by the direct one (`direct[scope][metric]`,
+    """Replace each metric's shadow estimate, in place, by the direct one (`direct[metric][scope]`,
     the reconstruction scored against the images the Gauss-Newton step implies), with the interval
     of the module docstring; `shadow_errors[metric][scope]` are the direct estimate's errors
     (truth - estimate) on the shadows where it was trusted."""
     for metric, scopes in estimates.items():
         for scope, est in scopes.items():
-            value = direct.get(scope, {}).get(metric)
+            value = direct.get(metric, {}).get(scope)
             if value is None:
                 continue
             errors = shadow_errors.get(metric, {}).get(scope, [])

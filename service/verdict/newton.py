@@ -28,8 +28,8 @@ had, given the update).
 
 The solve is matrix-free (scipy's LSQR on Jacobian-vector products of the gradient, forward over
 reverse, and their transposes, in float64, on the CPU where the device has no float64), at most
-ITERATIONS products each way. It costs about what 2 x ITERATIONS attack iterations do, for the real
-reconstruction and, only where its step is trusted, for each shadow's (bench/verdict.py measures it).
+ITERATIONS products each way, for the real reconstruction and, only where its step is trusted, for
+each shadow's (bench/verdict.py reports the seconds it takes).
 """
 
 from __future__ import annotations

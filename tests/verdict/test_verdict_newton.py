@@ -131,7 +131,7 @@ def test_a_direct_estimate_replaces_the_shadows_and_keeps_them_beside_it() -> No
         "psnr": {"mean": {"value": 20.0, "interval": [15.0, 25.0], "source": "shadows"}},
         "ssim": {"mean": {"value": 0.5, "interval": [0.3, 0.7], "source": "shadows"}},
     }
-    direct = {"mean": {"psnr": 61.0, "ssim": 0.999}}
+    direct = {"psnr": {"mean": 61.0}, "ssim": {"mean": 0.999}}
     apply_direct(estimates, direct, {"psnr": {"mean": [0.2, -0.1, 0.1]}, "ssim": {"mean": [0.0]}})
     p = estimates["psnr"]["mean"]
     assert p["source"] == "direct" and p["value"] == 61.0 and p["exact"] is True
@@ -140,7 +140,7 @@ def test_a_direct_estimate_replaces_the_shadows_and_keeps_them_beside_it() -> No
     s = estimates["ssim"]["mean"]  # one shadow error: the floor alone, clipped to SSIM's range
     assert s["interval"] == [0.999 - DIRECT_FLOOR["ssim"], 1.0]
     wide = {"psnr": {"mean": {"value": 30.0, "interval": [0, 1], "source": "shadows"}}}
-    apply_direct(wide, {"mean": {"psnr": 30.0}}, {"psnr": {"mean": [3.0, -3.0]}})
+    apply_direct(wide, {"psnr": {"mean": 30.0}}, {"psnr": {"mean": [3.0, -3.0]}})
     lo, hi = wide["psnr"]["mean"]["interval"]
     assert hi - 30.0 > 3.0 and lo < 27.0  # the shadows' errors widen it past the floor
 
@@ -163,7 +163,7 @@ def test_an_audit_that_matched_exactly_gets_a_direct_verdict(tmp_path: Path) -> 
     assert "psnr" in est  # (SSIM needs larger images than these)
     for metric in [m for m in ("psnr", "ssim", "lpips") if m in est]:
         e = est[metric]["worst_case"]
-        assert e["source"] == "direct" and e["value"] == pytest.approx(real["estimate"]["worst_case"][metric])
+        assert e["source"] == "direct" and e["value"] == pytest.approx(real["estimate"][metric]["worst_case"])
         assert e["shadow_value"] is not None
     assert len(est["direct"]["shadows"]) == 2  # the shadows check a trusted step
     assert "direct: a Gauss-Newton step" in est["summary"]
