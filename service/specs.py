@@ -468,6 +468,15 @@ class InvertingGradientsParams(AttackParams):
     coarse_block: int = Field(
         default=2, ge=2, le=16, description="block side in pixels of the coarse phase's image"
     )
+    finish_steps: int = Field(
+        default=0,
+        ge=0,
+        le=50,
+        description="after the iterations, at most this many damped Gauss-Newton steps on the matching "
+        "residual, each kept only if the residual falls (FedSGD gradients of fixed labels, noise or top-k "
+        "at most; elsewhere none): an attack that already stands in the basin of the client's images "
+        "gets there. 0: none",
+    )
     scale_invariance: Literal["auto", "off"] = Field(
         default="auto",
         description="inverting_gradients, and gradinversion with bn_weight 0: auto: when the client's "
@@ -533,6 +542,11 @@ class FedAvgParams(InvertingGradientsParams):
     )
     search_finalists: int = Field(
         default=3, ge=1, le=16, description="hypotheses kept after the first screening for a longer one"
+    )
+    finish_steps: Literal[0] = Field(  # type: ignore[assignment]
+        default=0,
+        description="not for this attack: the Gauss-Newton finish steps on one gradient, and a FedAvg "
+        "update's unrolled training is not one",
     )
 
 

@@ -21,6 +21,7 @@ from kernels import gradient_matching_loss, pack_targets, total_variation
 from service.attacks.base import AttackProblem, AttackResult, Control, GradientTransform, layer_weights
 from service.attacks.bn_invariance import scale_invariant
 from service.attacks.conv_grads import ConvTaps
+from service.attacks.gauss_newton import apply_finish
 from service.attacks.optimize import FixedScale, Objective, batched, optimise
 from service.errors import SpecError
 from service.specs import GradInversionParams, InvertingGradientsParams, Knowledge
@@ -291,7 +292,8 @@ class InvertingGradients:
     ) -> AttackResult:
         fixed = fixed_scale_for(problem, params)  # before the objective installs its taps
         objective = inverting_objective(problem, params, control)
-        return optimise(problem, params, control, generator, objective, fixed_scale=fixed)
+        result = optimise(problem, params, control, generator, objective, fixed_scale=fixed)
+        return apply_finish(problem, params.finish_steps, control, result)
 
 
 class GradInversion:
@@ -324,4 +326,4 @@ class GradInversion:
             problem, params, control, generator, objective, group_size=params.group_size, fixed_scale=fixed
         )
         result.details["bn_statistics"] = problem.bn_source
-        return result
+        return apply_finish(problem, params.finish_steps, control, result)

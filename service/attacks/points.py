@@ -57,6 +57,7 @@ def run_points(
 ) -> tuple[list[AttackResult | None], list[BaseException | None], bool]:
     """Each entry's attack result (or the error it raised, in the same position), and whether they
     ran as one batched computation (never with batch=False: one after another, for comparison)."""
+    from service.attacks.gauss_newton import apply_finish
     from service.attacks.inverting import points_objective
     from service.attacks.optimize import optimise_points
 
@@ -65,13 +66,15 @@ def run_points(
         problems = [e[0] for e in entries]
         params = entries[0][1]
         try:
+            controls = [e[2] for e in entries]
             out = optimise_points(
-                problems,
-                params,
-                [e[2] for e in entries],
-                [e[3] for e in entries],
-                points_objective(problems, params),
+                problems, params, controls, [e[3] for e in entries], points_objective(problems, params)
             )
+            # each problem's finish, as it would have alone (it runs per problem: its own gradient)
+            out = [
+                apply_finish(p, params.finish_steps, c, r)
+                for p, c, r in zip(problems, controls, out, strict=True)
+            ]
         except Exception as e:  # every problem fails as it would alone
             return [None] * n, [e] * n, True
         return list(out), [None] * n, True

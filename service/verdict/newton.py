@@ -26,9 +26,9 @@ step's images come with NOISE_DRAWS draws of that error, J+ n' for fresh noise n
 distribution, and the metrics are averaged over x^ - d - J+ n' (the images a client could have
 had, given the update).
 
-The solve is matrix-free (scipy's LSQR on Jacobian-vector products of the gradient, forward over
-reverse, and their transposes, in float64, on the CPU where the device has no float64), at most
-ITERATIONS products each way, for the real reconstruction and, only where its step is trusted, for
+The solve is matrix-free (service.attacks.gauss_newton: scipy's LSQR on Jacobian-vector products
+of the gradient, forward over reverse, and their transposes, in float64), at most ITERATIONS
+products each way, for the real reconstruction and, only where its step is trusted, for
 each shadow's (bench/verdict.py reports the seconds it takes).
 """
 
@@ -39,23 +39,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator, lsqr
-from torch.func import functional_call, grad, jvp, vjp
 
 from service.attacks import AttackProblem
-from service.attacks.inverting import attack_model, soft_cross_entropy
-from service.data import normalize
+from service.attacks.gauss_newton import SOLVE_ITERATIONS, GradientMap, not_applicable
 from service.specs import NoiseDefense
 
 MAX_RESIDUAL = 0.5  # of the gradient's norm: farther from matching, no local model is tried
 UNEXPLAINED_MAX = 0.1  # of the residual: what the step may leave unexplained (beyond the noise)
 NOISE_SLACK = 1.5  # times the declared noise's expected norm: what noise may leave unexplained
 LINEARITY_TOL = 0.2  # of the residual: how far the residual after the step may be from the prediction
-ITERATIONS = 50  # LSQR iterations (one Jacobian-vector product and one transpose product each)
+ITERATIONS = SOLVE_ITERATIONS  # LSQR iterations (one Jacobian-vector product and one transpose each)
 NOISE_DRAWS = 2  # draws of the error declared noise leaves (each one more solve)
-DIFFERENTIABLE_DEFENSES = ("noise", "topk")
 
 
 @dataclass
@@ -72,24 +67,6 @@ class LocalEstimate:
 
     def record(self) -> dict[str, Any]:
         return {"applicable": self.applicable, "valid": self.valid, "why": self.why, **self.numbers}
-
-
-def not_applicable(problem: AttackProblem, labels: torch.Tensor) -> str | None:
-    """Why the update is not one differentiable gradient of fixed labels; None when it is."""
-    if (
-        problem.update_kind != "gradient"
-        or problem.target_kind != "gradient"
-        or problem.client.protocol not in (None, "fedsgd")
-    ):
-        return "the update is a weight change after local training, not one gradient"
-    if labels.dtype.is_floating_point:
-        return "the labels were optimised with the images (soft labels)"
-    for d in problem.defenses:
-        if d.name not in DIFFERENTIABLE_DEFENSES:
-            return (
-                f"the update was post-processed by {d.name}, which is not a differentiable map of known scale"
-            )
-    return None
 
 
 def _noise_draw(problem: AttackProblem, entries: int, generator: torch.Generator) -> torch.Tensor:
@@ -128,63 +105,23 @@ def local_estimate(
     if why is not None:
         return LocalEstimate(False, False, why)
     started = time.monotonic()
-    device = problem.device if problem.device.type != "mps" else torch.device("cpu")  # MPS has no float64
-    model = attack_model(problem)
-    names, targets = problem.matched()
-    chosen = set(names)
-    f64 = torch.float64
-    params = {n: p.detach().to(device, f64) for n, p in model.named_parameters() if n in chosen}
-    fixed = {n: p.detach().to(device, f64) for n, p in model.named_parameters() if n not in chosen}
-    buffers = {
-        n: (b.detach().to(device, f64) if b.is_floating_point() else b.to(device))
-        for n, b in model.named_buffers()
-    }
-    target = torch.cat([t.detach().double().flatten() for t in targets]).to(device)
-    topk = any(d.name == "topk" for d in problem.defenses)
-    keep = target != 0 if topk else torch.ones_like(target, dtype=torch.bool)
-    target = target[keep]
-    y = labels.to(device)
-    norm = problem.normalization
-
-    def gradient(x: torch.Tensor) -> torch.Tensor:
-        def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            out = functional_call(model, ({**fixed, **p}, buffers), (normalize(x, norm),))
-            return soft_cross_entropy(out, y)
-
-        g = grad(loss)(params)
-        return torch.cat([g[n].flatten() for n in names])[keep]
-
-    x0 = images.detach().to(device).double()
-    g0, pullback = vjp(gradient, x0)  # type: ignore[misc]  # (output, vjp_fn) without has_aux
-    r = g0 - target
+    gmap = GradientMap(problem, labels)
+    target = gmap.target
+    x0 = images.detach().to(gmap.device, torch.float64)
+    r, model = gmap.linearise(x0)
     t_norm, r_norm = float(target.norm()), float(r.norm())
     numbers: dict[str, Any] = {"residual": r_norm / t_norm if t_norm > 0 else None}
     if t_norm == 0 or not math.isfinite(r_norm):
-        return LocalEstimate(
-            True, False, "the shared gradient is zero or the residual is not finite", numbers=numbers
-        )
+        why = "the shared gradient is zero or the residual is not finite"
+        return LocalEstimate(True, False, why, numbers=numbers)
     if r_norm / t_norm > MAX_RESIDUAL:
         return LocalEstimate(
             True, False, "the reconstruction is far from matching the update", numbers=numbers
         )
 
-    def forward(v: np.ndarray) -> np.ndarray:
-        d = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).to(device).view_as(x0)
-        return jvp(gradient, (x0,), (d,))[1].cpu().numpy()
-
-    def transpose(u: np.ndarray) -> np.ndarray:
-        w = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float64)).to(device)
-        return pullback(w)[0].flatten().cpu().numpy()
-
-    op = LinearOperator((r.numel(), x0.numel()), matvec=forward, rmatvec=transpose, dtype=np.float64)
-
-    def solve(rhs: torch.Tensor) -> tuple[torch.Tensor, int]:
-        out = lsqr(op, rhs.cpu().numpy(), atol=1e-12, btol=1e-12, iter_lim=iterations)
-        return torch.from_numpy(out[0]).to(device).view_as(x0), int(out[2])
-
-    step, used = solve(r)
-    predicted = float((r - jvp(gradient, (x0,), (step,))[1]).norm())
-    after = float((gradient(x0 - step) - target).norm())
+    step, used = model.solve(r, iterations)
+    predicted = float((r - model.apply(step)).norm())
+    after = float(gmap.residual(x0 - step).norm())
     noise = _expected_noise_norm(problem, int(target.numel()))
     numbers.update(
         unexplained=predicted / r_norm if r_norm > 0 else 0.0,
@@ -197,7 +134,9 @@ def local_estimate(
     if noise > 0:
         generator = torch.Generator().manual_seed(seed)
         for _ in range(NOISE_DRAWS):
-            error, _ = solve(_noise_draw(problem, int(target.numel()), generator))
+            error, _ = model.solve(
+                _noise_draw(problem, int(target.numel()), generator).to(gmap.device), iterations
+            )
             draws.append((x0 - step - error).clamp(0, 1).float().cpu())
     numbers["seconds"] = time.monotonic() - started
     valid, why = trusted(numbers)

@@ -1,4 +1,5 @@
-"""The direct estimate: one Gauss-Newton step on a reconstruction's residual (service.verdict.newton)."""
+"""Gauss-Newton steps on the client's gradient (service.attacks.gauss_newton): the verdict's direct
+estimate (service.verdict.newton) and the attack's finish (InvertingGradientsParams.finish_steps)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.attacks import Control
+from service.attacks.gauss_newton import finish
+from service.attacks.points import run_points
 from service.data import normalize
 from service.fl import simulate_client
 from service.fl.client import float_state
@@ -14,7 +18,7 @@ from service.jobs.runner import problem_for, run_job, simulated_victim
 from service.jobs.types import JobContext
 from service.metrics.image import psnr
 from service.models import build_model
-from service.specs import ClientTraining, DataSpec, JobSpec
+from service.specs import Budget, ClientTraining, DataSpec, InvertingGradientsParams, JobSpec
 from service.storage import LocalStore
 from service.tensorio import save_safetensors
 from service.verdict.estimate import DIRECT_FLOOR, apply_direct
@@ -169,3 +173,55 @@ def test_an_audit_that_matched_exactly_gets_a_direct_verdict(tmp_path: Path) -> 
     assert "direct: a Gauss-Newton step" in est["summary"]
     html = (tmp_path / "store" / "t" / "report.html").read_text()
     assert "direct (the shadows alone" in html and 'alt="worst-case PSNR of the shadow audits' in html
+
+
+def test_the_finish_walks_a_reconstruction_in_the_basin_to_the_images(tmp_path: Path) -> None:
+    _, _, problem, x = job(tmp_path, [4])
+    start = nudged(x, 0.03)
+    out, record = finish(problem, start, torch.tensor([4]), steps=6)
+    assert record["applied"] >= 1 and record["residual_after"] < record["residual_before"]
+    assert psnr(out, x).item() > psnr(start, x).item() + 10
+    assert out.shape == start.shape and out.dtype == start.dtype and out.min() >= 0 and out.max() <= 1
+
+
+def test_the_finish_leaves_what_it_cannot_improve_alone(tmp_path: Path) -> None:
+    _, _, problem, x = job(tmp_path, [4])
+    far = torch.rand(x.shape, generator=torch.Generator().manual_seed(9))
+    out, record = finish(problem, far, torch.tensor([4]), steps=3)
+    assert torch.equal(out, far) and record["applied"] == 0 and "far from matching" in record["why"]
+    kept, record = finish(problem, nudged(x, 0.03), torch.tensor([4]), steps=3, time_left=lambda: False)
+    assert record["applied"] == 0 and record["why"] == "the time limit" and kept.shape == x.shape
+    _, _, fedavg, _ = job(
+        tmp_path, [4], kind="delta", protocol="fedavg", lr=0.1, local_epochs=1, batch_size=1
+    )
+    out, record = finish(fedavg, x, torch.tensor([4]), steps=3)
+    assert torch.equal(out, x) and "weight change" in record["why"]
+
+
+def test_an_attack_with_a_finish_reconstructs_better_and_says_so(tmp_path: Path) -> None:
+    _, _, problem, x = job(tmp_path, [5])
+    budget = Budget(iterations=150)
+
+    def attack(steps: int, batched: bool):
+        params = InvertingGradientsParams(finish_steps=steps)
+        entries = [(problem, params, Control(budget), torch.Generator().manual_seed(s)) for s in (0, 1)]
+        results, errors, _ = run_points(entries, batch=batched)
+        assert errors == [None, None]
+        return results
+
+    plain = attack(0, batched=False)
+    finished = attack(4, batched=False)
+    together = attack(4, batched=True)
+    for p, f, t in zip(plain, finished, together, strict=True):
+        assert "finish" not in p.details and f.details["finish"]["applied"] >= 1
+        assert psnr(f.images, x).item() > psnr(p.images, x).item()
+        assert torch.allclose(f.images, t.images, atol=1e-5)  # batched points get the same finish
+
+
+def test_the_finish_is_refused_where_it_cannot_run() -> None:
+    with pytest.raises(ValueError, match="finish_steps"):
+        InvertingGradientsParams(finish_steps=51)
+    from service.specs import FedAvgParams
+
+    with pytest.raises(ValueError, match="finish_steps"):
+        FedAvgParams(finish_steps=2)
