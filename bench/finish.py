@@ -8,7 +8,7 @@ ways through the runner, scored against its images:
 - `plain`: the default attack, `--iterations` (200);
 - `finish`: the same, then `--steps` (8) finish steps;
 - `time_matched`: the default attack with no iteration cap and the time limit the `finish` run
-  took (the same wall-clock spent on more Adam iterations instead).
+  took, at least one second (the same wall-clock spent on more Adam iterations instead).
 
 The finish has no tuned constant (its step count, LSQR iterations, damping ladder and stopping gain
 were set by reasoning); the calibration cases (ids 0-29, 200-217) and the held-out ones (118-135,
