@@ -100,6 +100,10 @@ class GradientMap:
         return g0 - self.target, Linearised(self, x, pullback)
 
 
+class OutOfTime(Exception):
+    """The finish's time ran out inside a solve."""
+
+
 class Linearised:
     """J at one point: products, transpose products and damped least-squares solves."""
 
@@ -109,11 +113,20 @@ class Linearised:
     def apply(self, d: torch.Tensor) -> torch.Tensor:
         return jvp(self.owner.gradient, (self.x,), (d,))[1]
 
-    def solve(self, rhs: torch.Tensor, iterations: int, damp: float = 0.0) -> tuple[torch.Tensor, int]:
-        """The d minimising |J d - rhs|^2 + damp^2 |d|^2, and the LSQR iterations it took."""
+    def solve(
+        self,
+        rhs: torch.Tensor,
+        iterations: int,
+        damp: float = 0.0,
+        time_left: Callable[[], bool] | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """The d minimising |J d - rhs|^2 + damp^2 |d|^2, and the LSQR iterations it took; raises
+        OutOfTime between two products once `time_left()` says no."""
         x, device = self.x, self.owner.device
 
         def forward(v: np.ndarray) -> np.ndarray:
+            if time_left is not None and not time_left():
+                raise OutOfTime
             d = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).to(device).view_as(x)
             return self.apply(d).cpu().numpy()
 
@@ -135,7 +148,8 @@ def finish(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Up to `steps` damped Gauss-Newton steps from `images` ((N, C, H, W) in [0, 1]); each step is
     kept only if it lowers the residual, trying more damping before giving up (DAMPING); it stops
-    early when a step gains less than FINISH_MIN_GAIN or `time_left()` says no. Returns the images
+    early when a step gains less than FINISH_MIN_GAIN or `time_left()` says no (checked before every
+    Jacobian product, so a stop lands within one). Returns the images
     (unchanged where no step was kept) and what it did."""
     record: dict[str, Any] = {"steps": steps, "applied": 0}
     why = not_applicable(problem, labels)
@@ -155,13 +169,17 @@ def finish(
             record["why"] = "the time limit"
             break
         kept = None
-        for damp in DAMPING:
-            step, _ = model.solve(r, FINISH_SOLVE_ITERATIONS, damp * r_norm)
-            trial = (x - step).clamp(0, 1)
-            trial_r = gmap.residual(trial)
-            if float(trial_r.norm()) < r_norm:
-                kept = trial
-                break
+        try:
+            for damp in DAMPING:
+                step, _ = model.solve(r, FINISH_SOLVE_ITERATIONS, damp * r_norm, time_left)
+                trial = (x - step).clamp(0, 1)
+                trial_r = gmap.residual(trial)
+                if float(trial_r.norm()) < r_norm:
+                    kept = trial
+                    break
+        except OutOfTime:
+            record["why"] = "the time limit"
+            break
         if kept is None:
             record["why"] = "no step lowered the residual"
             break

@@ -191,6 +191,12 @@ def test_the_finish_leaves_what_it_cannot_improve_alone(tmp_path: Path) -> None:
     assert torch.equal(out, far) and record["applied"] == 0 and "far from matching" in record["why"]
     kept, record = finish(problem, nudged(x, 0.03), torch.tensor([4]), steps=3, time_left=lambda: False)
     assert record["applied"] == 0 and record["why"] == "the time limit" and kept.shape == x.shape
+    # time that runs out inside a solve stops it there, keeping the last step that was kept
+    calls = iter(range(1000))
+    start = nudged(x, 0.03)
+    kept, record = finish(problem, start, torch.tensor([4]), steps=5, time_left=lambda: next(calls) < 40)
+    assert record["why"] == "the time limit" and record["applied"] <= 1
+    assert torch.equal(kept, start) == (record["applied"] == 0)
     _, _, fedavg, _ = job(
         tmp_path, [4], kind="delta", protocol="fedavg", lr=0.1, local_epochs=1, batch_size=1
     )
