@@ -54,6 +54,9 @@ from service.verdict.shadows import (
 
 __all__ = ["estimate_leakage", "no_leak_floor"]
 
+DIRECT_TIME_SHARE = 1.0  # the direct estimate's steps may take this share of the shadow audits' time
+DIRECT_MIN_S = 30.0  # and at least this many seconds
+
 METHOD = (
     "K shadow clients like the real one (model, declared training, defenses, image count, label "
     "histogram) on proxy images, attacked like it and scored; PSNR estimate = the mean of the "
@@ -152,16 +155,29 @@ def estimate_leakage(
     per_batch = batch_within_memory(
         clients[0].spec, v.shadows, ctx.memory_limit_bytes, problem.num_images, module=module
     )
+    shadows_started = time.monotonic()
     shadows, execution = attack_shadows(
         clients, ctx, device, progress=_shadow_progress(progress), per_batch=per_batch
     )
+    # the direct estimate's steps may take a share of what the shadow audits took
+    deadline = time.monotonic() + max(DIRECT_MIN_S, DIRECT_TIME_SHARE * (time.monotonic() - shadows_started))
+
+    def seconds_left() -> float:
+        if ctx.should_stop is not None and ctx.should_stop():
+            return 0.0
+        return deadline - time.monotonic()
+
     if ctx.should_stop is not None and ctx.should_stop():
         shadows = []  # stopped part-way: no estimate from attacks cut short
     shadow_scores = [{"loss": s.loss, "metrics": s.metrics} for s in shadows]
 
     real_loss = result.best_loss if math.isfinite(result.best_loss) else None
     estimates, unavailable = combine(shadow_scores, real_loss) if len(shadows) >= 2 else ({}, {})
-    direct = direct_estimate(problem, result, shadows, ctx.lpips_weights_dir, device) if shadows else None
+    direct = (
+        direct_estimate(problem, result, shadows, ctx.lpips_weights_dir, device, seconds_left)
+        if shadows
+        else None
+    )
     if direct is not None and direct["scores"] is not None:
         apply_direct(estimates, direct.pop("scores"), direct.pop("shadow_errors"))
     elif direct is not None:
@@ -239,14 +255,16 @@ def direct_estimate(
     shadows: list[Shadow],
     lpips_weights_dir: str | None,
     device: torch.device,
+    seconds_left: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """The direct estimate (service.verdict.newton) of the real reconstruction, and how it fared
-    on the shadows: `real` and `shadows` (each step's numbers), `scores` (the real reconstruction
-    scored against the images its step implies; None where the step is not trusted) and
+    on the shadows, within `seconds_left()` (a step that would not fit, or runs out, is not
+    trusted): `real` and `shadows` (each step's numbers), `scores` (the real reconstruction scored
+    against the images its step implies; None where the step is not trusted) and
     `shadow_errors[metric][scope]` (truth - direct estimate, on the shadows where it was trusted).
     Where the step is applicable its estimate is recorded even when it is not trusted
     (`real.estimate`, each shadow's `errors`), so that its rules can be checked against cases."""
-    real = local_estimate(problem, result.images, result.labels)
+    real = local_estimate(problem, result.images, result.labels, seconds_left=seconds_left)
     out: dict[str, Any] = {"real": real.record(), "shadows": [], "scores": None, "shadow_errors": {}}
     if not real.applicable or real.images is None:
         return out
@@ -258,7 +276,7 @@ def direct_estimate(
         out["scores"] = scores
     errors: dict[str, dict[str, list[float]]] = {m: {s: [] for s in SCOPES} for m in METRICS}
     for s in shadows:
-        local = local_estimate(s.problem, s.reconstruction, s.reconstructed_labels)
+        local = local_estimate(s.problem, s.reconstruction, s.reconstructed_labels, seconds_left=seconds_left)
         record = local.record()
         if local.images is not None:
             est = implied_scores(s.reconstruction, s.reconstructed_labels, local, lpips_weights_dir, device)

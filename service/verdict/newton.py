@@ -29,20 +29,23 @@ had, given the update).
 The solve is matrix-free (service.attacks.gauss_newton: scipy's LSQR on Jacobian-vector products
 of the gradient, forward over reverse, and their transposes, in float64), at most ITERATIONS
 products each way, for the real reconstruction and, only where its step is trusted, for
-each shadow's (bench/verdict.py reports the seconds it takes).
+each shadow's (bench/verdict.py reports the seconds it takes). The verdict gives all these steps as
+long as the shadow audits took (at least 30 s): a step one timed Jacobian product says would not fit
+is not begun, and one that runs out is not trusted (the shadows' estimate stands).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from service.attacks import AttackProblem
-from service.attacks.gauss_newton import SOLVE_ITERATIONS, GradientMap, not_applicable
+from service.attacks.gauss_newton import SOLVE_ITERATIONS, GradientMap, OutOfTime, not_applicable
 from service.specs import NoiseDefense
 
 MAX_RESIDUAL = 0.5  # of the gradient's norm: farther from matching, no local model is tried
@@ -98,9 +101,26 @@ def local_estimate(
     labels: torch.Tensor,
     iterations: int = ITERATIONS,
     seed: int = 0,
+    seconds_left: Callable[[], float] | None = None,
 ) -> LocalEstimate:
     """One Gauss-Newton step from the reconstruction `images` ((N, C, H, W) in [0, 1]) with its
-    `labels`, and whether to trust it (module docstring); `seed` draws the noise's error."""
+    `labels`, and whether to trust it (module docstring); `seed` draws the noise's error.
+    `seconds_left()` is the time the step may still take: it is not begun when one Jacobian
+    product, timed, says the solves would not fit, and abandoned (untrusted) when it runs out."""
+    try:
+        return _local_estimate(problem, images, labels, iterations, seed, seconds_left)
+    except OutOfTime:
+        return LocalEstimate(True, False, "the step ran out of the time it may take")
+
+
+def _local_estimate(
+    problem: AttackProblem,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    iterations: int,
+    seed: int,
+    seconds_left: Callable[[], float] | None,
+) -> LocalEstimate:
     why = not_applicable(problem, labels)
     if why is not None:
         return LocalEstimate(False, False, why)
@@ -119,10 +139,24 @@ def local_estimate(
             True, False, "the reconstruction is far from matching the update", numbers=numbers
         )
 
-    step, used = model.solve(r, iterations)
+    noise = _expected_noise_norm(problem, int(target.numel()))
+    time_left = None
+    if seconds_left is not None:
+        timed = time.monotonic()
+        model.apply(torch.zeros_like(x0))
+        solves = 1 + (NOISE_DRAWS if noise > 0 else 0)
+        needed = (time.monotonic() - timed) * 2 * iterations * solves
+        numbers["seconds_needed"] = needed
+        if needed > seconds_left():
+            why = f"the step would take about {needed:.0f} s, more than the time it may take"
+            return LocalEstimate(True, False, why, numbers=numbers)
+
+        def time_left() -> bool:
+            return seconds_left() > 0
+
+    step, used = model.solve(r, iterations, time_left=time_left)
     predicted = float((r - model.apply(step)).norm())
     after = float(gmap.residual(x0 - step).norm())
-    noise = _expected_noise_norm(problem, int(target.numel()))
     numbers.update(
         unexplained=predicted / r_norm if r_norm > 0 else 0.0,
         after_step=after / r_norm if r_norm > 0 else 0.0,
@@ -135,7 +169,9 @@ def local_estimate(
         generator = torch.Generator().manual_seed(seed)
         for _ in range(NOISE_DRAWS):
             error, _ = model.solve(
-                _noise_draw(problem, int(target.numel()), generator).to(gmap.device), iterations
+                _noise_draw(problem, int(target.numel()), generator).to(gmap.device),
+                iterations,
+                time_left=time_left,
             )
             draws.append((x0 - step - error).clamp(0, 1).float().cpu())
     numbers["seconds"] = time.monotonic() - started

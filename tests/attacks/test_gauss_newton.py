@@ -86,6 +86,17 @@ def test_the_step_estimates_a_near_reconstructions_error_without_the_images(tmp_
     assert psnr(local.images, x).mean().item() > true_db + 10
 
 
+def test_a_step_out_of_time_is_not_trusted(tmp_path: Path) -> None:
+    _, _, problem, x = job(tmp_path, [4])
+    local = local_estimate(problem, nudged(x, 1e-3), torch.tensor([4]), seconds_left=lambda: 0.0)
+    assert local.applicable and not local.valid and "would take about" in local.why
+    clock = iter([1e9, *[1.0] * 20, *[0.0] * 1000])  # room at first, then none mid-solve
+    local = local_estimate(problem, nudged(x, 1e-3), torch.tensor([4]), seconds_left=lambda: next(clock))
+    assert local.applicable and not local.valid and "ran out of the time" in local.why
+    plenty = local_estimate(problem, nudged(x, 1e-3), torch.tensor([4]), seconds_left=lambda: 1e9)
+    assert plenty.valid and plenty.numbers["seconds_needed"] > 0
+
+
 def test_a_reconstruction_far_from_matching_is_not_trusted(tmp_path: Path) -> None:
     _, _, problem, x = job(tmp_path, [4])
     far = torch.rand(x.shape, generator=torch.Generator().manual_seed(9))
