@@ -106,7 +106,8 @@ def local_estimate(
     """One Gauss-Newton step from the reconstruction `images` ((N, C, H, W) in [0, 1]) with its
     `labels`, and whether to trust it (module docstring); `seed` draws the noise's error.
     `seconds_left()` is the time the step may still take: it is not begun when a Jacobian
-    product, timed after a first one, says the solves would not fit, and abandoned (untrusted) when it runs out."""
+    product, timed after a first one, says the solves would not fit, and abandoned (untrusted)
+    when it runs out."""
     try:
         return _local_estimate(problem, images, labels, iterations, seed, seconds_left)
     except OutOfTime:

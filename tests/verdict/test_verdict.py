@@ -248,10 +248,13 @@ def test_repeated_labels_or_sign_flipping_defenses_are_not_claimed_exact(tmp_pat
     assert h["certainty"] == "estimated" and h["proven_present"] == [] and "noise" in h["why"]
 
 
+TIMINGS = ("elapsed_s", "seconds", "seconds_needed")
+
+
 def untimed(value: Any) -> Any:
     """A manifest part without its timings (elapsed_s, seconds, seconds_needed), which no seed fixes."""
     if isinstance(value, dict):
-        return {k: untimed(v) for k, v in value.items() if k not in ("elapsed_s", "seconds", "seconds_needed")}
+        return {k: untimed(v) for k, v in value.items() if k not in TIMINGS}
     if isinstance(value, list):
         return [untimed(v) for v in value]
     return value
