@@ -193,10 +193,11 @@ def all_cases(offset: int = 0) -> list[dict[str, Any]]:
 
 
 def case_spec(
-    case: dict[str, Any], size: int, iterations: int, shadows: int, work: Path
+    case: dict[str, Any], size: int, iterations: int, shadows: int, work: Path, finish_steps: int = 0
 ) -> tuple[JobSpec, list]:
     """The case's client update, weights and truth written under `work`, and the audit's spec
-    (the verdict always on); and the true labels."""
+    (the verdict always on; the attack's Gauss-Newton finish with `finish_steps`); and the true
+    labels."""
     data = DataSpec(shape=(3, size, size), num_classes=10)
     gen = torch.Generator().manual_seed(1000 + case["id"])
     model_spec = ModelSpec(arch=case["arch"], knobs=ARCHS[case["arch"]], init_seed=case["id"])
@@ -239,13 +240,20 @@ def case_spec(
             "budget": {"iterations": iterations},
             "ground_truth": str(work / "truth.safetensors"),
             "verdict": {"when": "always", "shadows": shadows},
+            **(
+                {"attack": {"name": "inverting_gradients", "finish_steps": finish_steps}}
+                if finish_steps
+                else {}
+            ),
         }
     )
     return spec, labels.tolist()
 
 
-def run_case(case: dict[str, Any], size: int, iterations: int, shadows: int, work: Path) -> dict[str, Any]:
-    spec, labels = case_spec(case, size, iterations, shadows, work)
+def run_case(
+    case: dict[str, Any], size: int, iterations: int, shadows: int, work: Path, finish_steps: int = 0
+) -> dict[str, Any]:
+    spec, labels = case_spec(case, size, iterations, shadows, work, finish_steps)
     started = time.monotonic()
     out = run_job(
         spec, JobContext(f"case{case['id']}", LocalStore(work / "store"), "j", lambda r: Path(r).read_bytes())
@@ -258,6 +266,7 @@ def run_case(case: dict[str, Any], size: int, iterations: int, shadows: int, wor
         "load_avg": list(os.getloadavg()),
         "size": size,
         "iterations": iterations,
+        "finish_steps": finish_steps,
         "truth": {s: m["metrics"][s]["psnr"] for s in ("mean", "worst_case")},
         "truth_ssim": {s: m["metrics"][s]["ssim"] for s in ("mean", "worst_case")},
         "estimate": {s: e["psnr"][s] for s in ("mean", "worst_case")},
@@ -476,6 +485,27 @@ def row_estimate(r: dict[str, Any], scope: str, direct: bool = True) -> dict[str
     return e
 
 
+FINISH_LOG = "verdict-cpu-finish.jsonl"  # the same cases with the attack's finish on (--finish-steps 8)
+
+
+def with_finish() -> dict[str, Any] | None:
+    """The verdict when the attack (the real one and the shadows alike) takes the Gauss-Newton
+    finish: the same cases, summarised the same way, and the direct estimate's reach there."""
+    rows = _rows(RESULTS / FINISH_LOG) if (RESULTS / FINISH_LOG).exists() else []
+    if not rows:
+        return None
+    keys = ("mae_db", "mae_db_capped", "spearman", "coverage", "direct_cases", "shadows_alone_mae_db")
+    out: dict[str, Any] = {"log": FINISH_LOG, "finish_steps": sorted({r.get("finish_steps") for r in rows})}
+    for split, part in splits(rows).items():
+        s = summarize(part)
+        out[split] = {
+            "cases": s["cases"],
+            **{scope: {k: s[scope][k] for k in keys} for scope in ("mean", "worst_case")},
+            "direct": direct_check(part),
+        }
+    return out
+
+
 def splits(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """The cases of each reported split (the non-empty ones)."""
     held = [r for r in rows if r.get("split") == "holdout"]
@@ -620,6 +650,9 @@ def main() -> None:
     ap.add_argument(
         "--split", help="name the cases' split (e.g. holdout-32px: reported apart, never used to tune)"
     )
+    ap.add_argument(
+        "--finish-steps", type=int, default=0, help="the attack's Gauss-Newton finish (real and shadows)"
+    )
     ap.add_argument("--summarize", action="store_true")
     ap.add_argument("--log", help="append the cases here instead (runs in parallel: one file each)")
     args = ap.parse_args()
@@ -632,7 +665,7 @@ def main() -> None:
             if args.split:
                 case["split"] = args.split
             with tempfile.TemporaryDirectory() as tmp:
-                row = run_case(case, args.size, args.iterations, args.shadows, Path(tmp))
+                row = run_case(case, args.size, args.iterations, args.shadows, Path(tmp), args.finish_steps)
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(
@@ -658,7 +691,8 @@ def main() -> None:
         "command": "python -m bench.verdict --offset 0 --cases 30; --offset 100 --skip 18 --cases 36; "
         "--offset 200 --cases 18; --offset 300 --cases 24 (each --iterations 200, the default K = 5 "
         "shadows); --offset 400 --cases 12 --size 32 --split holdout-32px (each with --log to a file of "
-        "its own, the files then joined into verdict-cpu.jsonl); then python -m bench.verdict --summarize. "
+        "its own, the files then joined into verdict-cpu.jsonl); the same with --finish-steps 8 into "
+        "verdict-cpu-finish.jsonl (with_finish); then python -m bench.verdict --summarize. "
         "verdict-cpu-k3.jsonl and verdict-cpu-k8.jsonl (--shadows 3 and 8) come from the previous run, "
         "before the direct estimate, and compare the shadows' method alone. The slopes were fitted on "
         "an earlier run's calibration cases (their refit on this run's is in slopes_db_per_efold); K "
@@ -700,6 +734,7 @@ def main() -> None:
             "holdout-32px_check_only": igsa_check([r for r in rows if r.get("split") == "holdout-32px"]),
         },
         "direct": {split: direct_check(part) for split, part in splits(rows).items()},
+        "with_finish": with_finish(),
         "baselines_holdout": {
             "shadow_mean": "summary.holdout.*.shadow_mean_mae_db(_capped): the shadows' plain mean",
             "previous_method": previous_method(held) if held else None,

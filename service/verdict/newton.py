@@ -14,9 +14,10 @@ holds, never by looking at any truth:
 - the reconstruction already matches the gradient closely (residual at most MAX_RESIDUAL of the
   gradient's norm);
 - the step explains the residual: what remains of it under the linear model is at most
-  UNEXPLAINED_MAX of it, or no more than the declared noise accounts for (NOISE_SLACK times its
-  expected norm); a residual the images cannot explain means the attack sits at a wrong local
-  solution, where a small step says nothing about the error;
+  UNEXPLAINED_MAX of it, or no more than the declared noise and the update's own float32 rounding
+  (ROUNDING of its norm) account for (NOISE_SLACK times their expected norm); a residual the
+  images cannot explain means the attack sits at a wrong local solution, where a small step says
+  nothing about the error;
 - the linear model holds: the residual actually left after the step is within LINEARITY_TOL of
   the residual's norm of what the model predicted.
 
@@ -51,6 +52,7 @@ from service.specs import NoiseDefense
 MAX_RESIDUAL = 0.5  # of the gradient's norm: farther from matching, no local model is tried
 UNEXPLAINED_MAX = 0.1  # of the residual: what the step may leave unexplained (beyond the noise)
 NOISE_SLACK = 1.5  # times the declared noise's expected norm: what noise may leave unexplained
+ROUNDING = 1e-6  # of the update's norm: its float32 rounding (about 8 machine epsilons), noise too
 LINEARITY_TOL = 0.2  # of the residual: how far the residual after the step may be from the prediction
 ITERATIONS = SOLVE_ITERATIONS  # LSQR iterations (one Jacobian-vector product and one transpose each)
 NOISE_DRAWS = 2  # draws of the error declared noise leaves (each one more solve)
@@ -183,9 +185,13 @@ def _local_estimate(
 
 def trusted(numbers: dict[str, Any]) -> tuple[bool, str]:
     """Whether a step's numbers (each relative to the residual's norm) say the linear model holds,
-    and why not (module docstring)."""
+    and why not (module docstring). The update's own float32 rounding (ROUNDING of its norm) counts
+    as noise: a reconstruction that matches the update to that precision leaves a residual no image
+    can explain."""
     unexplained, after = numbers["unexplained"], numbers["after_step"]
-    if unexplained > max(UNEXPLAINED_MAX, NOISE_SLACK * (numbers.get("noise_share") or 0.0)):
+    rounding = ROUNDING / numbers["residual"] if numbers.get("residual") else 0.0
+    noise = math.hypot(numbers.get("noise_share") or 0.0, rounding)
+    if unexplained > max(UNEXPLAINED_MAX, NOISE_SLACK * noise):
         return False, "the images cannot explain the residual: the attack sits at a wrong local solution"
     if abs(after - unexplained) > LINEARITY_TOL:
         return False, "the gradient is not linear over the step"

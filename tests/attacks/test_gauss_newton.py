@@ -22,7 +22,7 @@ from service.specs import Budget, ClientTraining, DataSpec, InvertingGradientsPa
 from service.storage import LocalStore
 from service.tensorio import save_safetensors
 from service.verdict.estimate import DIRECT_FLOOR, apply_direct
-from service.verdict.newton import NOISE_DRAWS, local_estimate
+from service.verdict.newton import NOISE_DRAWS, local_estimate, trusted
 
 SIZE = 8
 DATA = DataSpec(shape=(3, SIZE, SIZE), num_classes=10)
@@ -242,3 +242,18 @@ def test_the_finish_is_refused_where_it_cannot_run() -> None:
 
     with pytest.raises(ValueError, match="finish_steps"):
         FedAvgParams(finish_steps=2)
+
+
+def test_a_reconstruction_exact_to_the_updates_own_rounding_is_trusted(tmp_path: Path) -> None:
+    # the update was computed in float32: the client's own images leave only its rounding, which no
+    # image explains; that is the update's precision, not a wrong local solution
+    _, _, problem, x = job(tmp_path, [4])
+    local = local_estimate(problem, x, torch.tensor([4]))
+    assert local.valid, local.record()
+    assert local.images is not None and psnr(x, local.images).item() > 80
+    assert trusted({"residual": 1.5e-7, "unexplained": 0.97, "after_step": 0.97, "noise_share": 0.0})[0]
+    far = {"residual": 1e-3, "unexplained": 0.97, "after_step": 0.97, "noise_share": 0.0}
+    assert trusted(far) == (
+        False,
+        "the images cannot explain the residual: the attack sits at a wrong local solution",
+    )
