@@ -29,8 +29,7 @@ from service.attacks.base import AttackProblem, AttackResult, Control
 from service.data import normalize
 
 DIFFERENTIABLE_DEFENSES = ("noise", "topk")
-SOLVE_ITERATIONS = 50  # LSQR iterations per solve (one product and one transpose product each)
-FINISH_SOLVE_ITERATIONS = 30  # the same for each of the finish's steps
+FINISH_SOLVE_ITERATIONS = 30  # LSQR iterations per finish step (one product and one transpose each)
 FINISH_MIN_GAIN = 0.01  # the finish stops when a step lowers the residual by less than this share
 FINISH_MAX_RESIDUAL = 0.5  # of the update's norm: farther from matching, no finish is tried
 DAMPING = (0.0, 1e-3, 1e-2, 1e-1, 1.0)  # damping tried per step (x the residual's norm), least first

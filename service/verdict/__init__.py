@@ -10,7 +10,6 @@ attack's starting point) as a no-leak floor, so every PSNR/SSIM is also read as 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -173,15 +172,13 @@ def estimate_leakage(
 
     real_loss = result.best_loss if math.isfinite(result.best_loss) else None
     estimates, unavailable = combine(shadow_scores, real_loss) if len(shadows) >= 2 else ({}, {})
-    direct = (
-        direct_estimate(problem, result, shadows, ctx.lpips_weights_dir, device, seconds_left)
-        if shadows
-        else None
-    )
-    if direct is not None and direct["scores"] is not None:
-        apply_direct(estimates, direct.pop("scores"), direct.pop("shadow_errors"))
-    elif direct is not None:
-        direct.pop("scores"), direct.pop("shadow_errors")
+    direct = None
+    if shadows:
+        direct, scores, errors = direct_estimate(
+            problem, result, shadows, ctx.lpips_weights_dir, device, seconds_left
+        )
+        if scores is not None:
+            apply_direct(estimates, scores, errors)
 
     start = random_images((n, c, h, w), getattr(spec.attack, "init", "randn"), draw, torch.device("cpu"))
     baselines = {
@@ -256,41 +253,39 @@ def direct_estimate(
     lpips_weights_dir: str | None,
     device: torch.device,
     seconds_left: Callable[[], float] | None = None,
-) -> dict[str, Any]:
-    """The direct estimate (service.verdict.newton) of the real reconstruction, and how it fared
-    on the shadows, within `seconds_left()` (a step that would not fit, or runs out, is not
-    trusted): `real` and `shadows` (each step's numbers), `scores` (the real reconstruction scored
-    against the images its step implies; None where the step is not trusted) and
-    `shadow_errors[metric][scope]` (truth - direct estimate, on the shadows where it was trusted).
-    Where the step is applicable its estimate is recorded even when it is not trusted
-    (`real.estimate`, each shadow's `errors`), so that its rules can be checked against cases."""
+) -> tuple[dict[str, Any], dict[str, dict[str, float | None]] | None, dict[str, dict[str, list[float]]]]:
+    """The direct estimate (service.verdict.newton) of the real reconstruction and how it fared on
+    the shadows, within `seconds_left()` (a step that would not fit, or runs out, is not trusted):
+    the record (`real` and `shadows`, each step's numbers; where the real step is applicable its
+    estimate is recorded as `real.estimate` even when it is not trusted, so that the rules can be
+    checked against cases); the real reconstruction scored against the images its step implies
+    (None where the step is not trusted); and per metric and scope the same estimate's errors
+    (truth - estimate) on the shadows where it was trusted too. The shadows check only a trusted
+    real step."""
     real = local_estimate(problem, result.images, result.labels, seconds_left=seconds_left)
-    out: dict[str, Any] = {"real": real.record(), "shadows": [], "scores": None, "shadow_errors": {}}
-    if not real.applicable or real.images is None:
-        return out
-    scores = implied_scores(result.images.detach().cpu(), result.labels, real, lpips_weights_dir, device)
-    out["real"]["estimate"] = scores
-    if not real.valid and not os.environ.get("GRADLEAK_DIRECT_CHECK_ALL"):
-        return out  # the shadows only check a step that is trusted (the benchmark checks all)
-    if real.valid:
-        out["scores"] = scores
+    record: dict[str, Any] = {"real": real.record(), "shadows": []}
     errors: dict[str, dict[str, list[float]]] = {m: {s: [] for s in SCOPES} for m in METRICS}
+    if not real.applicable or real.images is None:
+        return record, None, errors
+    scores = implied_scores(result.images.detach().cpu(), result.labels, real, lpips_weights_dir, device)
+    record["real"]["estimate"] = scores
+    if not real.valid:
+        return record, None, errors
     for s in shadows:
         local = local_estimate(s.problem, s.reconstruction, s.reconstructed_labels, seconds_left=seconds_left)
-        record = local.record()
+        checked = local.record()
         if local.images is not None:
             est = implied_scores(s.reconstruction, s.reconstructed_labels, local, lpips_weights_dir, device)
-            record["errors"] = {}
+            checked["errors"] = {}
             for metric in METRICS:
                 for scope in SCOPES:
                     truth, guess = s.metrics[scope].get(metric), est[metric][scope]
                     if truth is not None and guess is not None:
-                        record["errors"][f"{metric}_{scope}"] = truth - guess
+                        checked["errors"][f"{metric}_{scope}"] = truth - guess
                         if local.valid:
                             errors[metric][scope].append(truth - guess)
-        out["shadows"].append(record)
-    out["shadow_errors"] = errors
-    return out
+        record["shadows"].append(checked)
+    return record, scores, errors
 
 
 def _shadow_progress(progress: Callable[[Progress], None] | None) -> ShadowProgress | None:

@@ -44,7 +44,7 @@ from scipy.stats import t as student_t
 # Half-width floors: the gap between proxy and real images the shadows cannot see (PSNR: chosen
 # with SPREAD_C on bench/verdict.py's calibration cases; SSIM and LPIPS in proportion).
 HALF_WIDTH_FLOOR: dict[str, float] = {"psnr": 3.0, "ssim": 0.12, "lpips": 0.12}
-# Direct estimates' half-width floors (chosen on bench/verdict.py's calibration cases)
+# Direct estimates' half-width floors (set by reasoning, not tuned: a PSNR figure read to the dB)
 DIRECT_FLOOR: dict[str, float] = {"psnr": 1.0, "ssim": 0.02, "lpips": 0.02}
 EXACT_DB = 40.0  # a reconstruction this good is exact: the verdict says "at least 40 dB"
 SLOPE_EXACT = -4.0  # dB of PSNR per e-fold of matching loss, for a shadow reconstructed exactly

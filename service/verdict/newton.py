@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from service.attacks import AttackProblem
-from service.attacks.gauss_newton import SOLVE_ITERATIONS, GradientMap, OutOfTime, not_applicable
+from service.attacks.gauss_newton import GradientMap, OutOfTime, not_applicable
 from service.specs import NoiseDefense
 
 MAX_RESIDUAL = 0.5  # of the gradient's norm: farther from matching, no local model is tried
@@ -54,7 +54,7 @@ UNEXPLAINED_MAX = 0.1  # of the residual: what the step may leave unexplained (b
 NOISE_SLACK = 1.5  # times the declared noise's expected norm: what noise may leave unexplained
 ROUNDING = 1e-6  # of the update's norm: its float32 rounding (about 8 machine epsilons), noise too
 LINEARITY_TOL = 0.2  # of the residual: how far the residual after the step may be from the prediction
-ITERATIONS = SOLVE_ITERATIONS  # LSQR iterations (one Jacobian-vector product and one transpose each)
+ITERATIONS = 50  # LSQR iterations per solve (one Jacobian-vector product and one transpose each)
 NOISE_DRAWS = 2  # draws of the error declared noise leaves (each one more solve)
 
 
