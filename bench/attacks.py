@@ -261,6 +261,12 @@ def report_header(module: str, load_before: tuple[float, ...] | list[float]) -> 
     }
 
 
+def append_row(log: Path, row: dict[str, Any]) -> None:
+    """Append one result row to a JSON-lines log, so a run cut short keeps what it finished."""
+    with log.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def machine() -> dict[str, Any]:
     import torch
 

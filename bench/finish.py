@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from bench.attacks import machine
+from bench.attacks import append_row, machine
 from bench.verdict import FED_CALIBRATION, FED_HOLDOUT, all_cases, case_spec, federation_cases
 from service.jobs.runner import run_job
 from service.jobs.types import JobContext
@@ -143,8 +143,7 @@ def main() -> None:
     if not args.summarize:
         for case in cases(args.split):
             row = run_case(case, args.iterations, args.steps)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(log, row)
             print(
                 f"case {row['id']} {row['arch']} x{row['num_images']} {row['defense']}: plain "
                 f"{row['plain']['psnr_worst_case']:.1f}, finish {row['finish']['psnr_worst_case']:.1f}, "

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import peer
-from bench.attacks import RESULTS, ROOT, machine
+from bench.attacks import RESULTS, ROOT, append_row, machine
 
 TUNING = ["astronaut", "chelsea", "camera", "face00", "patch:0:0", "patch:0:5"]
 HELDOUT = ["clock", "immunohistochemistry", "gravel", "face50", "patch:1:7", "patch:1:8"]
@@ -254,8 +254,7 @@ def run_all(tasks: list[Any], jobs: int, log: Path | None = None) -> list[dict[s
         r = task()
         print(json.dumps(r), file=sys.stderr, flush=True)
         if log is not None:
-            with log.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+            append_row(log, r)
         return dict(r)
 
     with ThreadPoolExecutor(jobs) as pool:

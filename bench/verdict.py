@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.attacks import machine
+from bench.attacks import append_row, machine
 from service.data import normalize, photo_patches, square_image
 from service.fl import simulate_client
 from service.fl.client import float_state
@@ -666,8 +666,7 @@ def main() -> None:
                 case["split"] = args.split
             with tempfile.TemporaryDirectory() as tmp:
                 row = run_case(case, args.size, args.iterations, args.shadows, Path(tmp), args.finish_steps)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(log, row)
             print(
                 f"case {row['id']}: {row['arch']} {row['weights']} {row['protocol']} {row['defense']} "
                 f"truth {row['truth']['worst_case']:.2f} est {row['estimate']['worst_case']['value']:.2f} "
