@@ -485,6 +485,13 @@ class InvertingGradientsParams(AttackParams):
         "one RMS and choose the scale at the end from the valid pixel range (clip_fraction); off: "
         "optimise the plain boxed image",
     )
+    stage_map: Literal["auto", "off"] = Field(
+        default="auto",
+        description="inverting_gradients: auto: for one image of known label whose ResNet client runs BN "
+        "in train mode, read the second stage's output map from the third stage's low-rank weight "
+        "gradients (a linear solve) and match it and the gradients below it instead of the whole "
+        "gradient (the details say whether it applied and why not); off: match the whole gradient",
+    )
     scale_rms: float = Field(
         default=1.0,
         gt=0,

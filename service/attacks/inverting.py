@@ -23,6 +23,7 @@ from service.attacks.bn_invariance import scale_invariant
 from service.attacks.conv_grads import ConvTaps
 from service.attacks.gauss_newton import apply_finish
 from service.attacks.optimize import FixedScale, Objective, batched, optimise
+from service.attacks.stage_map import StageMap, stage_map_for, stage_objective
 from service.errors import SpecError
 from service.specs import GradInversionParams, InvertingGradientsParams, Knowledge
 
@@ -291,8 +292,16 @@ class InvertingGradients:
         generator: torch.Generator,
     ) -> AttackResult:
         fixed = fixed_scale_for(problem, params)  # before the objective installs its taps
-        objective = inverting_objective(problem, params, control)
+        stage = stage_map_for(problem, attack_model(problem), params.stage_map)
+        if isinstance(stage, StageMap):
+            objective = stage_objective(problem, attack_model(problem), stage, params.tv_weight)
+        else:
+            objective = inverting_objective(problem, params, control)
         result = optimise(problem, params, control, generator, objective, fixed_scale=fixed)
+        if isinstance(stage, StageMap):
+            result.details["stage_map"] = stage.details
+        elif problem.bn_mode == "train" and stage != "off":
+            result.details["stage_map"] = {"applied": False, "why": stage}
         return apply_finish(problem, params.finish_steps, control, result)
 
 
