@@ -50,8 +50,11 @@ HELD_OUT = [
 ]
 LABELS = [1, 3, 5, 8]
 CONFIGS: dict[str, dict[str, Any]] = {
-    "before": {"name": "inverting_gradients", "scale_invariance": "off"},
-    "after": {"name": "inverting_gradients"},
+    # the attack before either train-mode path, and with the scale-blind path alone
+    "before": {"name": "inverting_gradients", "scale_invariance": "off", "stage_map": "off"},
+    "after": {"name": "inverting_gradients", "stage_map": "off"},
+    # the default: the scale-blind path and the stage map read from the third stage's gradients
+    "stage_map": {"name": "inverting_gradients"},
     # GradInversion pulls the reconstruction's BN statistics towards the client's batch's (at
     # knowledge level 4: a FedAvg update's running statistics imply them), at three weights
     "gradinversion": {"name": "gradinversion"},
@@ -92,6 +95,7 @@ def run_one(images: list[str], config: str, iterations: int, seed: int) -> dict[
         "attack_s": manifest["timings"]["attack_s"],
         "s_per_iteration": manifest["timings"]["attack_s"] / max(a["iterations"], 1),
         "scale_invariance": a["details"].get("scale_invariance"),
+        "stage_map": a["details"].get("stage_map"),
         **quality_fields(manifest),
         "load_average_after": list(os.getloadavg()),
     }

@@ -292,7 +292,7 @@ class InvertingGradients:
         generator: torch.Generator,
     ) -> AttackResult:
         fixed = fixed_scale_for(problem, params)  # before the objective installs its taps
-        stage = stage_map_for(problem, attack_model(problem), params.stage_map)
+        stage = stage_map_for(problem, attack_model(problem), params.stage_map, control)
         if isinstance(stage, StageMap):
             objective = stage_objective(problem, attack_model(problem), stage, params.tv_weight)
         else:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from kernels import gradient_matching_loss, total_variation
-from service.attacks.base import AttackProblem
+from service.attacks.base import AttackProblem, Control
 from service.attacks.optimize import Objective
 
 # the null-space solve holds a square matrix of this side in float64 (8000: 0.5 GB); a 32x32
@@ -113,7 +114,10 @@ def _geometry(model: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d] | str:
 
 
 def recover_map(
-    g_conv: torch.Tensor, g_short: torch.Tensor, shape: tuple[int, int, int]
+    g_conv: torch.Tensor,
+    g_short: torch.Tensor,
+    shape: tuple[int, int, int],
+    time_left: Callable[[], bool] = lambda: True,
 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """The map (1, C, H, W) whose stride-2 centred patches lie in `g_conv`'s row space and whose
     centred even-even pixels lie in `g_short`'s, up to the directions `deoffset` removes; None
@@ -155,6 +159,8 @@ def recover_map(
 
     normal = torch.empty(unknowns, unknowns, dtype=torch.float64, device=v.device)
     for s in range(0, unknowns, 256):
+        if not time_left():  # checked between blocks of the assembly, the solve's bulk
+            return None, {**info, "why": "the time limit or a stop request came first"}
         k = min(256, unknowns - s)
         e = torch.zeros(k, unknowns, dtype=torch.float64, device=v.device)
         e[torch.arange(k), torch.arange(s, s + k)] = 1
@@ -189,9 +195,10 @@ def _above(model: nn.Module) -> nn.Sequential:
     return nn.Sequential(OrderedDict(zip(names, parts, strict=True)))
 
 
-def stage_map_for(problem: AttackProblem, model: nn.Module, setting: str) -> StageMap | str:
+def stage_map_for(problem: AttackProblem, model: nn.Module, setting: str, control: Control) -> StageMap | str:
     """The recovered map and what the attack matches below it, or why the path is not taken.
-    `model` is the attacker's copy (attack_model: BN in the client's mode)."""
+    `model` is the attacker's copy (attack_model: BN in the client's mode). The solve counts
+    against the attack's time limit and heeds its stop requests."""
     if setting == "off":
         return "off"
     if problem.bn_mode != "train":
@@ -221,7 +228,15 @@ def stage_map_for(problem: AttackProblem, model: nn.Module, setting: str) -> Sta
     c, h, w = problem.image_shape
     with torch.no_grad():
         probe = _below(model)(torch.zeros(1, c, h, w, device=problem.device))
-    target, info = recover_map(named[conv_name].detach(), named[short_name].detach(), tuple(probe.shape[1:]))
+
+    def time_left() -> bool:
+        limit = control.budget.time_limit_s
+        if limit is not None and control.elapsed >= limit:
+            return False
+        return not (control.should_stop is not None and control.should_stop())
+
+    g_conv, g_short = named[conv_name].detach(), named[short_name].detach()
+    target, info = recover_map(g_conv, g_short, tuple(probe.shape[1:]), time_left)
     info["seconds"] = round(time.perf_counter() - started, 2)
     if target is None:
         return str(info["why"])

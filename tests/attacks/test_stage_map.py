@@ -129,7 +129,8 @@ def test_the_path_is_taken_only_where_it_holds(case, why):
     problem = _problem(model, x, y, "eval" if case == "eval" else "train")
     if case == "label":
         problem.labels = None
-    result = stage_map_for(problem, attack_model(problem), "off" if case == "off" else "auto")
+    control = Control(Budget(iterations=1))
+    result = stage_map_for(problem, attack_model(problem), "off" if case == "off" else "auto", control)
     assert isinstance(result, str) and why in result
 
 
@@ -138,7 +139,7 @@ def test_the_objective_is_zero_at_the_client_image_and_not_elsewhere():
     model, x, y = _resnet(), _image(), torch.tensor([3])
     problem = _problem(model, x, y)
     m = attack_model(problem)
-    stage = stage_map_for(problem, m, "auto")
+    stage = stage_map_for(problem, m, "auto", Control(Budget(iterations=1)))
     assert not isinstance(stage, str), stage
     objective = stage_objective(problem, m, stage, tv_weight=0.0)
     zero = torch.zeros(())
@@ -163,3 +164,11 @@ def test_the_attack_takes_the_path_and_says_so():
         _problem(_resnet(), x2, y2), InvertingGradientsParams(), control, torch.Generator().manual_seed(0)
     )
     assert result.details["stage_map"] == {"applied": False, "why": "a batch of more than one image"}
+
+
+def test_a_stop_request_during_the_solve_leaves_the_path_untaken():
+    model, x, y = _resnet(), _image(), torch.tensor([3])
+    problem = _problem(model, x, y)
+    control = Control(Budget(iterations=1), should_stop=lambda: True)
+    why = stage_map_for(problem, attack_model(problem), "auto", control)
+    assert isinstance(why, str) and "stop request" in why
