@@ -223,7 +223,7 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
             "best_loss": _finite(result.best_loss),
             "restart_losses": [_finite(v) for v in result.restart_losses],
             "convergence": convergence(spec.attack.name, spec.model.arch, result.iterations),
-            "limits": limits(problem.bn_mode, model),
+            "limits": limits(problem.bn_mode, model, _stage_map_applied(result.details)),
             "num_images": problem.num_images,
             "num_images_source": problem.num_images_source,
             "labels": result.labels.tolist(),
@@ -260,6 +260,11 @@ def _run_stages(spec: JobSpec, ctx: JobContext) -> JobResult:
 # --------------------------------------------------------------------------------------------
 # the victim: a simulated client, or an uploaded update
 # --------------------------------------------------------------------------------------------
+
+
+def _stage_map_applied(details: dict[str, Any]) -> bool:
+    info = details.get("stage_map")
+    return isinstance(info, dict) and info.get("applied") is True
 
 
 def _check_budget(spec: JobSpec, problem: AttackProblem, limit_bytes: int) -> None:

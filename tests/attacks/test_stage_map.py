@@ -172,3 +172,27 @@ def test_a_stop_request_during_the_solve_leaves_the_path_untaken():
     control = Control(Budget(iterations=1), should_stop=lambda: True)
     why = stage_map_for(problem, attack_model(problem), "auto", control)
     assert isinstance(why, str) and "stop request" in why
+
+
+def test_a_job_that_took_the_path_says_so_in_its_caution(tmp_path):
+    from service.jobs.runner import run_job
+    from service.jobs.types import JobContext
+    from service.specs import JobSpec
+    from service.storage import LocalStore
+
+    spec = JobSpec.model_validate(
+        {
+            "model": {"arch": "resnet18", "knobs": {"stem": "cifar"}, "init_seed": 0},
+            "update": {
+                "simulate": {"images": ["astronaut"], "labels": [1], "training": {"bn_mode": "train"}},
+                "client": {"bn_mode": "train"},
+            },
+            "data": {"shape": [3, SIZE, SIZE], "num_classes": 10, "normalization": "cifar10", "labels": [1]},
+            "budget": {"iterations": 2},
+        }
+    )
+    result = run_job(spec, JobContext(job_id="j", store=LocalStore(tmp_path), prefix="j", resolve=bytes))
+    attack = result.manifest["attack"]
+    assert attack["details"]["stage_map"]["applied"] is True
+    [limit] = attack["limits"]
+    assert limit["kind"] == "train_mode_batch_norm" and "second-stage output map" in limit["message"]
