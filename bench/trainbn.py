@@ -1,13 +1,16 @@
 """Train-mode BN benchmark: ResNet-18 clients that normalise with their own batch statistics.
 
 ResNet-18 (CIFAR stem), 32x32, untrained (init seed 0), FedSGD, labels known, the client's BN in
-train mode. Each case runs the default attack twice at the same iteration count, in one
-benchmark: `before` with the scale-blind path off (`scale_invariance: off`, the attack as it
-was), `after` with the default (`auto`, which picks the path for these clients). Images: the
-tuning photos (astronaut, coffee, chelsea, rocket), on which the path's settings were chosen,
-and held-out ones no setting was chosen on (faces, a grayscale photo, scientific RGB images).
+train mode. Each case runs the default attack at the same iteration count under three configs:
+`before` (neither train-mode path: `scale_invariance: off`, `stage_map: off`), `after` (the
+scale-blind path alone, `stage_map: off`) and `stage_map` (the default: the scale-blind path and
+the stage map read from the third stage's gradients, service/attacks/stage_map.py). Images: the
+tuning photos (astronaut, coffee, chelsea, rocket), on which the default attack's settings were
+chosen, and held-out ones no setting was chosen on (faces, a grayscale photo, scientific RGB
+images). The stage-map path has no settings of its own.
 
   python -m bench.trainbn --iterations 1500 --seeds 0,1 --parallel 2
+  python -m bench.trainbn figure stage_map 0 astronaut camera face00   # the runs' grids side by side
 
 `--configs` may also name the GradInversion variants (CONFIGS: the client's batch statistics as a
 prior, knowledge level 4) and `breaching`: breaching 0.1.2's Inverting Gradients (TV 5e-4, its best on
@@ -158,9 +161,38 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _frame_left(grid: Any) -> int:
+    pixels = grid.load()
+    for x in range(grid.width):
+        if any(pixels[x, y][0] > 150 and pixels[x, y][1] < 80 for y in range(grid.height)):
+            return max(x - 4, 0)
+    return 0
+
+
+def figure(config: str, seed: int, images: list[str]) -> Path:
+    """The runs' own report grids (client's image above, reconstruction below, with their scores),
+    side by side: bench/results/attacks-cpu-trainbn-<config>.png. The grids are the artifacts the
+    runs left in the benchmark's scratch store, so the runs come first."""
+    from PIL import Image
+
+    store = Path(os.environ.get("TMPDIR", "/tmp")) / "gradleak-bench" / "bench"
+    paths = [store / f"trainbn-{config}-{name}-{seed}" / "grid.png" for name in images]
+    grids = [Image.open(p).convert("RGB") for p in paths]
+    # the row labels once: later grids start at their frame (the first strongly red column)
+    grids = grids[:1] + [g.crop((_frame_left(g), 0, g.width, g.height)) for g in grids[1:]]
+    out = Image.new("RGB", (sum(g.width for g in grids), max(g.height for g in grids)), "white")
+    x = 0
+    for g in grids:
+        out.paste(g, (x, 0))
+        x += g.width
+    path = RESULTS / f"attacks-cpu-trainbn-{config}.png"
+    out.save(path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="run", choices=["run", "one"])
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "one", "figure"])
     ap.add_argument("args", nargs="*")
     ap.add_argument("--iterations", type=int, default=1500)
     ap.add_argument("--seeds", default="0")
@@ -183,6 +215,10 @@ def main() -> None:
     ap.add_argument("--extra", type=Path, default=None, help="a JSON object merged into the report")
     ap.add_argument("--out", type=Path, default=RESULTS / "attacks-cpu-trainbn.json")
     a = ap.parse_args()
+    if a.mode == "figure":  # args: config seed image...
+        config, seed, *names = a.args
+        print(f"wrote {figure(config, int(seed), names)}")
+        return
     if a.mode == "one":
         images, config, its, seed = a.args
         one = run_peer_one if config == PEER else lambda i, n, s: run_one(i, config, n, s)
