@@ -81,23 +81,28 @@ def deoffset(f: torch.Tensor) -> torch.Tensor:
 def _row_space(g: torch.Tensor, rank: int) -> tuple[torch.Tensor | None, float]:
     """The first `rank` right singular vectors of the flattened gradient, and the gap after them
     (None where the gradient has no such rank)."""
-    s_all = torch.linalg.svdvals(g.reshape(g.shape[0], -1).double())
+    _, s_all, vh = torch.linalg.svd(g.reshape(g.shape[0], -1).double(), full_matrices=False)
     if rank >= s_all.numel() or s_all[0] == 0:
         return None, 0.0
     gap = float(s_all[rank - 1] / s_all[rank].clamp_min(1e-300))
-    _, _, vh = torch.linalg.svd(g.reshape(g.shape[0], -1).double(), full_matrices=False)
     return vh[:rank].T.contiguous(), gap
 
 
 def _geometry(model: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d] | str:
     layer3 = getattr(model, "layer3", None)
-    if not all(hasattr(model, n) for n in (*BELOW, "layer3", "layer4", "avgpool", "fc")) or not layer3:
+    parts = (*BELOW, "layer3", "layer4", "avgpool", "fc")
+    if not all(hasattr(model, n) for n in parts) or not isinstance(layer3, nn.Sequential) or not layer3:
         return "the model is not a torchvision-style ResNet"
     block = layer3[0]
     conv, down = getattr(block, "conv1", None), getattr(block, "downsample", None)
-    short = down[0] if isinstance(down, nn.Sequential) and len(down) > 0 else None
+    short = down[0] if isinstance(down, nn.Sequential) and len(down) > 1 else None
+    # batch norm right after both convolutions is what centres their deltas (train mode)
+    normed = isinstance(getattr(block, "bn1", None), nn.BatchNorm2d) and (
+        isinstance(down, nn.Sequential) and len(down) > 1 and isinstance(down[1], nn.BatchNorm2d)
+    )
     ok = (
-        isinstance(conv, nn.Conv2d)
+        normed
+        and isinstance(conv, nn.Conv2d)
         and conv.kernel_size == (3, 3)
         and conv.stride == (2, 2)
         and conv.padding == (1, 1)
@@ -108,7 +113,10 @@ def _geometry(model: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d] | str:
         and short.bias is None
     )
     if not ok:
-        return "the third stage does not open with a 3x3 stride-2 convolution and a 1x1 stride-2 shortcut"
+        return (
+            "the third stage does not open with a 3x3 stride-2 convolution and a 1x1 stride-2 shortcut, "
+            "each followed by batch norm"
+        )
     assert isinstance(conv, nn.Conv2d) and isinstance(short, nn.Conv2d)
     return conv, short
 

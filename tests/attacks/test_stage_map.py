@@ -196,3 +196,14 @@ def test_a_job_that_took_the_path_says_so_in_its_caution(tmp_path):
     assert attack["details"]["stage_map"]["applied"] is True
     [limit] = attack["limits"]
     assert limit["kind"] == "train_mode_batch_norm" and "second-stage output map" in limit["message"]
+
+
+def test_a_model_that_is_not_a_resnet_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * SIZE * SIZE, 10),
+    )  # fmt: skip
+    problem = _problem(model, _image(), torch.tensor([3]))
+    why = stage_map_for(problem, attack_model(problem), "auto", Control(Budget(iterations=1)))
+    assert why == "the model is not a torchvision-style ResNet"
