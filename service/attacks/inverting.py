@@ -292,9 +292,10 @@ class InvertingGradients:
         generator: torch.Generator,
     ) -> AttackResult:
         fixed = fixed_scale_for(problem, params)  # before the objective installs its taps
-        stage = stage_map_for(problem, attack_model(problem), params.stage_map, control)
+        model = attack_model(problem)
+        stage = stage_map_for(problem, model, params.stage_map, control)
         if isinstance(stage, StageMap):
-            objective = stage_objective(problem, attack_model(problem), stage, params.tv_weight)
+            objective = stage_objective(problem, model, stage, params.tv_weight)
         else:
             objective = inverting_objective(problem, params, control)
         result = optimise(problem, params, control, generator, objective, fixed_scale=fixed)

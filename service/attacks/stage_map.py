@@ -69,11 +69,18 @@ class StageMap:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def deoffset(f: torch.Tensor) -> torch.Tensor:
-    """The map with each channel's mean over the even-even pixels taken off those pixels (the
-    directions no gradient sees)."""
+def even_mask(f: torch.Tensor) -> torch.Tensor:
+    """1 on the map's even-even pixels, 0 elsewhere (H, W), in the map's dtype and device."""
     mask = torch.zeros(f.shape[-2:], dtype=f.dtype, device=f.device)
     mask[::2, ::2] = 1
+    return mask
+
+
+def deoffset(f: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The map with each channel's mean over the even-even pixels taken off those pixels (the
+    directions no gradient sees); `mask`: `even_mask` of such a map, made once by a caller that
+    calls this every iteration."""
+    mask = even_mask(f) if mask is None else mask
     even_mean = (f * mask).sum((-2, -1), keepdim=True) / mask.sum()
     return f - even_mean * mask
 
@@ -287,11 +294,9 @@ def _map_scale(
         got = [g[n] for n in above]
         return float(gradient_matching_loss(got, want, cost="cosine_global", backend="reference"))
 
-    grid = [x / 4 for x in range(-12, 9)]  # RMS 1e-3 .. 1e2
-    best = min(grid, key=distance)
-    fine = [best + x / 40 for x in range(-10, 11)]
-    best = min(fine, key=distance)
-    return 10**best, distance(best)
+    coarse = min((distance(x / 4), x / 4) for x in range(-12, 9))  # RMS 1e-3 .. 1e2
+    best, log_rms = min((distance(coarse[1] + x / 40), coarse[1] + x / 40) for x in range(-10, 11))
+    return 10**log_rms, best
 
 
 def stage_objective(problem: AttackProblem, model: nn.Module, stage: StageMap, tv_weight: float) -> Objective:
@@ -299,12 +304,14 @@ def stage_objective(problem: AttackProblem, model: nn.Module, stage: StageMap, t
     distance between the candidate's map and the recovered one, plus TV. torch.func throughout,
     so it batches over restarts."""
     below = _below(model)
-    params = {n: p.detach() for n, p in below.named_parameters() if n in set(stage.names)}
+    matched = set(stage.names)
+    params = {n: p.detach() for n, p in below.named_parameters() if n in matched}
     fixed = {n: p.detach() for n, p in below.named_parameters() if n not in params}
     buffers = {n: b.detach() for n, b in below.named_buffers()}
     target = dict(zip(problem.param_names, problem.target, strict=True))
     wanted = [target[n].detach() for n in stage.names]
     head, goal = stage.head, stage.target.flatten()
+    mask = even_mask(stage.target)
 
     def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(below, ({**fixed, **p}, buffers), (x,))
@@ -318,7 +325,7 @@ def stage_objective(problem: AttackProblem, model: nn.Module, stage: StageMap, t
         loss = gradient_matching_loss(
             [g[n] for n in stage.names], wanted, cost="cosine_global", backend="reference"
         )
-        m = deoffset(f).flatten()
+        m = deoffset(f, mask).flatten()
         loss = loss + 1 - (m @ goal) / m.norm().clamp_min(1e-12)
         if tv_weight > 0:
             loss = loss + tv_weight * total_variation(x, backend="reference")
