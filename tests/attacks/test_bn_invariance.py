@@ -7,10 +7,10 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from service.attacks.base import AttackProblem, Control
+from service.attacks.base import Control
 from service.attacks.bn_invariance import choose_scale, fix_scale, scale_invariant
 from service.attacks.inverting import InvertingGradients, attack_model, fixed_scale_for
-from service.specs import NORMALIZATIONS, Budget, InvertingGradientsParams, Knowledge
+from service.specs import NORMALIZATIONS, Budget, InvertingGradientsParams
 
 
 def _conv_bn(padding: int, eps: float = 1e-5) -> nn.Module:
@@ -55,35 +55,16 @@ def test_train_mode_bn_gradient_is_blind_to_scale_and_unpadded_to_channel_offset
     assert _relative_change(g, _grads(padded, x + offset, y)) > 1e-3
 
 
-def _problem(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bn_mode: str) -> AttackProblem:
-    model.train(bn_mode == "train")
-    loss = nn.functional.cross_entropy(model(x), y)
-    target = [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
-    return AttackProblem(
-        model=model,
-        target=target,
-        target_kind="gradient",
-        param_names=[n for n, _ in model.named_parameters()],
-        num_images=x.shape[0],
-        image_shape=tuple(x.shape[1:]),
-        num_classes=10,
-        normalization=NORMALIZATIONS["cifar10"],
-        knowledge=Knowledge.PRIORS,
-        labels=y,
-        bn_mode=bn_mode,
-    )
-
-
 def _float_conv_bn() -> nn.Module:
     model = _conv_bn(padding=1).float()
     _ = model(torch.zeros(2, 3, 8, 8))
     return model
 
 
-def test_the_scale_blind_path_is_picked_for_train_mode_bn_only():
+def test_the_scale_blind_path_is_picked_for_train_mode_bn_only(fedsgd_problem):
     x, y = torch.rand(1, 3, 8, 8), torch.tensor([2])
     params = InvertingGradientsParams()
-    train = _problem(_float_conv_bn(), x, y, "train")
+    train = fedsgd_problem(_float_conv_bn(), x, y, "train")
     assert scale_invariant(train, attack_model(train), torch.Generator().manual_seed(0))
     fixed = fixed_scale_for(train, params)
     assert fixed is not None and fixed.rms == params.scale_rms and fixed.clip_fraction == params.clip_fraction
@@ -94,18 +75,18 @@ def test_the_scale_blind_path_is_picked_for_train_mode_bn_only():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.2, 3)
-    assert fixed_scale_for(_problem(model, x, y, "eval"), params) is None
+    assert fixed_scale_for(fedsgd_problem(model, x, y, "eval"), params) is None
 
     # a first convolution with a bias and no BN after it: the scale shows in the gradient
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
-    problem = _problem(plain, x, y, "train")
+    problem = fedsgd_problem(plain, x, y, "train")
     assert not scale_invariant(problem, attack_model(problem), torch.Generator().manual_seed(0))
 
 
-def test_the_attack_reports_the_scale_it_chose_and_stays_in_range():
+def test_the_attack_reports_the_scale_it_chose_and_stays_in_range(fedsgd_problem):
     x, y = torch.rand(1, 3, 8, 8), torch.tensor([2])
-    problem = _problem(_float_conv_bn(), x, y, "train")
+    problem = fedsgd_problem(_float_conv_bn(), x, y, "train")
     control = Control(Budget(iterations=6, restarts=1))
     result = InvertingGradients().run(
         problem, InvertingGradientsParams(), control, torch.Generator().manual_seed(0)
@@ -114,7 +95,7 @@ def test_the_attack_reports_the_scale_it_chose_and_stays_in_range():
     assert isinstance(info, dict) and info["scale"] > 0
     assert result.images.min() >= 0 and result.images.max() <= 1
     # eval mode: the plain path, no scale chosen
-    eval_problem = _problem(_float_conv_bn(), x, y, "eval")
+    eval_problem = fedsgd_problem(_float_conv_bn(), x, y, "eval")
     result = InvertingGradients().run(
         eval_problem, InvertingGradientsParams(), control, torch.Generator().manual_seed(0)
     )
@@ -165,14 +146,14 @@ def test_scale_fields_are_validated():
         InvertingGradientsParams(scale_invariance="maybe")  # type: ignore[arg-type]
 
 
-def test_gradinversion_keeps_the_scale_its_bn_prior_pins():
+def test_gradinversion_keeps_the_scale_its_bn_prior_pins(fedsgd_problem):
     """The client's BN statistics scale with the images, so gradinversion's BN prior fixes the
     scale itself: the scale-blind path runs only with bn_weight 0."""
     from service.attacks.inverting import GradInversion
     from service.specs import GradInversionParams
 
     x, y = torch.rand(1, 3, 8, 8), torch.tensor([2])
-    problem = _problem(_float_conv_bn(), x, y, "train")
+    problem = fedsgd_problem(_float_conv_bn(), x, y, "train")
     stats = []
     for m in problem.model.modules():
         if isinstance(m, nn.BatchNorm2d):

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.attacks.base import AttackProblem, Control
+from service.attacks.base import Control
 from service.attacks.inverting import InvertingGradients, attack_model
 from service.attacks.stage_map import deoffset, recover_map, stage_map_for, stage_objective
 from service.models import build_model
-from service.specs import NORMALIZATIONS, Budget, DataSpec, InvertingGradientsParams, Knowledge, ModelSpec
+from service.specs import Budget, DataSpec, InvertingGradientsParams, ModelSpec
 
 SIZE = 16  # layer2's output is 128 x 8 x 8: 1377 unknowns, a second's solve
 
@@ -24,26 +24,6 @@ def _resnet() -> nn.Module:
 
 def _image(n: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-
-
-def _problem(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bn_mode: str = "train") -> AttackProblem:
-    model.train(bn_mode == "train")
-    loss = F.cross_entropy(model(x), y)
-    target = [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
-    return AttackProblem(
-        model=model,
-        target=target,
-        target_kind="gradient",
-        param_names=[n for n, _ in model.named_parameters()],
-        num_images=x.shape[0],
-        image_shape=(3, SIZE, SIZE),
-        num_classes=10,
-        normalization=NORMALIZATIONS["cifar10"],
-        knowledge=Knowledge.PRIORS,
-        labels=y,
-        label_source="given",
-        bn_mode=bn_mode,
-    )
 
 
 def _layer2_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -123,10 +103,10 @@ def test_a_noised_gradient_is_refused(noise, why):
         ("off", "off"),
     ],
 )
-def test_the_path_is_taken_only_where_it_holds(case, why):
+def test_the_path_is_taken_only_where_it_holds(case, why, fedsgd_problem):
     model = _resnet()
     x, y = _image(2 if case == "batch" else 1), torch.tensor([3, 4] if case == "batch" else [3])
-    problem = _problem(model, x, y, "eval" if case == "eval" else "train")
+    problem = fedsgd_problem(model, x, y, "eval" if case == "eval" else "train")
     if case == "label":
         problem.labels = None
     control = Control(Budget(iterations=1))
@@ -134,10 +114,10 @@ def test_the_path_is_taken_only_where_it_holds(case, why):
     assert isinstance(result, str) and why in result
 
 
-def test_the_objective_is_zero_at_the_client_image_and_not_elsewhere():
+def test_the_objective_is_zero_at_the_client_image_and_not_elsewhere(fedsgd_problem):
     """At the client's image the linear head's gradients equal the client's and the maps agree."""
     model, x, y = _resnet(), _image(), torch.tensor([3])
-    problem = _problem(model, x, y)
+    problem = fedsgd_problem(model, x, y)
     m = attack_model(problem)
     stage = stage_map_for(problem, m, "auto", Control(Budget(iterations=1)))
     assert not isinstance(stage, str), stage
@@ -148,11 +128,11 @@ def test_the_objective_is_zero_at_the_client_image_and_not_elsewhere():
     assert float(objective(_image().roll(3, dims=-1), y, zero)) > 0.05
 
 
-def test_the_attack_takes_the_path_and_says_so():
+def test_the_attack_takes_the_path_and_says_so(fedsgd_problem):
     model, x, y = _resnet(), _image(), torch.tensor([3])
     control = Control(Budget(iterations=4, restarts=2))
     result = InvertingGradients().run(
-        _problem(model, x, y), InvertingGradientsParams(), control, torch.Generator().manual_seed(0)
+        fedsgd_problem(model, x, y), InvertingGradientsParams(), control, torch.Generator().manual_seed(0)
     )
     info = result.details["stage_map"]
     assert isinstance(info, dict) and info["applied"] is True and info["map_shape"] == [128, 8, 8]
@@ -161,14 +141,17 @@ def test_the_attack_takes_the_path_and_says_so():
     # a batch of two: the whole gradient is matched, and the details say why
     x2, y2 = _image(2), torch.tensor([3, 4])
     result = InvertingGradients().run(
-        _problem(_resnet(), x2, y2), InvertingGradientsParams(), control, torch.Generator().manual_seed(0)
+        fedsgd_problem(_resnet(), x2, y2),
+        InvertingGradientsParams(),
+        control,
+        torch.Generator().manual_seed(0),
     )
     assert result.details["stage_map"] == {"applied": False, "why": "a batch of more than one image"}
 
 
-def test_a_stop_request_during_the_solve_leaves_the_path_untaken():
+def test_a_stop_request_during_the_solve_leaves_the_path_untaken(fedsgd_problem):
     model, x, y = _resnet(), _image(), torch.tensor([3])
-    problem = _problem(model, x, y)
+    problem = fedsgd_problem(model, x, y)
     control = Control(Budget(iterations=1), should_stop=lambda: True)
     why = stage_map_for(problem, attack_model(problem), "auto", control)
     assert isinstance(why, str) and "stop request" in why
@@ -198,12 +181,12 @@ def test_a_job_that_took_the_path_says_so_in_its_caution(tmp_path):
     assert limit["kind"] == "train_mode_batch_norm" and "second-stage output map" in limit["message"]
 
 
-def test_a_model_that_is_not_a_resnet_is_refused():
+def test_a_model_that_is_not_a_resnet_is_refused(fedsgd_problem):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
         nn.Linear(4 * SIZE * SIZE, 10),
     )  # fmt: skip
-    problem = _problem(model, _image(), torch.tensor([3]))
+    problem = fedsgd_problem(model, _image(), torch.tensor([3]))
     why = stage_map_for(problem, attack_model(problem), "auto", Control(Budget(iterations=1)))
     assert why == "the model is not a torchvision-style ResNet"
